@@ -44,6 +44,8 @@ class Capture:
     """Collects one record per attention call, in call (= layer) order."""
 
     keep_probs: bool = True
+    # Training (distillation) needs gradients through the captured probabilities.
+    detach: bool = True
     records: list[AttentionRecord] = field(default_factory=list)
 
 
@@ -53,9 +55,9 @@ _tagger: ContextVar[list | None] = ContextVar("sparsefinder_tagger", default=Non
 
 
 @contextlib.contextmanager
-def capture(keep_probs: bool = True) -> Iterator[Capture]:
+def capture(keep_probs: bool = True, detach: bool = True) -> Iterator[Capture]:
     """Record q, k and entmax probabilities of every attention call in this context."""
-    sink = Capture(keep_probs=keep_probs)
+    sink = Capture(keep_probs=keep_probs, detach=detach)
     token = _capture.set(sink)
     try:
         yield sink
@@ -125,9 +127,11 @@ def entmax_attention_forward(
     probs = entmax(scores, module_alpha(module))
     sink = _capture.get()
     if sink is not None:
-        sink.records.append(
-            AttentionRecord(query.detach(), key.detach(), probs.detach() if sink.keep_probs else probs[:0].detach())
-        )
+        kept = probs if sink.keep_probs else probs[:0]
+        if sink.detach:
+            sink.records.append(AttentionRecord(query.detach(), key.detach(), kept.detach()))
+        else:
+            sink.records.append(AttentionRecord(query, key, kept))
     if dropout > 0.0 and module.training:
         probs_used = torch.nn.functional.dropout(probs, p=dropout, training=True)
     else:

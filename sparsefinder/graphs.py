@@ -56,6 +56,10 @@ class AttentionGraph:
             raise ValueError("lengths must have one entry per sentence")
         if self.lengths.numel() and int(self.lengths.max()) > self.n:
             raise ValueError("a length exceeds the padded size N")
+        # A negative length would give no valid pairs in the mask but a positive
+        # n² in num_valid_pairs, so the denominators would disagree with the edges.
+        if self.lengths.numel() and int(self.lengths.min()) < 0:
+            raise ValueError("lengths must be non-negative")
         edges = self.edges.to(torch.bool) & self.valid_pairs()
         object.__setattr__(self, "edges", edges)
 
@@ -124,7 +128,14 @@ class AttentionGraph:
         """Pad per-sentence ``(H, n_b, n_b)`` edges into one batch graph."""
         if not sentences:
             raise ValueError("no sentences")
-        heads = sentences[0].shape[0]
+        heads = sentences[0].shape[0] if sentences[0].dim() == 3 else -1
+        for b, s in enumerate(sentences):
+            # Without this check a (1, n, n) or (n, n) sentence would silently
+            # broadcast over every head of the batch.
+            if s.dim() != 3 or s.shape[-1] != s.shape[-2] or s.shape[0] != heads:
+                raise ValueError(
+                    f"sentence {b}: expected (H, n, n) edges with H = {heads} like sentence 0, got {tuple(s.shape)}"
+                )
         n = max(int(s.shape[-1]) for s in sentences)
         edges = torch.zeros(len(sentences), heads, n, n, dtype=torch.bool)
         for b, s in enumerate(sentences):

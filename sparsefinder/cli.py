@@ -1,0 +1,169 @@
+"""``sparsefinder`` command line: list models, analyse text, extract corpora, distil the default model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _alpha(value: str) -> float:
+    a = float(value)
+    if a < 1:
+        raise argparse.ArgumentTypeError("alpha must be >= 1")
+    return a
+
+
+def _load_corpus(args):
+    from sparsefinder import corpus
+
+    if args.corpus == "default":
+        return corpus.default_corpus(split=None if args.split == "all" else args.split, seed=args.seed)
+    path = Path(args.corpus)
+    return corpus.read_corpus(path.read_bytes(), path.name)
+
+
+def cmd_models(args) -> int:
+    from sparsefinder.registry import default_model_name, load_registry
+
+    default = default_model_name()
+    for name, spec in load_registry().items():
+        mark = "*" if name == default else " "
+        print(f"{mark} {name:28s} alpha={spec.alpha}  {spec.description}")
+    return 0
+
+
+def cmd_gold(args) -> int:
+    from sparsefinder.model import load_model
+
+    text = args.text if args.text is not None else sys.stdin.read()
+    texts = [t for t in (text.splitlines() if args.lines else [text]) if t.strip()]
+    if not texts:
+        print("error: no text given", file=sys.stderr)
+        return 2
+    model = load_model(args.model, alpha=args.alpha, device=args.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ex = model.extract(texts)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    grid = [[float(v) for v in ex.gold(layer).sparsity().mean(0)] for layer in range(ex.num_layers)]
+    if args.json:
+        print(json.dumps({"model": model.name, "tokens": ex.tokens, "gold_sparsity": grid}))
+        return 0
+    print(f"model {model.name}  alpha {model.alpha}  causal {model.causal}  tokens {ex.lengths.tolist()}")
+    print("gold sparsity (mean over the given texts), rows = layers, columns = heads")
+    print("layer " + " ".join(f"h{h:<4d}" for h in range(ex.num_heads)))
+    for layer, row in enumerate(grid):
+        print(f"{layer:5d} " + " ".join(f"{v:.3f}" for v in row))
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from sparsefinder.extract import extract_corpus
+    from sparsefinder.model import load_model
+
+    corpus = _load_corpus(args)
+    texts = corpus.texts()[: args.limit] if args.limit else corpus.texts()
+    model = load_model(args.model, alpha=args.alpha, device=args.device)
+    out = extract_corpus(
+        model, texts, Path(args.out), batch_size=args.batch_size, progress=True,
+        corpus_name=corpus.name, split=args.split,
+    )
+    print(f"wrote {len(texts)} sentences of {corpus.name} to {out}")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from sparsefinder import corpus as corpus_mod
+    from sparsefinder.distill import DistillConfig, distill
+    from sparsefinder.registry import get_spec
+
+    spec = get_spec(args.base)
+    train = corpus_mod.default_corpus("train", seed=args.seed)
+    val = corpus_mod.default_corpus("validation", seed=args.seed)
+    train_texts = train.texts()[: args.limit] if args.limit else train.texts()
+    config = DistillConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, sparsity_weight=args.sparsity_weight,
+        alpha=args.alpha, seed=args.seed, rank=None if args.rank <= 0 else args.rank,
+    )
+    manifest = distill(
+        spec.resolve_path(), train_texts, val.texts(), Path(args.out), config,
+        provenance={
+            "base_package": spec.path,
+            "corpus": corpus_mod.DEFAULT_CORPUS_NAME,
+            "train_split": train.name,
+            "eval_split": val.name,
+            "split_seed": args.seed,
+        },
+    )
+    print(json.dumps(manifest["fidelity"], indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsefinder", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp):
+        sp.add_argument("--model", default=None, help="registered model name or a local model directory")
+        sp.add_argument("--alpha", type=_alpha, default=None, help="entmax alpha (default: the model's)")
+        sp.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+
+    sp = sub.add_parser("models", help="list the registered models")
+    sp.set_defaults(func=cmd_models)
+
+    sp = sub.add_parser("gold", help="gold sparsity of every layer and head for a text")
+    sp.add_argument("text", nargs="?", help="text to analyse (default: standard input)")
+    sp.add_argument("--lines", action="store_true", help="treat each line as a separate text")
+    sp.add_argument("--json", action="store_true")
+    model_args(sp)
+    sp.set_defaults(func=cmd_gold)
+
+    sp = sub.add_parser("extract", help="extract queries, keys and gold graphs of a corpus to disk")
+    sp.add_argument("--corpus", default="default", help="'default' (Lee news) or a .txt/.csv/.tsv/.conllu file")
+    sp.add_argument("--split", default="validation", choices=["train", "validation", "all"])
+    sp.add_argument("--seed", type=int, default=0, help="seed of the default corpus's split")
+    sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--limit", type=int, default=None, help="only the first N sentences")
+    model_args(sp)
+    sp.set_defaults(func=cmd_extract)
+
+    sp = sub.add_parser("distill", help="fine-tune the attention of an entmax copy of a softmax model")
+    sp.add_argument("--base", default="minilm-entmax15-untuned", help="registered model whose weights to tune")
+    sp.add_argument("--out", default="data/adapters/minilm-entmax15")
+    sp.add_argument("--epochs", type=int, default=4)
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--lr", type=float, default=3e-4)
+    sp.add_argument("--sparsity-weight", type=float, default=0.3, help="weight of the Tsallis-entropy penalty")
+    sp.add_argument("--alpha", type=_alpha, default=1.5)
+    sp.add_argument("--rank", type=int, default=64, help="rank of the stored deltas (0 = full)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--limit", type=int, default=None, help="train on the first N training sentences")
+    sp.set_defaults(func=cmd_distill)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "model", "unset") is None:
+        from sparsefinder.registry import default_model_name
+
+        args.model = default_model_name()
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

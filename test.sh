@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install everything (into .venv, plus chromium for the browser tests), lint, and run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")"
+scripts/setup.sh --dev
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/ruff check sparsefinder app tests bench
+.venv/bin/python -m pytest -q "$@"
