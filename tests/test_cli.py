@@ -1,0 +1,47 @@
+"""The ``sparsefinder`` command line, run in-process."""
+
+from __future__ import annotations
+
+import json
+
+from sparsefinder.cli import main
+from sparsefinder.model import load_model
+from sparsefinder.store import ExtractionStore
+
+
+def test_models_lists_the_registry(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "minilm-entmax15" in out and "minilm-entmax15-untuned" in out
+
+
+def test_gold_prints_every_layer_and_head(capsys, tiny_model_dir):
+    path = str(tiny_model_dir("bert"))
+    text = "The quick brown fox jumps over the lazy dog."
+    assert main(["gold", text, "--model", path, "--device", "cpu", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    ex = load_model(path, device="cpu").extract([text])
+    expected = [[float(v) for v in ex.gold(layer).sparsity()[0]] for layer in range(ex.num_layers)]
+    assert payload["gold_sparsity"] == expected
+    assert payload["tokens"][0][0] == "[CLS]"
+
+
+def test_extract_writes_a_store(tmp_path, tiny_model_dir, capsys):
+    corpus = tmp_path / "sents.txt"
+    corpus.write_text("One sentence here.\nAnother, longer sentence follows it.\nThird.\n", encoding="utf-8")
+    out = tmp_path / "store"
+    rc = main(["extract", "--corpus", str(corpus), "--split", "all", "--out", str(out),
+               "--model", str(tiny_model_dir("gpt2")), "--device", "cpu", "--batch-size", "2"])
+    assert rc == 0
+    store = ExtractionStore.open(out)
+    assert len(store) == 3 and store.causal
+    assert store.sentence(2).text == "Third."
+
+
+def test_errors_are_clear_and_nonzero(tmp_path, capsys):
+    assert main(["gold", "hello", "--model", "no-such-model"]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9 au lait\n")
+    assert main(["extract", "--corpus", str(bad), "--out", str(tmp_path / "o"), "--split", "all"]) == 2
+    assert "UTF-8" in capsys.readouterr().err
