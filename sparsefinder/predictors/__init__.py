@@ -1,0 +1,39 @@
+"""Predicted attention graphs: the predictor protocol, its registry, and every method.
+
+Importing this package registers every predictor, so :func:`list_predictors`
+and :func:`get_predictor` see them all::
+
+    from sparsefinder.predictors import get_predictor, list_predictors
+
+    pred = get_predictor("bucketing", n_buckets=4)
+    graph = pred.predict(q_proj, k_proj, lengths)          # AttentionGraph
+    graph, cost = pred.predict_with_cost(q_proj, k_proj, lengths)
+
+Modules: :mod:`.base` (protocol, registry, shared window/global helpers),
+:mod:`.sparsefinder` (distance, bucketing, k-means, blocks), :mod:`.baselines`
+(window, BigBird, Longformer, Reformer, Routing, strided), :mod:`.patterns`
+(Breaking BERT's syntax, lexical, position, random), :mod:`.clustering`
+(batched seeded k-means used by the clustering methods).
+"""
+
+from sparsefinder.predictors import baselines, patterns, sparsefinder
+from sparsefinder.predictors.base import (
+    REGISTRY,
+    NotFittedError,
+    Predictor,
+    get_predictor,
+    list_predictors,
+    register,
+)
+
+__all__ = [
+    "REGISTRY",
+    "NotFittedError",
+    "Predictor",
+    "baselines",
+    "get_predictor",
+    "list_predictors",
+    "patterns",
+    "register",
+    "sparsefinder",
+]
