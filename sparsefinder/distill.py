@@ -172,7 +172,7 @@ def distill(
             for k, v in zip(sums, (loss, cos, mse, entropy), strict=True):
                 sums[k] += float(v.detach())
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}", cos=f"{1 - float(cos):.4f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", cos=f"{1 - float(cos.detach()):.4f}")
         history.append({k: round(v / steps_per_epoch, 5) for k, v in sums.items()} | {"epoch": epoch + 1})
     bar.close()
     train_seconds = time.perf_counter() - t0

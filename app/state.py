@@ -1,0 +1,327 @@
+"""Cached resources and view state shared by the dashboard's pages.
+
+- :func:`get_model` — one :class:`~sparsefinder.model.EntmaxModel` per registered
+  model name, shared by every session (``st.cache_resource``). Only names from
+  ``data/models.json`` are ever loaded; never a path from the URL or a widget.
+- :func:`analyse` / :func:`head_probabilities` — small, picklable per-text
+  results (``st.cache_data``) keyed by model name, model version, alpha and a
+  hash of the texts.
+- View state (model, layer, head, text, sentence) lives in ``st.session_state``;
+  model, layer and head are mirrored in ``st.query_params`` so a copied link
+  reproduces the view.
+
+Nothing here keeps module-level mutable state: the model is only read after
+loading (``EntmaxModel.extract`` is thread-safe), and the cached results are
+immutable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+
+import numpy as np
+import streamlit as st
+
+from sparsefinder.graphs import AttentionGraph
+from sparsefinder.model import EntmaxModel, load_model
+from sparsefinder.registry import ModelSpec, default_model_name, load_registry
+
+DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
+#: Most sentences analysed in one batch (protects the shared server's memory).
+MAX_TEXTS = 16
+SPLIT_MODES = ("sentences", "lines")
+VERSION_PACKAGES = ("sparsefinder", "torch", "transformers", "entmax", "streamlit", "plotly", "numpy", "pandas")
+
+# Session-state keys of the view; URL_KEYS are mirrored in the query string.
+MODEL = "model"
+LAYER = "layer"
+HEAD = "head"
+TEXT = "text"
+SPLIT = "split"
+SENTENCE = "sentence"
+URL_KEYS = (MODEL, LAYER, HEAD)
+_INITIALISED = "_view_initialised"
+
+
+# -- registry ------------------------------------------------------------------
+def registry() -> dict[str, ModelSpec]:
+    """The registered models (re-read each run: a small JSON file)."""
+    return load_registry()
+
+
+def default_model() -> str:
+    return default_model_name()
+
+
+def alpha_label(alpha) -> str:
+    """Alpha as shown to people: ``1.5``, or ``per-head (L×H)`` for a per-head table."""
+    arr = np.asarray(alpha, dtype=float)
+    if arr.size == 1:
+        return f"{float(arr):g}"
+    return f"per-head ({arr.shape[0]}×{arr.shape[1]})" if arr.ndim == 2 else "per-head"
+
+
+def alpha_key(alpha) -> str:
+    """A stable cache-key string for a scalar or per-head alpha."""
+    arr = np.asarray(alpha, dtype=float)
+    if arr.size == 1:
+        return repr(float(arr))
+    return hashlib.sha256(arr.tobytes() + repr(arr.shape).encode()).hexdigest()[:16]
+
+
+def model_version(spec: ModelSpec) -> str:
+    """Fingerprint of a model's adapter files (names, sizes, mtimes).
+
+    Part of every cache key, so a model whose adapter is created or replaced
+    while the server runs is loaded again instead of serving a stale result
+    or a stale loading error.
+    """
+    adapter = spec.resolve_adapter()
+    if adapter is None:
+        return "no-adapter"
+    if not adapter.is_dir():
+        return "adapter-missing"
+    parts = []
+    for f in sorted(adapter.iterdir()):
+        try:
+            st_ = f.stat()
+        except OSError:
+            continue
+        parts.append(f"{f.name}:{st_.st_size}:{st_.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+# -- model ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadOutcome:
+    """A loaded model, or why it could not be loaded."""
+
+    model: EntmaxModel | None
+    error: str | None = None
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _load(name: str, version: str) -> LoadOutcome:
+    """Load a registered model. Errors that depend only on files on disk are cached
+    (keyed by ``version``, which changes when the adapter files change); anything
+    else is raised and therefore retried on the next run."""
+    from sparsefinder.adapter import AdapterMismatchError
+
+    if name not in registry():
+        return LoadOutcome(None, f"unknown model {name!r}")
+    try:
+        return LoadOutcome(load_model(name))
+    except (AdapterMismatchError, FileNotFoundError, KeyError) as e:
+        return LoadOutcome(None, f"{type(e).__name__}: {e}")
+
+
+def get_model(name: str) -> LoadOutcome:
+    """The shared model ``name`` (registered names only)."""
+    specs = registry()
+    if name not in specs:
+        return LoadOutcome(None, f"unknown model {name!r}; registered models: {', '.join(sorted(specs))}")
+    return _load(name, model_version(specs[name]))
+
+
+def require_model(name: str) -> EntmaxModel:
+    outcome = get_model(name)
+    if outcome.model is None:
+        raise RuntimeError(outcome.error)
+    return outcome.model
+
+
+# -- per-text results ----------------------------------------------------------
+@dataclass(frozen=True)
+class Analysis:
+    """What the Explore page shows for a batch of texts; small and picklable.
+
+    ``sparsity[b, l, h]`` is the gold sparsity of sentence ``b``, layer ``l``,
+    head ``h``; ``packed[b][l]`` the packed bits of that sentence's ``(H, n, n)``
+    gold graph (see :meth:`AttentionGraph.pack`).
+    """
+
+    model_name: str
+    texts: tuple[str, ...]
+    tokens: tuple[tuple[str, ...], ...]
+    sparsity: np.ndarray
+    packed: tuple[tuple[np.ndarray, ...], ...]
+    truncated: tuple[bool, ...]
+    num_layers: int
+    num_heads: int
+    max_length: int
+
+    def gold_edges(self, b: int, layer: int) -> np.ndarray:
+        """``(H, n, n)`` bool gold edges of sentence ``b`` in ``layer``."""
+        n = len(self.tokens[b])
+        return AttentionGraph.unpack_sentence(self.packed[b][layer], self.num_heads, n).numpy()
+
+
+def text_hash(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        data = t.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def split_texts(text: str, mode: str = "sentences") -> list[str]:
+    """The texts to analyse: one per non-empty line, or per sentence within each line.
+
+    Sentences end at ``.``, ``!`` or ``?`` followed by white space (simple on
+    purpose: abbreviations such as "Dr." split too).
+    """
+    if mode not in SPLIT_MODES:
+        raise ValueError(f"split mode must be one of {SPLIT_MODES}, got {mode!r}")
+    out: list[str] = []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if mode == "lines":
+            out.append(line)
+        else:
+            out.extend(s.strip() for s in re.split(r"(?<=[.!?])\s+", line) if s.strip())
+    return out
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def analyse(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...]) -> Analysis:
+    """Gold sparsity grid, tokens and packed gold graphs of ``_texts`` (one batch).
+
+    Keyed by ``(model_name, version, alpha, texts_hash)``; ``_texts`` is not
+    hashed by Streamlit (its hash is ``texts_hash``).
+    """
+    model = require_model(model_name)
+    ex = model.extract(list(_texts))
+    grids = [ex.gold(layer) for layer in range(ex.num_layers)]
+    sparsity = np.stack([g.sparsity().numpy() for g in grids], axis=1)  # (B, L, H)
+    packed = tuple(tuple(g.pack(b) for g in grids) for b in range(len(_texts)))
+    return Analysis(
+        model_name=model_name,
+        texts=tuple(_texts),
+        tokens=tuple(tuple(t) for t in ex.tokens),
+        sparsity=sparsity,
+        packed=packed,
+        truncated=tuple(bool(t) for t in ex.truncated),
+        num_layers=ex.num_layers,
+        num_heads=ex.num_heads,
+        max_length=model.max_length,
+    )
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def head_probabilities(
+    model_name: str,
+    version: str,
+    alpha: str,
+    texts_hash: str,
+    sentence: int,
+    layer: int,
+    head: int,
+    _texts: tuple[str, ...],
+) -> np.ndarray:
+    """``(n, n)`` float32 entmax probabilities of one head for one sentence.
+
+    Runs the same batch as :func:`analyse`, so the zeros here are exactly the
+    gold graph's non-edges there; only this head's matrix is kept.
+    """
+    model = require_model(model_name)
+    ex = model.extract(list(_texts))
+    n = int(ex.lengths[sentence])
+    return ex.probs[layer][sentence, head, :n, :n].numpy().astype(np.float32, copy=True)
+
+
+# -- view state ------------------------------------------------------------------
+def _as_int(value, default: int = 0) -> int:
+    try:
+        v = int(str(value))
+    except (TypeError, ValueError):
+        return default
+    return v if v >= 0 else default
+
+
+def init_view_state() -> None:
+    """Fill the session's view from the URL (first run of a session only)."""
+    ss = st.session_state
+    if ss.get(_INITIALISED):
+        return
+    specs = registry()
+    qp = st.query_params
+    model = qp.get(MODEL)
+    ss[MODEL] = model if model in specs else default_model()
+    ss[LAYER] = _as_int(qp.get(LAYER))
+    ss[HEAD] = _as_int(qp.get(HEAD))
+    ss[TEXT] = DEFAULT_TEXT
+    ss[SPLIT] = SPLIT_MODES[0]
+    ss[SENTENCE] = 0
+    ss[_INITIALISED] = True
+
+
+def sync_query_params() -> None:
+    """Mirror model, layer and head into the URL."""
+    qp = st.query_params
+    for key in URL_KEYS:
+        value = str(st.session_state.get(key, ""))
+        if qp.get(key) != value:
+            qp[key] = value
+
+
+def persistent_widget(widget, view_key: str, *args, options: Sequence | None = None, **kwargs):
+    """Render ``widget`` bound to the view value ``st.session_state[view_key]``.
+
+    Streamlit forgets a widget's state on runs where it is not drawn (another
+    page); the view value outlives it and seeds the widget when it comes back.
+    """
+    ss = st.session_state
+    wkey = f"_w_{view_key}"
+    if options is not None:
+        options = list(options)
+        if ss.get(view_key) not in options:
+            ss[view_key] = options[0]
+        if wkey not in ss or ss[wkey] not in options:
+            ss[wkey] = ss[view_key]
+        value = widget(*args, options=options, key=wkey, **kwargs)
+    else:
+        if wkey not in ss:
+            ss[wkey] = ss[view_key]
+        value = widget(*args, key=wkey, **kwargs)
+    ss[view_key] = value
+    return value
+
+
+def model_sidebar() -> ModelSpec:
+    """Sidebar: the registered-model select and the model's alpha. Returns the spec."""
+    specs = registry()
+    names = list(specs)
+    ss = st.session_state
+    if ss.get(MODEL) not in specs:
+        ss[MODEL] = default_model() if default_model() in specs else names[0]
+    with st.sidebar:
+        persistent_widget(
+            st.selectbox,
+            MODEL,
+            "Model",
+            options=names,
+            format_func=lambda n: f"{n} (default)" if n == default_model() else n,
+            help="Only models registered in data/models.json can be chosen.",
+        )
+        spec = specs[ss[MODEL]]
+        st.markdown(f"**α (entmax alpha):** `{alpha_label(spec.alpha)}`")
+        if spec.description:
+            st.caption(spec.description)
+    return spec
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in VERSION_PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

