@@ -80,6 +80,29 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import numpy as np
+
+    from sparsefinder.projections import projection_manifest, train_projections
+    from sparsefinder.store import ExtractionStore
+
+    store = ExtractionStore.open(args.store)
+    train_idx, val = None, None
+    if args.val_store:
+        val = ExtractionStore.open(args.val_store)
+    else:  # hold out a seeded tenth of the training store
+        perm = np.random.default_rng(args.seed).permutation(len(store))
+        cut = max(1, len(store) // 10)
+        val, train_idx = sorted(perm[:cut].tolist()), sorted(perm[cut:].tolist())
+    proj, history = train_projections(
+        store, train_indices=train_idx, val_indices=val, rank=args.rank, shared=not args.separate,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+    )
+    proj.save(Path(args.out), projection_manifest(store, history["config"], history))
+    print(f"saved projections (r={args.rank}) to {args.out}")
+    return 0
+
+
 def cmd_distill(args) -> int:
     from sparsefinder import corpus as corpus_mod
     from sparsefinder.distill import DistillConfig, distill
@@ -135,6 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=None, help="only the first N sentences")
     model_args(sp)
     sp.set_defaults(func=cmd_extract)
+
+    sp = sub.add_parser("train", help="learn the per-head projections on an extracted corpus")
+    sp.add_argument("--store", required=True, help="extraction of the training split (sparsefinder extract)")
+    sp.add_argument("--val-store", default=None, help="extraction of the validation split (default: hold out 10%%)")
+    sp.add_argument("--out", required=True, help="output directory (projections.safetensors + manifest.json)")
+    sp.add_argument("--rank", type=int, default=4)
+    sp.add_argument("--separate", action="store_true", help="separate W_Q and W_K instead of one shared map")
+    sp.add_argument("--epochs", type=int, default=3)
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--lr", type=float, default=1e-3)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default="cpu")
+    sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("distill", help="fine-tune the attention of an entmax copy of a softmax model")
     sp.add_argument("--base", default="minilm-entmax15-untuned", help="registered model whose weights to tune")

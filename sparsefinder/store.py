@@ -153,7 +153,7 @@ _REQUIRED_SHARD = ("file", "strings_file", "first_sentence", "num_sentences", "n
                    "bytes", "sha256", "strings_bytes", "strings_sha256")
 
 
-class StoreError(Exception):
+class StoreError(ValueError):
     """A store that cannot be read: missing, corrupt, truncated or of another format version."""
 
 

@@ -45,3 +45,18 @@ def test_errors_are_clear_and_nonzero(tmp_path, capsys):
     bad.write_bytes(b"caf\xe9 au lait\n")
     assert main(["extract", "--corpus", str(bad), "--out", str(tmp_path / "o"), "--split", "all"]) == 2
     assert "UTF-8" in capsys.readouterr().err
+
+
+def test_train_saves_projections_for_the_store(tmp_path, tiny_model_dir):
+    from sparsefinder.projections import Projections
+
+    corpus = tmp_path / "sents.txt"
+    corpus.write_text("\n".join(f"sentence {i} has some words in it" for i in range(12)), encoding="utf-8")
+    path = str(tiny_model_dir("bert"))
+    assert main(["extract", "--corpus", str(corpus), "--split", "all", "--out", str(tmp_path / "s"),
+                 "--model", path, "--device", "cpu"]) == 0
+    assert main(["train", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "p"), "--epochs", "1"]) == 0
+    store = ExtractionStore.open(tmp_path / "s")
+    proj = Projections.load(tmp_path / "p", store=store)
+    assert proj.rank == 4 and proj.num_layers == 2
+    assert main(["train", "--store", str(tmp_path / "missing"), "--out", str(tmp_path / "q")]) == 2
