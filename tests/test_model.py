@@ -213,3 +213,25 @@ def test_adapter_checksum_and_corruption(tmp_path, tiny_model_dir):
     (corrupt / "manifest.json").write_text("{not json")
     with pytest.raises(AdapterMismatchError, match="not valid JSON"):
         apply_adapter(model, corrupt, checksum)
+
+
+def test_default_model_loads_its_verified_adapter():
+    """The shipped adapter applies over the packaged weights and moves the model towards the softmax original."""
+    from sparsefinder.registry import default_model_name, get_spec
+
+    name = default_model_name()
+    tuned = load_model(name, device="cpu")
+    manifest = tuned.adapter_manifest
+    assert manifest["base_weights_sha256"] == weights_checksum(get_spec(name).resolve_path())
+    assert manifest["alpha"] == 1.5 and manifest["fidelity"]["after"]["cosine_mean"] > 0.95
+    texts = ["The council approved the new budget on Tuesday.", "Fires burned across the state overnight."]
+    softmax, tokenizer = load_hf(get_spec(name).resolve_path(), attn_implementation="eager", device="cpu")
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = softmax(**enc).last_hidden_state
+    mask = enc["attention_mask"][..., None].float()
+    reference = (hidden * mask).sum(1) / mask.sum(1)
+    untuned = load_model(name, device="cpu", use_adapter=False)
+    cos_tuned = torch.nn.functional.cosine_similarity(tuned.embed(texts), reference).mean()
+    cos_untuned = torch.nn.functional.cosine_similarity(untuned.embed(texts), reference).mean()
+    assert cos_tuned > cos_untuned and cos_tuned > 0.95
