@@ -103,6 +103,38 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from sparsefinder.fitted_io import load_fitted, save_fitted
+    from sparsefinder.projections import Projections
+    from sparsefinder.store import ExtractionStore
+    from sparsefinder.sweep import best_recall_table, fit_predictors, pareto_front, run_sweep, save_sweep
+
+    store = ExtractionStore.open(args.store)
+    projections = Projections.load(args.projections, store=store) if args.projections else None
+    methods = args.methods.split(",") if args.methods else None
+    fitted = None
+    if args.fitted:
+        fitted = load_fitted(args.fitted)
+    elif args.fit_store:
+        print(f"fitting the learned predictors on {args.fit_store}")
+        fitted = fit_predictors(ExtractionStore.open(args.fit_store), projections, methods=methods,
+                                seed=args.seed, max_points=args.max_points, progress=True)
+        if args.save_fitted:
+            save_fitted(fitted, args.save_fitted)
+            print(f"saved fitted predictors to {args.save_fitted}")
+    frame = run_sweep(store, projections, methods=methods, fitted=fitted, batch_size=args.batch_size,
+                      progress=True, seed=args.seed, threads=args.threads)
+    path = save_sweep(frame, args.out)
+    skipped = frame.attrs.get("sweep", {}).get("skipped")
+    if skipped:
+        print(f"skipped: {skipped}")
+    print(f"wrote {len(frame)} rows to {path}")
+    front = pareto_front(frame)
+    print(f"overall Pareto front: {int(front['on_front'].sum())} of {len(front)} configurations")
+    print(best_recall_table(frame).round(3).to_string())
+    return 0
+
+
 def cmd_distill(args) -> int:
     from sparsefinder import corpus as corpus_mod
     from sparsefinder.distill import DistillConfig, distill
@@ -171,6 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="cpu")
     sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("sweep", help="every predictor over its grid on an extracted corpus, per layer and head")
+    sp.add_argument("--store", required=True, help="extraction to evaluate on (e.g. the validation split)")
+    sp.add_argument("--projections", default=None, help="projections directory (sparsefinder train)")
+    sp.add_argument("--fit-store", default=None, help="extraction to fit k-means/blocks/routing on (training split)")
+    sp.add_argument("--fitted", default=None, help="load fitted predictors from this directory instead of fitting")
+    sp.add_argument("--save-fitted", default=None, help="save the fitted predictors to this directory")
+    sp.add_argument("--max-points", type=int, default=20_000, help="points per head for fitting centroids")
+    sp.add_argument("--methods", default=None, help="comma-separated predictor names (default: all runnable)")
+    sp.add_argument("--out", required=True, help="output Parquet file (a JSON sidecar is written beside it)")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--threads", type=int, default=None, help="torch threads for the sweep")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_sweep)
 
     sp = sub.add_parser("distill", help="fine-tune the attention of an entmax copy of a softmax model")
     sp.add_argument("--base", default="minilm-entmax15-untuned", help="registered model whose weights to tune")

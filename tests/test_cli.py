@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sparsefinder.cli import main
 from sparsefinder.model import load_model
 from sparsefinder.store import ExtractionStore
@@ -60,3 +62,30 @@ def test_train_saves_projections_for_the_store(tmp_path, tiny_model_dir):
     proj = Projections.load(tmp_path / "p", store=store)
     assert proj.rank == 4 and proj.num_layers == 2
     assert main(["train", "--store", str(tmp_path / "missing"), "--out", str(tmp_path / "q")]) == 2
+
+
+def test_sweep_fits_saves_and_reloads_predictors(tmp_path, tiny_model_dir, capsys):
+    import pandas as pd
+
+    from sparsefinder.fitted_io import FittedFileError, load_fitted
+    from sparsefinder.sweep import load_sweep
+
+    corpus = tmp_path / "sents.txt"
+    corpus.write_text("\n".join(f"the {i} cats sat on {i % 3} mats today" for i in range(10)), encoding="utf-8")
+    path = str(tiny_model_dir("bert"))
+    store, proj = str(tmp_path / "s"), str(tmp_path / "p")
+    assert main(["extract", "--corpus", str(corpus), "--split", "all", "--out", store, "--model", path]) == 0
+    assert main(["train", "--store", store, "--out", proj, "--epochs", "1"]) == 0
+    common = ["sweep", "--store", store, "--projections", proj, "--methods", "distance,kmeans,window"]
+    assert main([*common, "--fit-store", store, "--save-fitted", str(tmp_path / "f"),
+                 "--out", str(tmp_path / "a.parquet")]) == 0
+    assert "recall @ sparsity >= 0.5" in capsys.readouterr().out
+    assert main([*common, "--fitted", str(tmp_path / "f"), "--out", str(tmp_path / "b.parquet")]) == 0
+    a, b = load_sweep(tmp_path / "a.parquet"), load_sweep(tmp_path / "b.parquet")
+    assert set(a["method"]) == {"distance", "kmeans", "window"}
+    pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
+    fitted = load_fitted(tmp_path / "f")
+    assert set(fitted) == {"kmeans"}
+    (tmp_path / "f" / "fitted.safetensors").write_bytes(b"garbage")
+    with pytest.raises(FittedFileError, match="unreadable"):
+        load_fitted(tmp_path / "f")
