@@ -74,7 +74,7 @@ def cmd_extract(args) -> int:
     model = load_model(args.model, alpha=args.alpha, device=args.device)
     out = extract_corpus(
         model, texts, Path(args.out), batch_size=args.batch_size, progress=True,
-        corpus_name=corpus.name, split=args.split,
+        corpus_name=corpus.name, split=args.split, overwrite=args.overwrite,
     )
     print(f"wrote {len(texts)} sentences of {corpus.name} to {out}")
     return 0
@@ -129,8 +129,10 @@ def cmd_sweep(args) -> int:
     if skipped:
         print(f"skipped: {skipped}")
     print(f"wrote {len(frame)} rows to {path}")
-    front = pareto_front(frame)
-    print(f"overall Pareto front: {int(front['on_front'].sum())} of {len(front)} configurations")
+    front = pareto_front(frame, by=())
+    winners = front[front["on_front"]].sort_values("sparsity")
+    print(f"overall Pareto front (mean over heads), {len(winners)} of {len(front)} configurations:")
+    print(winners[["method", "params", "sparsity", "recall"]].round(3).to_string(index=False))
     print(best_recall_table(frame).round(3).to_string())
     return 0
 
@@ -188,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output directory")
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--limit", type=int, default=None, help="only the first N sentences")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing extraction in --out")
     model_args(sp)
     sp.set_defaults(func=cmd_extract)
 

@@ -38,7 +38,8 @@ def save_fitted(fitted: dict, directory: str | Path, info: dict[str, Any] | None
         for params, by_layer in by_params.items():
             for layer, pred in by_layer.items():
                 for name, tensor in pred.state_dict().items():
-                    tensors[f"{method}|{params}|{layer}|{name}"] = tensor.contiguous()
+                    # Grid points that share one fit share tensors; safetensors stores each separately.
+                    tensors[f"{method}|{params}|{layer}|{name}"] = tensor.contiguous().clone()
                 entries.append({"method": method, "params": params, "layer": int(layer),
                                 "hyperparameters": _jsonable(pred.get_params())})
     save_file(tensors, str(directory / FITTED_FILE))

@@ -139,3 +139,47 @@ def attention_heatmap(
         margin=dict(l=10, r=10, t=130, b=10),
     )
     return fig
+
+
+# Okabe–Ito: distinguishable with the common colour-vision deficiencies.
+# Beyond eight methods colours repeat, so line dash and marker keep every method distinct.
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000")
+MARKERS = ("circle", "square", "diamond", "triangle-up", "x", "cross", "star", "triangle-down", "hexagon")
+DASHES = ("solid", "dash", "dot")
+
+
+def pareto_figure(
+    summary, front: str = "on_front", x: str = "sparsity", y: str = "recall", title: str | None = None
+) -> go.Figure:
+    """Recall against sparsity, one trace per method, frontier points joined and drawn larger.
+
+    ``summary`` is :func:`sparsefinder.sweep.pareto_front` output: one row per
+    configuration (means over heads) with ``method``, ``params``, ``x``, ``y``
+    and the boolean ``front`` column.
+    """
+    fig = go.Figure()
+    for i, (method, rows) in enumerate(summary.groupby("method", sort=False)):
+        rows = rows.sort_values(x)
+        colour, marker = OKABE_ITO[i % len(OKABE_ITO)], MARKERS[i % len(MARKERS)]
+        dash = DASHES[(i // len(OKABE_ITO)) % len(DASHES)]
+        on = rows[rows[front]] if front in rows else rows
+        fig.add_trace(go.Scatter(
+            x=on[x], y=on[y], mode="lines+markers", name=str(method), legendgroup=str(method),
+            line=dict(color=colour, width=1.5, dash=dash), marker=dict(color=colour, symbol=marker, size=9),
+            customdata=on[["params"]].to_numpy() if "params" in on else None,
+            hovertemplate=f"{method} %{{customdata[0]}}<br>{x} %{{x:.3f}}<br>{y} %{{y:.3f}}<extra></extra>",
+        ))
+        off = rows[~rows[front]] if front in rows else rows.iloc[:0]
+        if len(off):
+            fig.add_trace(go.Scatter(
+                x=off[x], y=off[y], mode="markers", name=f"{method} (dominated)", legendgroup=str(method),
+                showlegend=False, marker=dict(color=colour, symbol=marker, size=5, opacity=0.45),
+                customdata=off[["params"]].to_numpy() if "params" in off else None,
+                hovertemplate=f"{method} %{{customdata[0]}}<br>{x} %{{x:.3f}}<br>{y} %{{y:.3f}}<extra></extra>",
+            ))
+    fig.update_layout(
+        title=title or f"{y.capitalize()} against {x} (mean over heads)", template="plotly_white",
+        xaxis=dict(title=x, range=[0, 1.02]), yaxis=dict(title=y, range=[0, 1.02]),
+        legend=dict(title="method"), width=900, height=600,
+    )
+    return fig

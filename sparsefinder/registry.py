@@ -33,9 +33,19 @@ class ModelSpec:
     adapter: str | None = None
     description: str = ""
     task: str = "base"
+    # Shipped results for this model: projections, fitted predictors, sweep table (paths relative to data/).
+    artifacts: tuple[tuple[str, str], ...] = ()
 
     def resolve_path(self) -> Path:
         return resolve_model_path(self.path)
+
+    def artifact(self, kind: str) -> Path | None:
+        """Path of a shipped artifact (``"projections"``, ``"fitted"``, ``"sweep"``), or None."""
+        rel = dict(self.artifacts).get(kind)
+        if rel is None:
+            return None
+        p = Path(rel)
+        return p if p.is_absolute() else data_dir() / p
 
     def resolve_adapter(self) -> Path | None:
         if self.adapter is None:
@@ -69,6 +79,7 @@ def load_registry(path: Path | None = None) -> dict[str, ModelSpec]:
             adapter=entry.get("adapter"),
             description=entry.get("description", ""),
             task=entry.get("task", "base"),
+            artifacts=tuple(sorted(entry.get("artifacts", {}).items())),
         )
     return specs
 
