@@ -122,8 +122,18 @@ def cmd_sweep(args) -> int:
         if args.save_fitted:
             save_fitted(fitted, args.save_fitted)
             print(f"saved fitted predictors to {args.save_fitted}")
+    context = None
+    # Syntax and lexical need context the store lacks (dependency trees, input embeddings); build it only
+    # when one of them can run, since spaCy and the model take seconds to load.
+    want = {"syntax", "lexical"} if methods is None else {"syntax", "lexical"} & set(methods)
+    if args.context == "spacy" and want:
+        from sparsefinder.annotate import sweep_context
+
+        context, notes = sweep_context(store, syntax="syntax" in want, lexical="lexical" in want)
+        for note in notes:
+            print(f"note: {note}")
     frame = run_sweep(store, projections, methods=methods, fitted=fitted, batch_size=args.batch_size,
-                      progress=True, seed=args.seed, threads=args.threads)
+                      progress=True, seed=args.seed, threads=args.threads, context=context)
     path = save_sweep(frame, args.out)
     skipped = frame.attrs.get("sweep", {}).get("skipped")
     if skipped:
@@ -219,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--threads", type=int, default=None, help="torch threads for the sweep")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--context", default="spacy", choices=["none", "spacy"],
+                    help="context of the syntax and lexical masks: 'spacy' parses the texts with spaCy and takes "
+                         "the input embeddings of the store's model; 'none' skips both masks")
     sp.set_defaults(func=cmd_sweep)
 
     sp = sub.add_parser("distill", help="fine-tune the attention of an entmax copy of a softmax model")
