@@ -18,7 +18,6 @@ immutable.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -26,6 +25,7 @@ from importlib import metadata
 import numpy as np
 import streamlit as st
 
+from sparsefinder.corpus import split_sentences
 from sparsefinder.graphs import AttentionGraph
 from sparsefinder.model import EntmaxModel, load_model
 from sparsefinder.registry import ModelSpec, default_model_name, load_registry
@@ -172,8 +172,8 @@ def text_hash(texts: Sequence[str]) -> str:
 def split_texts(text: str, mode: str = "sentences") -> list[str]:
     """The texts to analyse: one per non-empty line, or per sentence within each line.
 
-    Sentences end at ``.``, ``!`` or ``?`` followed by white space (simple on
-    purpose: abbreviations such as "Dr." split too).
+    Sentences come from the library's spaCy splitter (the one that splits the
+    default corpus), so abbreviations such as "Dr." do not end a sentence.
     """
     if mode not in SPLIT_MODES:
         raise ValueError(f"split mode must be one of {SPLIT_MODES}, got {mode!r}")
@@ -185,7 +185,7 @@ def split_texts(text: str, mode: str = "sentences") -> list[str]:
         if mode == "lines":
             out.append(line)
         else:
-            out.extend(s.strip() for s in re.split(r"(?<=[.!?])\s+", line) if s.strip())
+            out.extend(split_sentences(line))
     return out
 
 

@@ -328,6 +328,8 @@ def test_split_texts():
     text = "One. Two!  Three?\n\n  Four  \n"
     assert split_texts(text) == ["One.", "Two!", "Three?", "Four"]
     assert split_texts(text, "lines") == ["One. Two!  Three?", "Four"]
+    # spaCy, not a regex: an abbreviation does not end the sentence.
+    assert split_texts("Dr. Smith arrived late. He left early.") == ["Dr. Smith arrived late.", "He left early."]
     assert split_texts("") == [] and split_texts(" \n\t\n") == []
     with pytest.raises(ValueError):
         split_texts("x", "words")
