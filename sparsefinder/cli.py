@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Our own tqdm bars report progress; transformers' per-load weight bar is noise here.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     if getattr(args, "model", "unset") is None:
         from sparsefinder.registry import default_model_name
 
