@@ -325,3 +325,126 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+# -- shipped artifacts: sweep table, projections, fitted predictors ------------------
+# Extra view keys of the Pareto and Compare pages (session only, not in the URL).
+GRAPH_TEXT = "graph_text"
+RESOLUTION = "pareto_resolution"
+CONFIG = "pareto_config"
+METHODS = "compare_methods"
+RESOLUTIONS = ("overall", "per layer", "per head")
+
+
+def _file_version(path) -> str:
+    """Names, sizes and mtimes of a file or a directory's files (part of cache keys)."""
+    from pathlib import Path
+
+    if path is None:
+        return "none"
+    p = Path(path)
+    files = sorted(p.iterdir()) if p.is_dir() else [p] if p.exists() else []
+    parts = []
+    for f in files:
+        try:
+            s = f.stat()
+        except OSError:
+            continue
+        parts.append(f"{f.name}:{s.st_size}:{s.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16] if parts else "missing"
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _sweep(name: str, version: str):
+    from sparsefinder.sweep import load_sweep
+
+    path = registry()[name].artifact("sweep")
+    return load_sweep(path)
+
+
+def sweep_table(name: str):
+    """The model's shipped sweep table (a DataFrame), or None when it ships none."""
+    spec = registry().get(name)
+    path = spec.artifact("sweep") if spec else None
+    if path is None or not path.is_file():
+        return None
+    return _sweep(name, _file_version(path))
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _projections(name: str, version: str, model_version_: str):
+    from sparsefinder.projections import Projections
+
+    return Projections.load(registry()[name].artifact("projections"), model=require_model(name))
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _fitted(name: str, version: str):
+    from sparsefinder.fitted_io import load_fitted
+
+    return load_fitted(registry()[name].artifact("fitted"))
+
+
+def get_projections(name: str):
+    """The model's shipped projections, or None (none shipped)."""
+    spec = registry()[name]
+    path = spec.artifact("projections")
+    if path is None or not path.is_dir():
+        return None
+    return _projections(name, _file_version(path), model_version(spec))
+
+
+def get_fitted(name: str):
+    """The model's shipped fitted predictors ``fitted[method][params][layer]``, or None."""
+    spec = registry()[name]
+    path = spec.artifact("fitted")
+    if path is None or not path.is_dir():
+        return None
+    return _fitted(name, _file_version(path))
+
+
+@dataclass(frozen=True)
+class HeadPrediction:
+    """One head's gold and predicted graph on one sentence, and its metrics (small, picklable)."""
+
+    tokens: tuple[str, ...]
+    gold: np.ndarray  # (n, n) bool
+    pred: np.ndarray  # (n, n) bool
+    metrics: dict
+    truncated: bool
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def head_prediction(
+    model_name: str, version: str, alpha: str, text_key: str, layer: int, head: int, method: str, params: str,
+    _text: str,
+) -> HeadPrediction:
+    """Predicted vs gold graph of ``method`` ``params`` for one head on ``_text`` (hash ``text_key``)."""
+    from sparsefinder.metrics import graph_metrics
+    from sparsefinder.predict import predict_layer
+
+    model = require_model(model_name)
+    ex = model.extract([_text])
+    pred = predict_layer(
+        ex, layer, method, params, projections=get_projections(model_name), fitted=get_fitted(model_name)
+    )
+    gold = ex.gold(layer)
+    m = graph_metrics(gold, pred)
+    n = int(ex.lengths[0])
+    metrics = {k: float(v[0, head]) for k, v in m.items()}
+    return HeadPrediction(
+        tokens=tuple(ex.tokens[0]),
+        gold=gold.edges[0, head, :n, :n].numpy().copy(),
+        pred=pred.edges[0, head, :n, :n].cpu().numpy().copy(),
+        metrics=metrics,
+        truncated=bool(ex.truncated[0]),
+    )
+
+
+def graph_text_input(label: str = "Sentence") -> str:
+    """The sentence the Pareto and Compare pages predict on (shared by both)."""
+    ss = st.session_state
+    if GRAPH_TEXT not in ss:
+        ss[GRAPH_TEXT] = DEFAULT_TEXT
+    return persistent_widget(st.text_input, GRAPH_TEXT, label, max_chars=4000).strip()
+

@@ -368,3 +368,194 @@ def test_sparsity_heatmap_annotates_values():
     assert list(fig.data[0].x) == [f"head {h}" for h in range(12)]
     with pytest.raises(ValueError):
         sparsity_heatmap(grid[0])
+
+
+# -- Pareto and Compare pages ----------------------------------------------------------
+RATIOS = ("recall", "precision", "sparsity", "exact")
+
+
+@pytest.fixture(scope="module")
+def sweep_frame(lib):
+    from sparsefinder.sweep import load_sweep
+
+    path = load_registry()[lib.name].artifact("sweep")
+    if path is None or not path.is_file():
+        pytest.skip(f"model {lib.name} ships no sweep table")
+    return load_sweep(path)
+
+
+def library_head_metrics(model, text: str, layer: int, head: int, method: str, params: str) -> dict[str, float]:
+    """One head's metrics computed with the predictors directly (not through sparsefinder.predict)."""
+    import torch
+
+    from sparsefinder.fitted_io import load_fitted
+    from sparsefinder.metrics import graph_metrics
+    from sparsefinder.predictors import REGISTRY, get_predictor
+    from sparsefinder.projections import Projections
+
+    spec = load_registry()[model.name]
+    ex = model.extract([text])
+    cls = REGISTRY[method]
+    q, k = ex.queries[layer].float(), ex.keys[layer].float()
+    if cls.input_space in ("projected", "any") and spec.artifact("projections") is not None:
+        proj = Projections.load(spec.artifact("projections"), model=model)
+        q, k = proj.project_queries(layer, q).float(), proj.project_keys(layer, k).float()
+    if cls.requires_fit:
+        pred = load_fitted(spec.artifact("fitted"))[method][params][layer]
+    else:
+        pred = get_predictor(method, **json.loads(params))
+    context = {"head_dim": int(ex.queries[layer].shape[-1]), "sentence_ids": torch.arange(1)}
+    graph = pred.predict(q, k, ex.lengths, causal=ex.causal, **{c: context[c] for c in cls.context_keys})
+    m = graph_metrics(ex.gold(layer), graph)
+    return {r: float(m[r][0, head]) for r in RATIOS}
+
+
+def shown_metrics(at: AppTest) -> dict[str, float]:
+    return {m.label.lower(): float(m.value) for m in at.metric if m.label.lower() in RATIOS}
+
+
+def pareto_app(lib, **params) -> AppTest:
+    at = make_app(lib.name, **params)
+    at.switch_page("views/pareto.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_pareto_default_state(lib, sweep_frame):
+    from sparsefinder.sweep import pareto_front
+
+    at = pareto_app(lib)
+    specs = [s for s in plotly_specs(at) if "Recall against sparsity" in s["layout"]["title"]["text"]]
+    assert len(specs) == 1 and specs[0]["data"], "the Pareto figure is missing"
+    front_table = at.dataframe[0].value
+    assert list(front_table.columns) == ["method", "params", "sparsity", "recall", "precision", "exact"]
+    want = pareto_front(sweep_frame)
+    want = want[want["on_front"]]
+    assert len(front_table) == len(want)
+    assert set(zip(front_table["method"], front_table["params"], strict=True)) == set(
+        zip(want["method"], want["params"], strict=True))
+    best = at.dataframe[1].value
+    assert list(best.columns) == [f"recall @ sparsity >= {t:g}" for t in (0.5, 0.7, 0.9)]
+    assert any(b.label.startswith("Download the frontier") for b in at.get("download_button"))
+    assert at.selectbox(key="_w_pareto_config").value
+    assert set(shown_metrics(at)) == set(RATIOS)
+    assert any("predicted vs gold" in s["layout"]["title"]["text"] for s in plotly_specs(at))
+
+
+def _check_config(at: AppTest, lib, text: str = DEFAULT_TEXT) -> dict[str, float]:
+    method, params = at.selectbox(key="_w_pareto_config").value.split("|", 1)
+    layer, head = at.session_state["layer"], at.session_state["head"]
+    want = library_head_metrics(lib, text, layer, head, method, params)
+    got = shown_metrics(at)
+    for r in RATIOS:
+        assert got[r] == pytest.approx(want[r], abs=6e-5), (method, params, r)
+    return got
+
+
+def test_pareto_config_metrics_match_library_and_update(lib, sweep_frame):
+    from sparsefinder.predict import unsupported_reason
+
+    at = pareto_app(lib)
+    first = _check_config(at, lib)
+    box = at.selectbox(key="_w_pareto_config")
+    options = [o for o in box.options if unsupported_reason(o.split(" ", 1)[0], object(), {"kmeans": 1,
+               "blocks": 1, "routing": 1}) is None]
+    values = [f"{o.split(' ', 1)[0]}|{o.split(' ', 1)[1]}" for o in options]
+    other = next(v for v in values if v != box.value and v.startswith("window"))
+    at.selectbox(key="_w_pareto_config").set_value(other).run()
+    assert not at.exception, at.exception
+    second = _check_config(at, lib)
+    assert second != first
+    text = "Colorless green ideas sleep furiously."
+    at.text_input(key="_w_graph_text").input(text).run()
+    at.selectbox(key="_w_layer").set_value(3).run()
+    at.selectbox(key="_w_head").set_value(5).run()
+    assert not at.exception, at.exception
+    _check_config(at, lib, text)
+
+
+def test_pareto_per_head_resolution(lib, sweep_frame):
+    from sparsefinder.sweep import pareto_front
+
+    at = pareto_app(lib)
+    at.radio(key="_w_pareto_resolution").set_value("per head").run()
+    at.selectbox(key="_w_layer").set_value(2).run()
+    at.selectbox(key="_w_head").set_value(7).run()
+    assert not at.exception, at.exception
+    want = pareto_front(sweep_frame[(sweep_frame["layer"] == 2) & (sweep_frame["head"] == 7)],
+                        by=("method", "layer", "head"))
+    want = want[want["on_front"]].sort_values(["method", "params"]).reset_index(drop=True)
+    got = at.dataframe[0].value.sort_values(["method", "params"]).reset_index(drop=True)
+    np.testing.assert_allclose(got["recall"].to_numpy(), want["recall"].to_numpy())
+    assert any("layer 2, head 7" in s["layout"]["title"]["text"] for s in plotly_specs(at))
+    _check_config(at, lib)
+
+
+def test_pareto_without_sweep_says_so(lib):
+    names = [n for n, s in load_registry().items() if s.artifact("sweep") is None]
+    if not names:
+        pytest.skip("every registered model ships a sweep")
+    at = make_app(names[0])
+    at.switch_page("views/pareto.py").run()
+    assert not at.exception, at.exception
+    assert any("ships no sweep" in i.value for i in at.info)
+
+
+def compare_app(lib) -> AppTest:
+    at = make_app(lib.name)
+    at.switch_page("views/compare.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _check_compare_table(at: AppTest, lib, sweep_frame, text: str = DEFAULT_TEXT) -> object:
+    table = at.dataframe[0].value
+    layer, head = at.session_state["layer"], at.session_state["head"]
+    for _, row in table.iterrows():
+        if np.isnan(row["recall"]):
+            continue
+        want = library_head_metrics(lib, text, layer, head, row["method"], row["params"])
+        for r in RATIOS:
+            assert row[r] == pytest.approx(want[r], abs=1e-12), (row["method"], r)
+        corpus = sweep_frame[(sweep_frame["method"] == row["method"]) & (sweep_frame["params"] == row["params"])
+                             & (sweep_frame["layer"] == layer) & (sweep_frame["head"] == head)].iloc[0]
+        assert row["corpus recall"] == pytest.approx(corpus["recall"])
+    return table
+
+
+def test_compare_default_and_switches(lib, sweep_frame):
+    from sparsefinder.sweep import best_recall_at
+
+    at = compare_app(lib)
+    table = _check_compare_table(at, lib, sweep_frame)
+    assert list(table["method"]) == ["distance", "bucketing", "kmeans", "window"]
+    best = best_recall_at(sweep_frame, 0.5).set_index("method")["params"]
+    assert list(table["params"]) == [best[m] for m in table["method"]]
+    assert len([s for s in plotly_specs(at) if "predicted vs gold" not in s["layout"]["title"]["text"]]) == 4
+
+    box = at.selectbox(key="_w_compare_params_kmeans")
+    other = next(o for o in box.options if o != box.value and "best" not in o)
+    box.set_value(other).run()
+    assert not at.exception, at.exception
+    after = _check_compare_table(at, lib, sweep_frame)
+    row = after[after["method"] == "kmeans"].iloc[0]
+    assert row["params"] == other
+    assert row["recall"] != table[table["method"] == "kmeans"].iloc[0]["recall"] or row["sparsity"] != table[
+        table["method"] == "kmeans"].iloc[0]["sparsity"]
+
+    at.multiselect(key="_w_compare_methods").set_value(["longformer", "syntax", "routing"]).run()
+    at.selectbox(key="_w_layer").set_value(4).run()
+    assert not at.exception, at.exception
+    final = _check_compare_table(at, lib, sweep_frame)
+    assert list(final["method"]) == ["longformer", "syntax", "routing"]
+    assert np.isnan(final.iloc[1]["recall"]) and any("context" in i.value for i in at.info)
+
+
+def test_pareto_per_layer_resolution(lib, sweep_frame):
+    at = pareto_app(lib)
+    at.radio(key="_w_pareto_resolution").set_value("per layer").run()
+    at.selectbox(key="_w_layer").set_value(1).run()
+    at.selectbox(key="_w_head").set_value(3).run()
+    assert not at.exception, at.exception
+    assert any("(layer 1)" in s["layout"]["title"]["text"] for s in plotly_specs(at))
+    _check_config(at, lib)

@@ -333,3 +333,53 @@ def test_about_page(server, page, lib):
     assert ("No adapter" in body) == (not model.adapter_manifest)
     screenshot(page, "about.png")
     _assert_clean_log()
+
+
+def pareto_chart(pg):
+    return pg.locator('[data-testid="stPlotlyChart"]').filter(has_text="Recall against sparsity").first
+
+
+def test_pareto_page_and_point_click(server, page, lib):
+    model, _ = lib
+    if load_registry()[model.name].artifact("sweep") is None:
+        pytest.skip(f"{model.name} ships no sweep")
+    page.goto(f"{server}/pareto?model={model.name}")
+    chart = pareto_chart(page)
+    chart.wait_for(state="visible")
+    assert chart.locator(".scatterlayer .point").count() > 10
+    page.get_by_text("Frontier configurations").wait_for()
+    page.get_by_text("predicted vs gold").first.wait_for()
+    wait_idle(page)
+    for label in ("Recall", "Precision", "Sparsity", "Exact"):
+        assert 0.0 <= float(metric(page, label)) <= 1.0
+    screenshot(page, "pareto.png", height=3000)
+
+    # clicking a point of the chart selects that configuration
+    before = combo(page, "Configuration").input_value()
+    points = chart.locator(".scatterlayer .trace:first-child .point")
+    target = points.nth(points.count() // 2)
+    target.scroll_into_view_if_needed()
+    target.click(force=True)
+    deadline = time.monotonic() + 60
+    while combo(page, "Configuration").input_value() == before and time.monotonic() < deadline:
+        page.wait_for_timeout(300)
+    after = combo(page, "Configuration").input_value()
+    assert after != before, "clicking a Pareto point did not select its configuration"
+    method = after.split(" ", 1)[0]
+    page.get_by_text(f"{method} {after.split(' ', 1)[1]}, layer").first.wait_for()
+    screenshot(page, "pareto-clicked.png", height=3000)
+    _assert_clean_log()
+
+
+def test_compare_page(server, page, lib):
+    model, _ = lib
+    page.goto(f"{server}/compare?model={model.name}")
+    page.get_by_text("Layer 0, head 0").first.wait_for()
+    wait_idle(page)
+    charts = page.locator('[data-testid="stPlotlyChart"]')
+    deadline = time.monotonic() + 120
+    while charts.count() < 4 and time.monotonic() < deadline:
+        page.wait_for_timeout(300)
+    assert charts.count() >= 4
+    screenshot(page, "compare.png", height=2600)
+    _assert_clean_log()

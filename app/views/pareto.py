@@ -1,0 +1,178 @@
+"""Pareto: recall against sparsity per method from the model's shipped sweep, and one configuration on a sentence."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app import state
+from sparsefinder.plots import pareto_figure
+from sparsefinder.predict import outcome_heatmap, unsupported_reason
+from sparsefinder.predictors import REGISTRY
+from sparsefinder.sweep import best_recall_table, pareto_front
+
+ss = st.session_state
+FRONT_COLUMNS = ["method", "params", "sparsity", "recall", "precision", "exact"]
+THRESHOLDS = (0.5, 0.7, 0.9)
+_LAST_CLICK = "_pareto_last_click"
+
+
+def config_label(config: str) -> str:
+    method, params = config.split("|", 1)
+    return f"{method} {params}"
+
+
+def clicked_config(event, fig) -> str | None:
+    """``method|params`` of the first point selected in the chart, or None."""
+    try:
+        points = event.selection.points  # type: ignore[union-attr]
+    except AttributeError:
+        try:
+            points = event["selection"]["points"]
+        except (KeyError, TypeError):
+            return None
+    for p in points or []:
+        curve = p.get("curve_number")
+        index = p.get("point_index", p.get("point_number"))
+        if curve is None or index is None or curve >= len(fig.data):
+            continue
+        trace = fig.data[curve]
+        if trace.customdata is None or trace.legendgroup is None:
+            continue
+        return f"{trace.legendgroup}|{trace.customdata[index][0]}"
+    return None
+
+
+def head_selectors(layers: list[int] | None, heads: list[int] | None) -> tuple[int | None, int | None]:
+    """Layer and/or head selects (bound to the URL's layer and head); None for the one not drawn."""
+    cols = st.columns(2)
+    layer = head = None
+    if layers is not None:
+        with cols[0]:
+            layer = state.persistent_widget(st.selectbox, state.LAYER, "Layer", options=layers)
+    if heads is not None:
+        with cols[1]:
+            head = state.persistent_widget(st.selectbox, state.HEAD, "Head", options=heads)
+    return layer, head
+
+
+def show_prediction(name: str, config: str, layer: int, head: int, frame: pd.DataFrame) -> None:
+    method, params = config.split("|", 1)
+    reason = unsupported_reason(method, state.get_projections(name), state.get_fitted(name))
+    if reason is not None:
+        st.info(f"Cannot draw **{method}** on a new sentence: {reason}.")
+        return
+    text = state.graph_text_input()
+    if not text:
+        st.warning("Enter a sentence.")
+        return
+    spec = state.registry()[name]
+    outcome = state.get_model(name)
+    if outcome.model is None:
+        st.error(f"Could not load model **{name}**: {outcome.error}")
+        return
+    try:
+        with st.spinner(f"Predicting {method} on layer {layer}, head {head}…"):
+            hp = state.head_prediction(
+                name, state.model_version(spec), state.alpha_key(spec.alpha), state.text_hash([text]),
+                layer, head, method, params, text,
+            )
+    except Exception as e:  # shown in the page; the app keeps serving
+        st.error(f"Prediction failed: {type(e).__name__}: {e}")
+        return
+    if hp.truncated:
+        st.warning(f"The sentence was truncated to the model's first {len(hp.tokens)} tokens.")
+    with st.container(key="pareto_metrics"):
+        cols = st.columns(4)
+        for col, m in zip(cols, ("recall", "precision", "sparsity", "exact"), strict=True):
+            col.metric(m.capitalize(), f"{hp.metrics[m]:.4f}")
+    corpus = frame[(frame["method"] == method) & (frame["params"] == params)
+                   & (frame["layer"] == layer) & (frame["head"] == head)]
+    if len(corpus):
+        row = corpus.iloc[0]
+        st.caption(
+            f"Over the sweep corpus, layer {layer} head {head}: recall {row['recall']:.4f}, "
+            f"precision {row['precision']:.4f}, sparsity {row['sparsity']:.4f}, exact {row['exact']:.4f}."
+        )
+    title = f"{method} {params}, layer {layer}, head {head}: predicted vs gold"
+    st.plotly_chart(outcome_heatmap(hp.gold, hp.pred, hp.tokens, title), key="pareto_heatmap")
+
+
+def main() -> None:
+    name = ss[state.MODEL]
+    st.title("Pareto fronts")
+    st.caption(
+        "Recall against sparsity for every configuration in the model's shipped sweep (means over heads "
+        "and sentences); large joined points are each method's Pareto front."
+    )
+    frame = state.sweep_table(name)
+    if frame is None or frame.empty:
+        st.info(f"Model **{name}** ships no sweep table. Run `sparsefinder sweep` for it, or pick another model.")
+        return
+
+    resolution = state.persistent_widget(
+        st.radio, state.RESOLUTION, "Resolution", options=state.RESOLUTIONS, horizontal=True
+    )
+    layers = sorted(int(v) for v in frame["layer"].unique())
+    heads = sorted(int(v) for v in frame["head"].unique())
+    selected_layer = selected_head = None
+    if resolution == "overall":
+        data, by, where = frame, ("method",), "all layers and heads"
+    elif resolution == "per layer":
+        selected_layer, _ = head_selectors(layers, None)
+        data, by, where = frame[frame["layer"] == selected_layer], ("method", "layer"), f"layer {selected_layer}"
+    else:
+        selected_layer, selected_head = head_selectors(layers, heads)
+        data = frame[(frame["layer"] == selected_layer) & (frame["head"] == selected_head)]
+        by, where = ("method", "layer", "head"), f"layer {selected_layer}, head {selected_head}"
+
+    front = pareto_front(data, by=by)
+    fig = pareto_figure(front, title=f"Recall against sparsity ({where})")
+    fig.update_layout(width=None)
+    event = st.plotly_chart(fig, key="pareto_chart", on_select="rerun", selection_mode="points")
+
+    order = {m: i for i, m in enumerate(REGISTRY)}
+    table = front[front["on_front"]][FRONT_COLUMNS]
+    table = table.sort_values(["method", "sparsity"], key=lambda c: c.map(order) if c.name == "method" else c,
+                              kind="stable").reset_index(drop=True)
+    st.subheader("Frontier configurations")
+    st.dataframe(
+        table, hide_index=True, key="front_table",
+        column_config={c: st.column_config.NumberColumn(c, format="%.4f") for c in FRONT_COLUMNS[2:]},
+    )
+    st.download_button(
+        "Download the frontier (CSV)", table.to_csv(index=False).encode("utf-8"),
+        file_name=f"pareto-{name}-{resolution.replace(' ', '-')}.csv", mime="text/csv", icon=":material/download:",
+    )
+    st.subheader("Best recall at a minimum sparsity")
+    best = best_recall_table(data, thresholds=THRESHOLDS)
+    st.dataframe(best, key="best_table",
+                 column_config={c: st.column_config.NumberColumn(c, format="%.4f") for c in best.columns})
+
+    st.subheader("One configuration on a sentence")
+    options = [f"{m}|{p}" for m, p in zip(table["method"], table["params"], strict=True)]
+    clicked = clicked_config(event, fig)
+    if clicked is not None and clicked != ss.get(_LAST_CLICK):
+        ss[_LAST_CLICK] = clicked
+        if clicked not in options:
+            options.append(clicked)
+        ss[state.CONFIG] = clicked
+        ss[f"_w_{state.CONFIG}"] = clicked
+    elif ss.get(state.CONFIG) and ss[state.CONFIG] not in options and ss[state.CONFIG] == ss.get(_LAST_CLICK):
+        options.append(ss[state.CONFIG])
+    if not ss.get(state.CONFIG) and len(table):  # start at the best recall at sparsity >= 0.5
+        dense = table[table["sparsity"] >= THRESHOLDS[0]]
+        top = (dense if len(dense) else table).sort_values("recall", ascending=False, kind="stable").iloc[0]
+        ss[state.CONFIG] = f"{top['method']}|{top['params']}"
+    st.caption("Click a point in the chart, or choose a frontier configuration here.")
+    config = state.persistent_widget(
+        st.selectbox, state.CONFIG, "Configuration", options=options, format_func=config_label
+    )
+    layer, head = head_selectors(None if selected_layer is not None else layers,
+                                 None if selected_head is not None else heads)
+    layer = selected_layer if selected_layer is not None else layer
+    head = selected_head if selected_head is not None else head
+    show_prediction(name, config, layer, head, frame)
+
+
+main()
