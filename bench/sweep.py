@@ -26,6 +26,11 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
+
+# Run as a script, this folder is sys.path[0], where bench/entmax.py would shadow the entmax package.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
