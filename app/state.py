@@ -18,9 +18,13 @@ immutable.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import streamlit as st
@@ -448,3 +452,82 @@ def graph_text_input(label: str = "Sentence") -> str:
         ss[GRAPH_TEXT] = DEFAULT_TEXT
     return persistent_widget(st.text_input, GRAPH_TEXT, label, max_chars=4000).strip()
 
+
+
+# -- Corpus page: uploads, result names and saved results on disk ---------------------
+#: Most sentences of an uploaded corpus used for extraction (the shared server's time and disk).
+MAX_EXTRACT_SENTENCES = 2000
+RUNS_ENV = "SPARSEFINDER_RUNS"
+_RESULT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def runs_dir() -> Path:
+    """Where the Corpus page saves results: ``$SPARSEFINDER_RUNS``, default ``runs/ui`` under the repository."""
+    env = os.environ.get(RUNS_ENV)
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "runs" / "ui"
+
+
+def result_name_error(name: str) -> str | None:
+    """Why ``name`` cannot name a saved result (None when it can): letters, digits, ``-`` and ``_`` only."""
+    if not name:
+        return "Enter a result name."
+    if not _RESULT_NAME.fullmatch(name):
+        return f"Invalid result name {name!r}: use 1 to 64 letters, digits, '-' and '_' only."
+    return None
+
+
+def result_dir(model_name: str, name: str) -> Path:
+    """``<runs dir>/<model>/<name>``; refuses an invalid name (never a path from the user)."""
+    err = result_name_error(name)
+    if err is not None:
+        raise ValueError(err)
+    if model_name not in registry():
+        raise ValueError(f"unknown model {model_name!r}")
+    return runs_dir() / model_name / name
+
+
+@dataclass(frozen=True)
+class ParsedUpload:
+    """An uploaded corpus read by :func:`sparsefinder.corpus.read_corpus`, or why it could not be read."""
+
+    corpus: object | None
+    stats: dict | None
+    error: str | None = None
+
+
+def parse_upload(data: bytes, filename: str, column: str = "text") -> ParsedUpload:
+    """Read an uploaded file (txt, csv, tsv, conllu) of at most ``MAX_BYTES``; errors are returned, not raised."""
+    from sparsefinder.corpus import MAX_BYTES, CorpusError, corpus_stats, read_corpus, read_csv
+
+    if len(data) > MAX_BYTES:
+        return ParsedUpload(None, None, f"{filename}: {len(data):,} bytes, more than the limit of {MAX_BYTES:,}")
+    try:
+        if Path(filename).suffix.lower() in (".csv", ".tsv", ".tab"):
+            corpus = read_csv(data, column=column or "text", name=filename)
+        else:
+            corpus = read_corpus(data, filename)
+    except CorpusError as e:
+        return ParsedUpload(None, None, str(e))
+    if not len(corpus):
+        return ParsedUpload(None, None, f"{filename}: no sentences found")
+    return ParsedUpload(corpus, corpus_stats(corpus))
+
+
+def saved_results(model_name: str) -> list[dict]:
+    """The results saved for ``model_name``: name, and what each holds (store sentences, projections, sweep)."""
+    base = runs_dir() / model_name
+    if not base.is_dir():
+        return []
+    out = []
+    for d in sorted(p for p in base.iterdir() if p.is_dir() and _RESULT_NAME.fullmatch(p.name)):
+        manifest = d / "store" / "manifest.json"
+        info: dict = {"name": d.name, "store": False, "sentences": None, "corpus": None,
+                      "projections": (d / "projections").is_dir(), "sweep": (d / "sweep.parquet").is_file()}
+        if manifest.is_file():
+            try:
+                m = json.loads(manifest.read_text(encoding="utf-8"))
+                info.update(store=bool(m.get("complete")), sentences=m.get("num_sentences"), corpus=m.get("corpus"))
+            except (OSError, ValueError):
+                pass
+        out.append(info)
+    return out

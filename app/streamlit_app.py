@@ -28,12 +28,15 @@ state.model_sidebar()
 # st.navigation first runs, so on a fresh server a deep link such as /about ran
 # the page file alone, without this entrypoint (no sidebar, no view state), and
 # AppTest reruns did the same. Planned pages slot in here as files in app/views/:
-#   "Corpora": corpus.py (a stored corpus), clusters.py ("Clusters & POS")
+#   clusters.py ("Clusters & POS")
 PAGES = {
     "Graphs": [
         st.Page("views/explore.py", title="Explore", icon=":material/grid_on:", url_path="explore", default=True),
         st.Page("views/compare.py", title="Compare", icon=":material/compare:", url_path="compare"),
         st.Page("views/pareto.py", title="Pareto", icon=":material/scatter_plot:", url_path="pareto"),
+    ],
+    "Corpora": [
+        st.Page("views/corpus.py", title="Corpus", icon=":material/upload_file:", url_path="corpus"),
     ],
     "Project": [
         st.Page("views/about.py", title="About", icon=":material/info:", url_path="about"),

@@ -36,7 +36,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
@@ -113,6 +113,7 @@ def extract_corpus(
     split: str = "",
     overwrite: bool = False,
     metadata: dict[str, Any] | None = None,
+    callback: Callable[[int, int | None], None] | None = None,
 ) -> Path:
     """Extract queries, keys and gold graphs of every text into the store directory ``out_dir``.
 
@@ -121,6 +122,8 @@ def extract_corpus(
     ``name`` (then ``corpus_name`` defaults to its name). ``dtype`` of the
     stored q/k: ``torch.float32`` (exact, default) or ``torch.float16`` (half
     the disk). ``metadata`` is free-form provenance copied into the manifest.
+    ``callback(done, total)``, if given, is called after each batch with the
+    sentences extracted so far and the total (None for an iterable without a length).
     Returns ``out_dir``; open it with :meth:`ExtractionStore.open`.
     """
     if batch_size < 1 or shard_size < 1:
@@ -179,6 +182,8 @@ def extract_corpus(
     write_json_atomic(out / MANIFEST_FILE, manifest)
 
     bar = tqdm(total=total, unit="sent", desc=f"extract {model.name}", disable=not progress, dynamic_ncols=True)
+    if callback is not None:
+        bar = _CallbackBar(bar, callback, total)
     batch_no = 0
     try:
         while window:
@@ -206,6 +211,24 @@ def extract_corpus(
     manifest["settings"]["elapsed_s"] = round(time.perf_counter() - t0, 3)
     write_json_atomic(out / MANIFEST_FILE, manifest)
     return out
+
+
+class _CallbackBar:
+    """A tqdm bar that also reports ``(done, total)`` to a callback after each update."""
+
+    def __init__(self, bar: tqdm, callback: Callable[[int, int | None], None], total: int | None) -> None:
+        self._bar, self._callback, self._total, self._done = bar, callback, total, 0
+
+    def update(self, n: int) -> None:
+        self._bar.update(n)
+        self._done += n
+        self._callback(self._done, self._total)
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        self._bar.set_postfix(**kwargs)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 def _write_shard(

@@ -559,3 +559,122 @@ def test_pareto_per_layer_resolution(lib, sweep_frame):
     assert not at.exception, at.exception
     assert any("(layer 1)" in s["layout"]["title"]["text"] for s in plotly_specs(at))
     _check_config(at, lib)
+
+
+# -- Corpus page ------------------------------------------------------------------------
+GOOD_TXT = b"The cat sat on the mat.\nDogs bark at night in the city.\nA small bird sings every morning.\n"
+
+
+def corpus_page(lib, monkeypatch, tmp_path) -> AppTest:
+    monkeypatch.setenv("SPARSEFINDER_RUNS", str(tmp_path / "runs"))
+    at = make_app(lib.name)
+    at.switch_page("views/corpus.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def upload(at: AppTest, name: str, data: bytes, mime: str = "text/plain") -> AppTest:
+    at.radio(key="corpus_source").set_value("upload a file").run()
+    assert not at.exception, at.exception
+    at.file_uploader(key="corpus_upload").set_value((name, data, mime)).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def test_corpus_page_default_renders(lib, monkeypatch, tmp_path):
+    from sparsefinder.corpus import VALIDATION_SIZE
+
+    at = corpus_page(lib, monkeypatch, tmp_path)
+    assert not at.error, [e.value for e in at.error]
+    assert metrics(at)["Sentences"] == f"{VALIDATION_SIZE:,}"
+    assert [b.label for b in at.button] == ["Extract", "Train projections", "Sweep"]
+    assert any("No saved results" in i.value for i in at.info)
+
+
+def test_corpus_upload_good_txt_shows_stats(lib, monkeypatch, tmp_path):
+    at = upload(corpus_page(lib, monkeypatch, tmp_path), "s.txt", GOOD_TXT)
+    assert not at.error, [e.value for e in at.error]
+    m = metrics(at)
+    assert m["Sentences"] == "3" and m["Words"] == "19" and m["Max words"] == "7"
+    assert list(at.dataframe[0].value["sentence"])[0] == "The cat sat on the mat."
+
+
+@pytest.mark.parametrize(("name", "data", "needle"), [
+    ("bad.txt", b"caf\xe9 au lait\n", "UTF-8"),
+    ("empty.txt", b"", "empty"),
+    ("bad.csv", b"sentence\nhello there friend\n", "text"),
+    ("bad.conllu", b"1\tThe\n\n", "tab-separated"),
+])
+def test_corpus_upload_bad_files_show_error(lib, monkeypatch, tmp_path, name, data, needle):
+    at = upload(corpus_page(lib, monkeypatch, tmp_path), name, data)
+    assert at.error, f"no error for {name}"
+    assert needle in at.error[0].value
+    assert at.button(key="corpus_extract").disabled
+    # the app stays usable: a good file afterwards is read
+    at.file_uploader(key="corpus_upload").set_value(("s.txt", GOOD_TXT, "text/plain")).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert metrics(at)["Sentences"] == "3"
+
+
+def test_corpus_csv_text_column(lib, monkeypatch, tmp_path):
+    at = upload(corpus_page(lib, monkeypatch, tmp_path), "s.csv", b"id,sentence\n1,hello there friend\n", "text/csv")
+    assert any("no column 'text'" in e.value for e in at.error)
+    at.text_input(key="corpus_column").set_value("sentence").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert metrics(at)["Sentences"] == "1"
+
+
+def test_corpus_invalid_result_name_refused(lib, monkeypatch, tmp_path):
+    from app import state
+
+    at = upload(corpus_page(lib, monkeypatch, tmp_path), "s.txt", GOOD_TXT)
+    at.text_input(key="corpus_result").set_value("../evil name").run()
+    assert any("Invalid result name" in e.value for e in at.error)
+    assert at.button(key="corpus_extract").disabled
+    assert state.result_name_error("ok-name_1") is None
+    for bad in ("", "a/b", "..", "a b", "é"):
+        assert state.result_name_error(bad) is not None
+    with pytest.raises(ValueError):
+        state.result_dir(lib.name, "../x")
+
+
+def test_corpus_extract_writes_store(lib, monkeypatch, tmp_path):
+    from sparsefinder.store import ExtractionStore
+
+    at = upload(corpus_page(lib, monkeypatch, tmp_path), "s.txt", GOOD_TXT)
+    at.text_input(key="corpus_result").set_value("tiny").run()
+    at.button(key="corpus_extract").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    store = ExtractionStore.open(tmp_path / "runs" / lib.name / "tiny" / "store")
+    assert len(store) == 3
+    saved = next(d.value for d in at.dataframe if "projections" in d.value.columns)
+    assert list(saved["name"]) == ["tiny"] and bool(saved["store"].iloc[0]) and int(saved["sentences"].iloc[0]) == 3
+    # the Sweep button refuses a result without a store
+    at.text_input(key="corpus_result").set_value("nothing").run()
+    at.button(key="corpus_sweep").click().run()
+    assert any("run Extract first" in e.value for e in at.error)
+
+
+def test_corpus_train_and_sweep_from_ui(lib, monkeypatch, tmp_path):
+    from sparsefinder.projections import Projections
+    from sparsefinder.sweep import load_sweep
+
+    at = upload(corpus_page(lib, monkeypatch, tmp_path), "s.txt", GOOD_TXT * 4)
+    at.text_input(key="corpus_result").set_value("tiny").run()
+    at.button(key="corpus_extract").click().run()
+    at.button(key="corpus_train").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    out = tmp_path / "runs" / lib.name / "tiny"
+    Projections.load(out / "projections")
+    at.button(key="corpus_sweep").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    frame = load_sweep(out / "sweep.parquet")
+    assert len(frame) and {"method", "recall", "sparsity"} <= set(frame.columns)
+    saved = next(d.value for d in at.dataframe if "projections" in d.value.columns)
+    row = saved.iloc[0]
+    assert row["name"] == "tiny" and bool(row["projections"]) and bool(row["sweep"])

@@ -1,0 +1,176 @@
+"""Corpus: upload sentences or use the default corpus; extract, train projections and sweep, saved under a name."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import streamlit as st
+
+from app import state
+from sparsefinder.corpus import MAX_BYTES, CorpusError, corpus_stats, default_corpus
+
+ss = st.session_state
+SOURCES = ("default corpus (validation split)", "upload a file")
+PREVIEW = 10
+SWEEP_MAX_POINTS = 5000
+
+
+@st.cache_data(show_spinner=False, max_entries=2)
+def _default_corpus():
+    corpus = default_corpus("validation")
+    return corpus, corpus_stats(corpus)
+
+
+def load_source():
+    """The chosen corpus and its stats, or (None, None) after showing why there is none."""
+    source = st.radio("Corpus", SOURCES, horizontal=True, key="corpus_source")
+    if source == SOURCES[0]:
+        try:
+            with st.spinner("Loading the default corpus…"):
+                return _default_corpus()
+        except (CorpusError, OSError, ValueError) as e:
+            st.error(f"Could not load the default corpus: {type(e).__name__}: {e}")
+            return None, None
+    st.caption(
+        f"Plain text (one sentence per line), CSV/TSV with a header row, or CoNLL-U; UTF-8; at most "
+        f"{MAX_BYTES // (1024 * 1024)} MiB. Extraction uses the first {state.MAX_EXTRACT_SENTENCES:,} sentences."
+    )
+    upload = st.file_uploader("Corpus file", type=["txt", "csv", "tsv", "conllu"], key="corpus_upload")
+    column = "text"
+    if upload is not None and upload.name.lower().endswith((".csv", ".tsv")):
+        column = st.text_input("Text column", value="text", key="corpus_column").strip() or "text"
+    if upload is None:
+        st.info("Upload a file to see its sentences.")
+        return None, None
+    if upload.size > MAX_BYTES:
+        st.error(f"{upload.name} is {upload.size:,} bytes, more than the limit of {MAX_BYTES:,} bytes.")
+        return None, None
+    parsed = state.parse_upload(upload.getvalue(), upload.name, column)
+    if parsed.error is not None:
+        st.error(f"Could not read {upload.name}: {parsed.error}")
+        return None, None
+    return parsed.corpus, parsed.stats
+
+
+def show_stats(corpus, stats) -> None:
+    with st.container(key="corpus_stats"):
+        cols = st.columns(4)
+        cols[0].metric("Sentences", f"{stats['sentences']:,}")
+        cols[1].metric("Words", f"{stats['words']:,}")
+        cols[2].metric("Mean words", f"{stats['mean_words']:.1f}")
+        cols[3].metric("Max words", f"{stats['max_words']:,}")
+    if getattr(corpus, "source", None):
+        st.caption(str(corpus.source))
+    preview = pd.DataFrame({"sentence": [s.text for s in corpus.sentences[:PREVIEW]]})
+    st.dataframe(preview, hide_index=True, key="corpus_preview")
+
+
+def run_extract(name: str, corpus, out) -> None:
+    from sparsefinder.extract import extract_corpus
+
+    outcome = state.get_model(name)
+    if outcome.model is None:
+        st.error(f"Could not load model **{name}**: {outcome.error}")
+        return
+    texts = corpus.texts()[: state.MAX_EXTRACT_SENTENCES]
+    bar = st.progress(0.0, text=f"Extracting {len(texts):,} sentences…")
+
+    def report(done: int, total: int | None) -> None:
+        total = total or len(texts)
+        bar.progress(min(1.0, done / total), text=f"Extracted {done:,} of {total:,} sentences")
+
+    # A new extraction replaces the whole result: projections and sweep of an old store no longer apply.
+    if out.exists():
+        shutil.rmtree(out)
+    extract_corpus(outcome.model, texts, out / "store", batch_size=32, progress=False,
+                   corpus_name=str(corpus.name), split="validation" if "validation" in str(corpus.name) else "",
+                   overwrite=True, callback=report)
+    bar.progress(1.0, text=f"Extracted {len(texts):,} sentences")
+    st.success(f"Saved the store to `{out / 'store'}`.")
+
+
+def run_projections(out) -> None:
+    import numpy as np
+
+    from sparsefinder.projections import projection_manifest, train_projections
+    from sparsefinder.store import ExtractionStore
+
+    with st.status("Training projections…", expanded=True) as status:
+        store = ExtractionStore.open(out / "store")
+        perm = np.random.default_rng(0).permutation(len(store))
+        cut = max(1, len(store) // 10)
+        val, train = sorted(perm[:cut].tolist()), sorted(perm[cut:].tolist()) or sorted(perm.tolist())
+        proj, history = train_projections(store, train_indices=train, val_indices=val, progress=False,
+                                          log=st.write)
+        proj.save(out / "projections", projection_manifest(store, history["config"], history))
+        status.update(label=f"Projections saved to {out / 'projections'}", state="complete")
+
+
+def run_sweep_ui(out) -> None:
+    from sparsefinder.projections import Projections
+    from sparsefinder.store import ExtractionStore
+    from sparsefinder.sweep import fit_predictors, run_sweep, save_sweep
+
+    with st.status("Sweeping…", expanded=True) as status:
+        store = ExtractionStore.open(out / "store")
+        projections = Projections.load(out / "projections", store=store) if (out / "projections").is_dir() else None
+        st.write("Projections: " + ("the saved ones." if projections is not None else
+                                    "none (methods that need them are skipped)."))
+        st.write(f"Fitting the learned predictors on this store (at most {SWEEP_MAX_POINTS:,} points per head)…")
+        fitted = fit_predictors(store, projections, max_points=SWEEP_MAX_POINTS, progress=False)
+        st.write("Scoring every configuration…")
+        frame = run_sweep(store, projections, methods=None, fitted=fitted, progress=False)
+        save_sweep(frame, out / "sweep.parquet")
+        status.update(label=f"Sweep of {len(frame):,} rows saved to {out / 'sweep.parquet'}", state="complete")
+
+
+def show_saved(name: str) -> None:
+    st.subheader("Saved results")
+    st.caption(f"Under `{state.runs_dir() / name}`.")
+    results = state.saved_results(name)
+    if not results:
+        st.info("No saved results for this model yet.")
+        return
+    st.dataframe(pd.DataFrame(results), hide_index=True, key="corpus_saved")
+
+
+def main() -> None:
+    name = ss[state.MODEL]
+    st.title("Corpus")
+    st.caption("Read a corpus, then extract its attention graphs with the selected model, train projections "
+               "and run the sweep; results are saved on disk under a name.")
+    corpus, stats = load_source()
+    if corpus is not None:
+        show_stats(corpus, stats)
+        if stats["sentences"] > state.MAX_EXTRACT_SENTENCES:
+            st.warning(f"Only the first {state.MAX_EXTRACT_SENTENCES:,} of {stats['sentences']:,} sentences "
+                       "are extracted.")
+
+    st.subheader("Run")
+    result = st.text_input("Result name", value="my-corpus", max_chars=64, key="corpus_result",
+                           help="Letters, digits, '-' and '_' only.").strip()
+    err = state.result_name_error(result)
+    if err is not None:
+        st.error(err)
+    cols = st.columns(3)
+    extract = cols[0].button("Extract", key="corpus_extract", disabled=err is not None or corpus is None)
+    train = cols[1].button("Train projections", key="corpus_train", disabled=err is not None)
+    sweep = cols[2].button("Sweep", key="corpus_sweep", disabled=err is not None)
+    if err is None and (extract or train or sweep):
+        out = state.result_dir(name, result)
+        try:
+            if extract:
+                run_extract(name, corpus, out)
+            elif not (out / "store" / "manifest.json").is_file():
+                st.error(f"No store named **{result}** for {name}: run Extract first.")
+            elif train:
+                run_projections(out)
+            else:
+                run_sweep_ui(out)
+        except Exception as e:  # shown in the page; the app keeps serving
+            st.error(f"Failed: {type(e).__name__}: {e}")
+    show_saved(name)
+
+
+main()
