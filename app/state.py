@@ -31,7 +31,7 @@ import streamlit as st
 
 from sparsefinder.corpus import split_sentences
 from sparsefinder.graphs import AttentionGraph
-from sparsefinder.model import EntmaxModel, load_model
+from sparsefinder.model import EntmaxModel, Extraction, load_model
 from sparsefinder.registry import ModelSpec, default_model_name, load_registry
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
@@ -193,6 +193,16 @@ def split_texts(text: str, mode: str = "sentences") -> list[str]:
     return out
 
 
+@st.cache_resource(show_spinner=False, max_entries=2)
+def extraction(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...]) -> Extraction:
+    """One model run per text batch, shared by the analysis, the head heatmaps and the predictions.
+
+    Holds dense probabilities of every head, so only the two latest batches
+    are kept; callers read it and never modify it (it is shared by sessions).
+    """
+    return require_model(model_name).extract(list(_texts))
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def analyse(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...]) -> Analysis:
     """Gold sparsity grid, tokens and packed gold graphs of ``_texts`` (one batch).
@@ -201,7 +211,7 @@ def analyse(model_name: str, version: str, alpha: str, texts_hash: str, _texts: 
     hashed by Streamlit (its hash is ``texts_hash``).
     """
     model = require_model(model_name)
-    ex = model.extract(list(_texts))
+    ex = extraction(model_name, version, alpha, texts_hash, _texts)
     grids = [ex.gold(layer) for layer in range(ex.num_layers)]
     sparsity = np.stack([g.sparsity().numpy() for g in grids], axis=1)  # (B, L, H)
     packed = tuple(tuple(g.pack(b) for g in grids) for b in range(len(_texts)))
@@ -234,8 +244,7 @@ def head_probabilities(
     Runs the same batch as :func:`analyse`, so the zeros here are exactly the
     gold graph's non-edges there; only this head's matrix is kept.
     """
-    model = require_model(model_name)
-    ex = model.extract(list(_texts))
+    ex = extraction(model_name, version, alpha, texts_hash, _texts)
     n = int(ex.lengths[sentence])
     return ex.probs[layer][sentence, head, :n, :n].numpy().astype(np.float32, copy=True)
 
@@ -427,8 +436,7 @@ def head_prediction(
     from sparsefinder.metrics import graph_metrics
     from sparsefinder.predict import predict_layer
 
-    model = require_model(model_name)
-    ex = model.extract([_text])
+    ex = extraction(model_name, version, alpha, text_key, (_text,))
     pred = predict_layer(
         ex, layer, method, params, projections=get_projections(model_name), fitted=get_fitted(model_name)
     )

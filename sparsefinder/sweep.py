@@ -856,12 +856,18 @@ def _reformer_counts(batch: _Batch, pred: Predictor) -> Counts:
     return _dense_counts(edges, cost, batch)
 
 
-def _routing_counts(batch: _Batch, pred: Predictor) -> Counts:
-    q, k = batch.inputs(type(pred))
+def _fitted_centroids(pred: Predictor, q: torch.Tensor) -> torch.Tensor:
+    """The predictor's ``(H, C, r)`` centroids, checked against ``(B, H, N, r)`` inputs."""
     centroids = pred.centroids_
     assert centroids is not None
     if centroids.shape[0] != q.shape[1] or centroids.shape[2] != q.shape[3]:
         raise ValueError(f"centroids are {tuple(centroids.shape)} (H, C, r) but q is {tuple(q.shape)}")
+    return centroids
+
+
+def _routing_counts(batch: _Batch, pred: Predictor) -> Counts:
+    q, k = batch.inputs(type(pred))
+    centroids = _fitted_centroids(pred, q)
     centroids = centroids.to(q.device)
     mq = _balanced_members(q, centroids, batch.lengths)
     mk = _balanced_members(k, centroids, batch.lengths)
@@ -872,10 +878,7 @@ def _routing_counts(batch: _Batch, pred: Predictor) -> Counts:
 
 def _kmeans_counts(batch: _Batch, pred: Predictor) -> Counts:
     q, k = batch.inputs(type(pred))
-    centroids = pred.centroids_
-    assert centroids is not None
-    if centroids.shape[0] != q.shape[1] or centroids.shape[2] != q.shape[3]:
-        raise ValueError(f"centroids are {tuple(centroids.shape)} (H, C, r) but q is {tuple(q.shape)}")
+    centroids = _fitted_centroids(pred, q)
     n_clusters = centroids.shape[1]
     t = min(pred.top_t, n_clusters)
     key = ("kmeans", id(centroids), t == 1)
