@@ -47,7 +47,14 @@ HEAD = "head"
 TEXT = "text"
 SPLIT = "split"
 SENTENCE = "sentence"
-URL_KEYS = (MODEL, LAYER, HEAD)
+SOURCE = "source"
+SOURCES = ("type text", "sentence from the active corpus")
+CORPUS_SENTENCE = "corpus_sentence"
+OVERVIEW = "overview"
+RESULT = "result"
+METHOD = "method"
+PARAMS = "params"
+URL_KEYS = (MODEL, LAYER, HEAD, RESULT, METHOD, PARAMS)
 _INITIALISED = "_view_initialised"
 
 
@@ -272,14 +279,25 @@ def init_view_state() -> None:
     ss[TEXT] = DEFAULT_TEXT
     ss[SPLIT] = SPLIT_MODES[0]
     ss[SENTENCE] = 0
+    ss[SOURCE] = SOURCES[0]
+    ss[CORPUS_SENTENCE] = 0
+    # Checked against what exists when the widgets are drawn (persistent_widget falls back).
+    for key in (RESULT, METHOD, PARAMS):
+        if qp.get(key):
+            ss[key] = str(qp.get(key))
     ss[_INITIALISED] = True
 
 
 def sync_query_params() -> None:
-    """Mirror model, layer and head into the URL."""
+    """Mirror the view (model, layer, head, result, method, params) into the URL."""
     qp = st.query_params
     for key in URL_KEYS:
-        value = str(st.session_state.get(key, ""))
+        raw = st.session_state.get(key)
+        value = "" if raw is None else str(raw)
+        if key in (RESULT, METHOD, PARAMS) and value in ("", SHIPPED, NO_METHOD):
+            if key in qp:  # the defaults stay out of the URL
+                del qp[key]
+            continue
         if qp.get(key) != value:
             qp[key] = value
 
@@ -367,53 +385,139 @@ def _file_version(path) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16] if parts else "missing"
 
 
+# -- active result: the shipped artifacts or a result saved by the Corpus page ----------
+SHIPPED = "shipped"
+
+
+@dataclass(frozen=True)
+class ActiveResult:
+    """Where the pages take their corpus, projections, fitted predictors and sweep from.
+
+    ``name`` is :data:`SHIPPED` for the model's shipped artifacts (``data/``), or a
+    result saved by the Corpus page under ``<runs dir>/<model>/<name>``. A saved
+    result without its own projections or fitted predictors falls back to the
+    shipped ones (both depend on the model, not on the corpus); its sweep and
+    corpus are its own.
+    """
+
+    name: str
+    is_default: bool
+    store: Path | None
+    projections: Path | None
+    fitted: Path | None
+    sweep: Path | None
+
+    @property
+    def label(self) -> str:
+        return "shipped (default corpus)" if self.is_default else f"saved: {self.name}"
+
+    @property
+    def key(self) -> str:
+        """Cache key of the artifacts (paths and file fingerprints)."""
+        parts = [self.name] + [f"{p}:{_file_version(p)}" for p in (self.projections, self.fitted, self.sweep)]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _dir_or_none(path) -> Path | None:
+    return Path(path) if path is not None and Path(path).is_dir() else None
+
+
+def shipped_result(model_name: str) -> ActiveResult:
+    spec = registry()[model_name]
+    sweep = spec.artifact("sweep")
+    return ActiveResult(
+        name=SHIPPED, is_default=True, store=None,
+        projections=_dir_or_none(spec.artifact("projections")), fitted=_dir_or_none(spec.artifact("fitted")),
+        sweep=sweep if sweep is not None and sweep.is_file() else None,
+    )
+
+
+def result_choices(model_name: str) -> list[str]:
+    """:data:`SHIPPED` then every saved result of ``model_name`` whose extraction is complete."""
+    return [SHIPPED] + [r["name"] for r in saved_results(model_name) if r["store"]]
+
+
+def active_result(model_name: str) -> ActiveResult:
+    """The result selected in the sidebar (:data:`RESULT`), resolved to paths that exist."""
+    name = st.session_state.get(RESULT, SHIPPED)
+    shipped = shipped_result(model_name)
+    if name == SHIPPED or name not in result_choices(model_name):
+        return shipped
+    d = result_dir(model_name, name)
+    sweep = d / "sweep.parquet"
+    return ActiveResult(
+        name=name, is_default=False, store=d / "store",
+        projections=_dir_or_none(d / "projections") or shipped.projections,
+        fitted=_dir_or_none(d / "fitted") or shipped.fitted,
+        sweep=sweep if sweep.is_file() else None,
+    )
+
+
 @st.cache_data(show_spinner=False, max_entries=8)
-def _sweep(name: str, version: str):
+def _sweep(path: str, version: str):
     from sparsefinder.sweep import load_sweep
 
-    path = registry()[name].artifact("sweep")
     return load_sweep(path)
 
 
 def sweep_table(name: str):
-    """The model's shipped sweep table (a DataFrame), or None when it ships none."""
-    spec = registry().get(name)
-    path = spec.artifact("sweep") if spec else None
+    """The active result's sweep table (a DataFrame), or None when it has none."""
+    path = active_result(name).sweep
     if path is None or not path.is_file():
         return None
-    return _sweep(name, _file_version(path))
+    return _sweep(str(path), _file_version(path))
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _projections(name: str, version: str, model_version_: str):
+def _projections(name: str, path: str, version: str, model_version_: str):
     from sparsefinder.projections import Projections
 
-    return Projections.load(registry()[name].artifact("projections"), model=require_model(name))
+    return Projections.load(path, model=require_model(name))
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _fitted(name: str, version: str):
+def _fitted(path: str, version: str):
     from sparsefinder.fitted_io import load_fitted
 
-    return load_fitted(registry()[name].artifact("fitted"))
+    return load_fitted(path)
 
 
-def get_projections(name: str):
-    """The model's shipped projections, or None (none shipped)."""
-    spec = registry()[name]
-    path = spec.artifact("projections")
+def get_projections(name: str, result: ActiveResult | None = None):
+    """The active result's projections (else the shipped ones), or None."""
+    path = (result or active_result(name)).projections
     if path is None or not path.is_dir():
         return None
-    return _projections(name, _file_version(path), model_version(spec))
+    return _projections(name, str(path), _file_version(path), model_version(registry()[name]))
 
 
-def get_fitted(name: str):
-    """The model's shipped fitted predictors ``fitted[method][params][layer]``, or None."""
-    spec = registry()[name]
-    path = spec.artifact("fitted")
+def get_fitted(name: str, result: ActiveResult | None = None):
+    """The active result's fitted predictors ``fitted[method][params][layer]`` (else the shipped ones), or None."""
+    path = (result or active_result(name)).fitted
     if path is None or not path.is_dir():
         return None
-    return _fitted(name, _file_version(path))
+    return _fitted(str(path), _file_version(path))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _corpus_texts(store: str, version: str) -> tuple[str, ...]:
+    from sparsefinder.store import ExtractionStore
+
+    return tuple(ExtractionStore.open(store).texts())
+
+
+@st.cache_data(show_spinner=False, max_entries=2)
+def _default_texts() -> tuple[str, ...]:
+    from sparsefinder.corpus import default_corpus
+
+    return tuple(default_corpus(split="validation").texts())
+
+
+def corpus_texts(name: str) -> tuple[str, ...]:
+    """The active corpus's sentences: the default validation split, or the saved result's store."""
+    result = active_result(name)
+    if result.store is None:
+        return _default_texts()
+    return _corpus_texts(str(result.store), _file_version(result.store / "manifest.json"))
 
 
 @dataclass(frozen=True)
@@ -430,15 +534,20 @@ class HeadPrediction:
 @st.cache_data(show_spinner=False, max_entries=256)
 def head_prediction(
     model_name: str, version: str, alpha: str, text_key: str, layer: int, head: int, method: str, params: str,
-    _text: str,
+    _text: str, artifacts: str = "", _result: ActiveResult | None = None,
 ) -> HeadPrediction:
-    """Predicted vs gold graph of ``method`` ``params`` for one head on ``_text`` (hash ``text_key``)."""
+    """Predicted vs gold graph of ``method`` ``params`` for one head on ``_text`` (hash ``text_key``).
+
+    ``artifacts`` is the :attr:`ActiveResult.key` of ``_result`` (the projections and
+    fitted predictors used); the cache is keyed by it, not by the unhashed ``_result``.
+    """
     from sparsefinder.metrics import graph_metrics
     from sparsefinder.predict import predict_layer
 
     ex = extraction(model_name, version, alpha, text_key, (_text,))
     pred = predict_layer(
-        ex, layer, method, params, projections=get_projections(model_name), fitted=get_fitted(model_name)
+        ex, layer, method, params, projections=get_projections(model_name, _result),
+        fitted=get_fitted(model_name, _result),
     )
     gold = ex.gold(layer)
     m = graph_metrics(gold, pred)
@@ -450,6 +559,110 @@ def head_prediction(
         pred=pred.edges[0, head, :n, :n].cpu().numpy().copy(),
         metrics=metrics,
         truncated=bool(ex.truncated[0]),
+    )
+
+
+@dataclass(frozen=True)
+class BatchPrediction:
+    """A method's predicted graphs for a batch of texts: per-head metrics and packed edges (picklable).
+
+    ``metrics[name]`` is ``(B, L, H)`` (recall, precision, sparsity, exact);
+    ``packed[b][l]`` the packed bits of sentence ``b``'s ``(H, n, n)`` predicted graph.
+    """
+
+    metrics: dict
+    packed: tuple[tuple[np.ndarray, ...], ...]
+    num_heads: int
+
+    def edges(self, b: int, layer: int, n: int) -> np.ndarray:
+        return AttentionGraph.unpack_sentence(self.packed[b][layer], self.num_heads, n).numpy()
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def batch_prediction(
+    model_name: str, version: str, alpha: str, texts_hash: str, method: str, params: str, artifacts: str,
+    _texts: tuple[str, ...], _result: ActiveResult | None = None,
+) -> BatchPrediction:
+    """``method`` ``params`` on every layer of the batch ``_texts``, against the gold graphs of the same run."""
+    from sparsefinder.metrics import graph_metrics
+    from sparsefinder.predict import predict_layer
+
+    ex = extraction(model_name, version, alpha, texts_hash, _texts)
+    projections, fitted = get_projections(model_name, _result), get_fitted(model_name, _result)
+    per_layer, packed = [], []
+    for layer in range(ex.num_layers):
+        pred = predict_layer(ex, layer, method, params, projections=projections, fitted=fitted)
+        per_layer.append({k: v.numpy() for k, v in graph_metrics(ex.gold(layer), pred).items()})
+        packed.append([pred.pack(b) for b in range(len(_texts))])
+    metrics = {k: np.stack([m[k] for m in per_layer], axis=1) for k in per_layer[0]}
+    return BatchPrediction(
+        metrics=metrics, packed=tuple(tuple(packed[layer][b] for layer in range(ex.num_layers))
+                                      for b in range(len(_texts))), num_heads=ex.num_heads,
+    )
+
+
+# -- method and hyperparameters (sidebar) ------------------------------------------
+NO_METHOD = "(gold only)"
+
+
+def params_options(method: str, frame=None) -> list[str]:
+    """The method's configurations: those in the sweep table, else its own grid."""
+    from sparsefinder.predict import params_key
+    from sparsefinder.predictors import REGISTRY
+
+    if frame is not None and method in set(frame["method"]):
+        return sorted(frame.loc[frame["method"] == method, "params"].unique().tolist())
+    return [params_key(p) for p in REGISTRY[method].grid()]
+
+
+def available_methods(name: str, result: ActiveResult | None = None) -> list[str]:
+    """Registered methods the dashboard can run on new text with the active artifacts."""
+    from sparsefinder.predict import predictable_methods
+
+    result = result or active_result(name)
+    fitted = get_fitted(name, result)
+    # Whether projections exist is enough here; loading them needs the model.
+    return predictable_methods(True if result.projections is not None else None, fitted)
+
+
+def method_sidebar(name: str) -> tuple[str | None, str | None]:
+    """Sidebar: the active result, the method and its hyperparameters. Returns ``(method, params)``."""
+    ss = st.session_state
+    with st.sidebar:
+        choices = result_choices(name)
+        persistent_widget(
+            st.selectbox, RESULT, "Results", options=choices,
+            format_func=lambda r: "shipped (default corpus)" if r == SHIPPED else f"saved: {r}",
+            help="Corpus, projections, fitted predictors and sweep used by the pages: the model's shipped "
+                 "artifacts, or a result saved on the Corpus page.",
+        )
+        result = active_result(name)
+        methods = [NO_METHOD, *available_methods(name, result)]
+        method = persistent_widget(st.selectbox, METHOD, "Method", options=methods,
+                                   help="The predictor whose graph Explore overlays on the gold graph.")
+        if method == NO_METHOD:
+            return None, None
+        options = params_options(method, sweep_table(name))
+        if ss.get(PARAMS) not in options:
+            ss[PARAMS] = options[0]
+        params = persistent_widget(st.selectbox, PARAMS, "Hyperparameters", options=options)
+    return method, params
+
+
+def figure_html(fig) -> bytes:
+    """A standalone HTML file of ``fig`` with plotly.js inlined (opens offline)."""
+    return fig.to_html(include_plotlyjs=True, full_html=True).encode("utf-8")
+
+
+def download_figure(fig, file_stem: str, key: str) -> None:
+    """A download button for ``fig`` as standalone, offline HTML.
+
+    The file (plotly.js inlined, ~5 MB) is made only when the button is clicked:
+    built eagerly it would be sent to the browser on every rerun of the page.
+    """
+    st.download_button(
+        "Download the figure (HTML)", lambda: figure_html(fig), file_name=f"{file_stem}.html", mime="text/html",
+        icon=":material/download:", key=key, on_click="ignore",
     )
 
 
@@ -530,7 +743,8 @@ def saved_results(model_name: str) -> list[dict]:
     for d in sorted(p for p in base.iterdir() if p.is_dir() and _RESULT_NAME.fullmatch(p.name)):
         manifest = d / "store" / "manifest.json"
         info: dict = {"name": d.name, "store": False, "sentences": None, "corpus": None,
-                      "projections": (d / "projections").is_dir(), "sweep": (d / "sweep.parquet").is_file()}
+                      "projections": (d / "projections").is_dir(), "fitted": (d / "fitted").is_dir(),
+                      "sweep": (d / "sweep.parquet").is_file()}
         if manifest.is_file():
             try:
                 m = json.loads(manifest.read_text(encoding="utf-8"))

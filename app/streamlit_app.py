@@ -22,18 +22,22 @@ st.set_page_config(page_title="sparsefinder", page_icon=":material/grid_on:", la
 
 state.init_view_state()
 state.model_sidebar()
+try:
+    state.method_sidebar(st.session_state[state.MODEL])
+except Exception as e:  # a broken artifact must not take every page down
+    st.sidebar.error(f"Could not read the results or methods: {type(e).__name__}: {e}")
 
 # Sections and pages. The page scripts live in app/views/, not app/pages/: Streamlit
 # treats a `pages/` folder beside the entrypoint as a legacy multipage app until
 # st.navigation first runs, so on a fresh server a deep link such as /about ran
 # the page file alone, without this entrypoint (no sidebar, no view state), and
-# AppTest reruns did the same. Planned pages slot in here as files in app/views/:
-#   clusters.py ("Clusters & POS")
+# AppTest reruns did the same.
 PAGES = {
     "Graphs": [
         st.Page("views/explore.py", title="Explore", icon=":material/grid_on:", url_path="explore", default=True),
         st.Page("views/compare.py", title="Compare", icon=":material/compare:", url_path="compare"),
         st.Page("views/pareto.py", title="Pareto", icon=":material/scatter_plot:", url_path="pareto"),
+        st.Page("views/clusters.py", title="Clusters & POS", icon=":material/bubble_chart:", url_path="clusters"),
     ],
     "Corpora": [
         st.Page("views/corpus.py", title="Corpus", icon=":material/upload_file:", url_path="corpus"),

@@ -43,8 +43,9 @@ def sparsity_heatmap(
     sparsity: np.ndarray,
     title: str = "Gold sparsity per layer and head",
     decimals: int = 2,
+    value_name: str = "gold sparsity",
 ) -> go.Figure:
-    """Layers × heads heatmap of sparsity values, each cell annotated with its value.
+    """Layers × heads heatmap of values in ``[0, 1]`` (gold sparsity, or a method's recall), annotated.
 
     ``sparsity``: ``(layers, heads)`` array in ``[0, 1]``.
     """
@@ -60,9 +61,9 @@ def sparsity_heatmap(
             zmin=0.0,
             zmax=1.0,
             colorscale=SPARSITY_COLORSCALE,
-            colorbar=dict(title="sparsity"),
+            colorbar=dict(title=value_name.split()[-1]),
             texttemplate=f"%{{z:.{decimals}f}}",
-            hovertemplate="%{y}, %{x}<br>gold sparsity %{z:.4f}<extra></extra>",
+            hovertemplate=f"%{{y}}, %{{x}}<br>{value_name} %{{z:.4f}}<extra></extra>",
             xgap=1,
             ygap=1,
         )
@@ -77,68 +78,159 @@ def sparsity_heatmap(
     return fig
 
 
+#: Largest heatmap side drawn cell by cell; longer inputs are drawn as blocks of tokens.
+MAX_SIDE = 96
+#: Okabe–Ito colours of the predicted-graph overlay (colour-blind safe).
+OVERLAY_COLORS = {"TP": "#0072B2", "FP": "#E69F00", "FN": "#CC79A7"}
+
+
+def block_size(n: int, max_side: int = MAX_SIDE) -> int:
+    """Tokens per block so that an ``n``-token side fits in ``max_side`` cells."""
+    return max(1, -(-n // max_side))
+
+
+def block_reduce(a: np.ndarray, size: int, how: str = "max") -> np.ndarray:
+    """``(n, n)`` → ``(⌈n/s⌉, ⌈n/s⌉)`` by max or sum over ``s × s`` tiles (the last tile may be smaller)."""
+    a = np.asarray(a)
+    if size == 1:
+        return a.astype(float)
+    n0, n1 = a.shape
+    m0, m1 = -(-n0 // size), -(-n1 // size)
+    pad = np.zeros((m0 * size, m1 * size), dtype=float)
+    pad[:n0, :n1] = a
+    tiles = pad.reshape(m0, size, m1, size)
+    if how == "max":
+        return tiles.max(axis=(1, 3))
+    if how == "sum":
+        return tiles.sum(axis=(1, 3))
+    raise ValueError(f"how must be 'max' or 'sum', not {how!r}")
+
+
+def block_labels(tokens: Sequence[str], size: int) -> list[str]:
+    """``tok_a…tok_b [a–b]`` per block of ``size`` tokens (unique, so Plotly keeps every block)."""
+    out = []
+    for start in range(0, len(tokens), size):
+        stop = min(start + size, len(tokens)) - 1
+        out.append(f"{tokens[start]}…{tokens[stop]} [{start}–{stop}]" if stop > start else f"{tokens[start]} [{start}]")
+    return out
+
+
 def attention_heatmap(
     probs: np.ndarray,
     query_tokens: Sequence[str],
     key_tokens: Sequence[str] | None = None,
     title: str = "Entmax attention probabilities",
+    pred: np.ndarray | None = None,
+    max_side: int = MAX_SIDE,
 ) -> go.Figure:
     """Heatmap of one head's probabilities: query tokens on y, key tokens on x.
 
     Exact zeros (pairs outside the gold graph) are drawn in :data:`ZERO_COLOR`
     as a separate trace, so they can never be confused with small positive
     probabilities, which start at the dark end of :data:`PROB_COLORSCALE`.
+
+    ``pred`` (a bool ``(n, n)`` predicted graph) overlays the prediction: a
+    gold edge the method keeps (TP) is marked blue, one it misses (FN) pink,
+    and a predicted pair outside the gold graph (FP) orange; the marks are
+    inset cells of a second heatmap trace, so the probability colour stays
+    visible around them, the hover still gives p, and the figure's size does
+    not grow with the number of marks.
+
+    Above ``max_side`` tokens the matrix is drawn as blocks of
+    :func:`block_size` tokens: a block's colour is its largest probability,
+    its mark the worst outcome inside it (FN before FP before TP), and the
+    hover gives the block's counts. A 512-token head is then ~96 × 96 cells,
+    not 262,144.
     """
     p = np.asarray(probs, dtype=float)
     key_tokens = query_tokens if key_tokens is None else key_tokens
     if p.shape != (len(query_tokens), len(key_tokens)):
         raise ValueError(f"probs shape {p.shape} does not match {len(query_tokens)} queries × {len(key_tokens)} keys")
-    y = token_labels(query_tokens)
-    x = token_labels(key_tokens)
-    zero = p == 0
-    positive = np.where(zero, np.nan, p)
-    zeros = np.where(zero, 0.0, np.nan)
+    if pred is not None and np.shape(pred) != p.shape:
+        raise ValueError(f"pred shape {np.shape(pred)} does not match probs shape {p.shape}")
+    size = block_size(max(p.shape), max_side)
+    gold = p > 0
+    if size == 1:
+        y, x = token_labels(query_tokens), token_labels(key_tokens)
+        z = p
+        hover_zero = "query %{y}<br>key %{x}<br>p = 0 (no edge)"
+        hover_pos = "query %{y} → key %{x}<br>p = %{z:.4g}"
+    else:
+        y, x = block_labels(list(query_tokens), size), block_labels(list(key_tokens), size)
+        z = block_reduce(p, size, "max")
+        edges = block_reduce(gold, size, "sum")
+        hover_zero = f"queries %{{y}}<br>keys %{{x}}<br>no edge in this {size}×{size} block"
+        hover_pos = "queries %{y}<br>keys %{x}<br>max p = %{z:.4g}<br>gold edges %{customdata}"
+    zero = z == 0
     fig = go.Figure()
-    fig.add_trace(
-        go.Heatmap(
-            z=zeros,
-            x=x,
-            y=y,
-            zmin=0.0,
-            zmax=1.0,
-            colorscale=[[0.0, ZERO_COLOR], [1.0, ZERO_COLOR]],
-            showscale=False,
-            name="zero",
-            hovertemplate="query %{y}<br>key %{x}<br>p = 0 (no edge)<extra></extra>",
-            xgap=1,
-            ygap=1,
-        )
-    )
-    fig.add_trace(
-        go.Heatmap(
-            z=positive,
-            x=x,
-            y=y,
-            zmin=0.0,
-            zmax=max(float(np.nanmax(positive)) if np.any(~zero) else 1.0, 1e-9),
-            colorscale=PROB_COLORSCALE,
-            colorbar=dict(title="p"),
-            name="p",
-            hovertemplate="query %{y}<br>key %{x}<br>p = %{z:.4g}<extra></extra>",
-            xgap=1,
-            ygap=1,
-        )
-    )
-    side = max(len(y), 1)
+    fig.add_trace(go.Heatmap(
+        z=np.where(zero, 0.0, np.nan), x=x, y=y, zmin=0.0, zmax=1.0,
+        colorscale=[[0.0, ZERO_COLOR], [1.0, ZERO_COLOR]], showscale=False, name="zero",
+        hovertemplate=hover_zero + "<extra></extra>", xgap=1, ygap=1,
+    ))
+    positive = np.where(zero, np.nan, z)
+    fig.add_trace(go.Heatmap(
+        z=positive, x=x, y=y, zmin=0.0,
+        zmax=max(float(np.nanmax(positive)) if np.any(~zero) else 1.0, 1e-9),
+        colorscale=PROB_COLORSCALE, colorbar=dict(title="p" if size == 1 else "max p"), name="p",
+        customdata=None if size == 1 else edges.astype(int),
+        hovertemplate=hover_pos + "<extra></extra>", xgap=1, ygap=1,
+    ))
+    side = max(len(y), len(x), 1)
+    height = min(260 + 22 * side, 1400)
+    if pred is not None:
+        _add_overlay(fig, gold, np.asarray(pred, dtype=bool), z, x, y, size, height, side)
     fig.update_layout(
-        title=dict(text=title),
+        title=dict(text=title if size == 1 else f"{title}<br><sup>{p.shape[0]} tokens drawn as blocks of {size}"
+                                                 f" (colour: largest p in the block)</sup>"),
         xaxis=dict(title="key", side="top", tickangle=-60, type="category"),
         yaxis=dict(title="query", autorange="reversed", type="category"),
-        height=min(260 + 22 * side, 1400),
+        height=height,
         plot_bgcolor="white",
         margin=dict(l=10, r=10, t=130, b=10),
+        legend=dict(orientation="h", yanchor="top", y=-0.02),
     )
     return fig
+
+
+def _add_overlay(
+    fig: go.Figure, gold: np.ndarray, pred: np.ndarray, z: np.ndarray, x, y, size: int, height: int, side: int
+) -> None:
+    """Inset marks of TP / FP / FN cells (see :func:`attention_heatmap`) and a legend with their counts."""
+    counts = {"TP": int((gold & pred).sum()), "FP": int((~gold & pred).sum()), "FN": int((gold & ~pred).sum())}
+    masks = {
+        "TP": block_reduce(gold & pred, size, "max") > 0,
+        "FP": block_reduce(~gold & pred, size, "max") > 0,
+        "FN": block_reduce(gold & ~pred, size, "max") > 0,
+    }
+    # One code per cell, the worst outcome wins: FN (a missed gold edge) over FP over TP.
+    code = np.full(masks["TP"].shape, np.nan)
+    for i, o in enumerate(("TP", "FP", "FN")):
+        code[masks[o]] = i
+    cell = max((height - 140) / side, 2.0)
+    gap = max(1.0, round(cell * 0.3))
+    scale = []
+    for i, o in enumerate(("TP", "FP", "FN")):
+        scale += [[i / 3, OVERLAY_COLORS[o]], [(i + 1) / 3, OVERLAY_COLORS[o]]]
+    names = np.array(["TP (gold & predicted)", "FP (predicted only)", "FN (missed gold edge)"])
+    # The marks sit on top and take the hover, so their text repeats p (and a block's counts).
+    label = names[np.nan_to_num(code).astype(int)].astype(object)
+    if size == 1:
+        text = label + np.char.mod("<br>p = %.4g", z).astype(object)
+    else:
+        tallies = [block_reduce(m, size, "sum").astype(int) for m in (gold & pred, ~gold & pred, gold & ~pred)]
+        text = (label + np.char.mod("<br>max p = %.4g", z).astype(object)
+                + np.char.mod("<br>TP %d", tallies[0]).astype(object)
+                + np.char.mod(" · FP %d", tallies[1]).astype(object)
+                + np.char.mod(" · FN %d", tallies[2]).astype(object))
+    fig.add_trace(go.Heatmap(
+        z=code, x=x, y=y, zmin=-0.5, zmax=2.5, colorscale=scale, showscale=False, name="prediction",
+        customdata=np.where(np.isnan(code), "", text),
+        hovertemplate="query %{y} → key %{x}<br>%{customdata}<extra></extra>", xgap=gap, ygap=gap,
+    ))
+    for o, name in zip(("TP", "FP", "FN"), names, strict=True):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"{name}: {counts[o]}",
+                                 marker=dict(color=OVERLAY_COLORS[o], size=12, symbol="square")))
 
 
 # Okabe–Ito: distinguishable with the common colour-vision deficiencies.

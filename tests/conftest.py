@@ -13,6 +13,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The browser tests' server and Chromium, defined once here so every e2e module shares them.
+from tests.browser_support import browser, page, server  # noqa: E402,F401
+
 MINILM_VOCAB = None
 
 

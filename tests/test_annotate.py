@@ -166,6 +166,34 @@ def test_tricky_text_alignment_with_the_default_tokenizer(untuned_model):
     assert space and not set(space) & set(real)
 
 
+def test_tricky_text_tags_reach_every_subword(untuned_model):
+    """A word's UPOS, fine tag and label go to all of its subwords; specials are SPECIAL; repeats stay apart."""
+    ex = untuned_model.extract(TRICKY)
+    words = annotate(TRICKY)
+    per_text = [token_annotations(ex, words[i], index=i) for i in range(len(TRICKY))]
+
+    def pieces(i: int, word: str) -> list[tuple[str, str, str, str]]:
+        ta = per_text[i]
+        return [(tok, ta.upos[t], ta.tag[t], ta.dep[t]) for t, tok in enumerate(ex.tokens[i])
+                if ta.word_ids[t] is not None and words[i][ta.word_ids[t]].text == word]
+
+    for i, word, n_pieces in [(0, "3,000.50", 5), (1, "https://example.com/path?q=1&x=2", 17),
+                              (1, "a.b@example.org", 7), (2, "crème", 2), (2, "brûlée", 3), (2, "東京", 2),
+                              (2, "北京", 2), (0, "n't", 4)]:  # "n't" twice
+        got = pieces(i, word)
+        w = next(a for a in words[i] if a.text == word)
+        assert len(got) == n_pieces, (word, got)
+        assert {g[1:] for g in got} == {(w.upos, w.tag, w.dep)}, word  # one word, one set of tags
+    assert {u for tok, u, _, _ in pieces(0, "3,000.50")} == {"NUM"}
+    for i, ta in enumerate(per_text):
+        assert [u for u, sp in zip(ta.upos, ex.special[i], strict=True) if sp] == [SPECIAL, SPECIAL]
+        assert ta.upos[0] == ta.tag[0] == ta.dep[0] == SPECIAL
+    # Repeated words: the four "buffalo" and the two "the" tokens belong to six different words, in order.
+    rep = per_text[3]
+    ids = [rep.word_ids[t] for t, tok in enumerate(ex.tokens[3]) if tok in ("buffalo", "the")]
+    assert len(ids) == 6 and ids == sorted(set(ids))
+
+
 def test_token_annotations_refuses_annotations_of_another_text(untuned_model):
     ex = untuned_model.extract(["Hi."])
     far = [WordAnnotation("x", 10, 20, "X", "X", "dep", -1)]

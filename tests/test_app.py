@@ -498,7 +498,7 @@ def test_pareto_without_sweep_says_so(lib):
     at = make_app(names[0])
     at.switch_page("views/pareto.py").run()
     assert not at.exception, at.exception
-    assert any("ships no sweep" in i.value for i in at.info)
+    assert any("have no sweep table" in i.value for i in at.info)
 
 
 def compare_app(lib) -> AppTest:

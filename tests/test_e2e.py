@@ -8,11 +8,7 @@ Screenshots land in ``tests/artifacts/`` (git-ignored).
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -23,112 +19,24 @@ import pytest
 from sparsefinder.adapter import AdapterMismatchError
 from sparsefinder.model import load_model
 from sparsefinder.registry import default_model_name, load_registry
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "tests" / "artifacts"
-SERVER_LOG = ARTIFACTS / "streamlit-server.log"
-FOX = "The quick brown fox jumps over the lazy dog."
-OTHER = "Colorless green ideas sleep furiously."
-STARTUP_S = 180  # importing torch and loading the model on 2 shared cores
-WAIT_MS = 240_000
+from tests.browser_support import (  # noqa: E402,F401 (fixtures are registered in conftest)
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    FOX,
+    OTHER,
+    ROOT,
+    SERVER_LOG,
+    STARTUP_S,
+    WAIT_MS,
+    _assert_clean_log,
+    _server_log,
+)
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
 ]
-
-
-# -- server and browser ----------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _server_log() -> str:
-    return SERVER_LOG.read_text(encoding="utf-8", errors="replace") if SERVER_LOG.exists() else ""
-
-
-def _assert_clean_log() -> None:
-    log = _server_log()
-    assert "Traceback" not in log, f"the server logged a traceback:\n{log[-4000:]}"
-
-
-@pytest.fixture(scope="session")
-def server():
-    """Base URL of ``streamlit run app/streamlit_app.py`` on a free local port."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",
-    }
-    cmd = [
-        sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py",
-        "--server.headless", "true",
-        "--server.port", str(port),
-        "--server.address", "127.0.0.1",
-        "--browser.gatherUsageStats", "false",
-    ]  # fmt: skip
-    log = open(SERVER_LOG, "w", encoding="utf-8")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"streamlit exited with {proc.returncode}:\n{_server_log()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200 and r.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not answer {url}/_stcore/health in {STARTUP_S}s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
-    _assert_clean_log()
-
-
-@pytest.fixture(scope="session")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture()
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = context.new_page()
-    pg.set_default_timeout(WAIT_MS)
-    yield pg
-    context.close()
 
 
 @pytest.fixture(scope="module")
@@ -151,12 +59,19 @@ def formatted(grid: np.ndarray) -> list[list[str]]:
     return [[f"{v:.4f}" for v in row] for row in grid]
 
 
-def screenshot(pg, name: str, height: int = 2400) -> None:
+#: ``SPARSEFINDER_DOCS_SCREENSHOTS=1 pytest -m browser`` also writes the README's page screenshots to docs/.
+DOCS = ROOT / "docs"
+DOCS_SHOTS = os.environ.get("SPARSEFINDER_DOCS_SCREENSHOTS") == "1"
+
+
+def screenshot(pg, name: str, height: int = 2400, doc: str | None = None) -> None:
     """Streamlit scrolls inside its own container, so grow the viewport to catch the whole page."""
     size = pg.viewport_size
     pg.set_viewport_size({"width": size["width"], "height": height})
     pg.wait_for_timeout(800)
     pg.screenshot(path=str(ARTIFACTS / name))
+    if doc is not None and DOCS_SHOTS:
+        pg.screenshot(path=str(DOCS / doc))
     pg.set_viewport_size(size)
 
 
@@ -250,7 +165,9 @@ def wait_for_table_in(pg, container_key: str, timeout_s: float = 120) -> dict:
 
 
 def metric(pg, label: str) -> str:
-    m = pg.locator('[data-testid="stMetric"]').filter(has_text=label)
+    root = getattr(pg, "page", pg)  # a Locator's `has` is matched inside each metric: build it from the page
+    label_el = root.locator('[data-testid="stMetricLabel"]').get_by_text(label, exact=True)
+    m = pg.locator('[data-testid="stMetric"]').filter(has=label_el)
     return m.locator('[data-testid="stMetricValue"]').inner_text().strip()
 
 
@@ -285,7 +202,7 @@ def test_explore_shows_the_library_values(server, page, lib):
     np.testing.assert_allclose(np.array(labels, dtype=float), fox.ravel(), atol=0.005 + 1e-9)
     assert metric(page, "Mean gold sparsity") == f"{fox.mean():.4f}"
     assert metric(page, "Tokens") == "12"
-    screenshot(page, "explore.png")
+    screenshot(page, "explore.png", doc="explore.png")
     _assert_clean_log()
 
 
@@ -331,7 +248,7 @@ def test_about_page(server, page, lib):
     body = page.inner_text("body")
     assert model.name in body and "1.5" in body
     assert ("No adapter" in body) == (not model.adapter_manifest)
-    screenshot(page, "about.png")
+    screenshot(page, "about.png", height=1800, doc="dashboard-about.png")
     _assert_clean_log()
 
 
@@ -367,7 +284,7 @@ def test_pareto_page_and_point_click(server, page, lib):
     assert after != before, "clicking a Pareto point did not select its configuration"
     method = after.split(" ", 1)[0]
     page.get_by_text(f"{method} {after.split(' ', 1)[1]}, layer").first.wait_for()
-    screenshot(page, "pareto-clicked.png", height=3000)
+    screenshot(page, "pareto-clicked.png", height=3000, doc="dashboard-pareto.png")
     _assert_clean_log()
 
 
@@ -381,5 +298,112 @@ def test_compare_page(server, page, lib):
     while charts.count() < 4 and time.monotonic() < deadline:
         page.wait_for_timeout(300)
     assert charts.count() >= 4
-    screenshot(page, "compare.png", height=2600)
+    screenshot(page, "compare.png", height=2600, doc="dashboard-compare.png")
+    _assert_clean_log()
+
+
+def test_explore_method_overlay_and_switch(server, page, lib):
+    """The sidebar's method overlays its graph on the head heatmap; switching it updates the numbers."""
+    import json as _json
+
+    from sparsefinder.metrics import graph_metrics
+    from sparsefinder.predictors import get_predictor
+
+    model, _ = lib
+    ex = model.extract([FOX])
+
+    def expected(method: str, params: dict, layer: int, head: int) -> dict[str, str]:
+        graph = get_predictor(method, **params).predict(ex.queries[layer].float(), ex.keys[layer].float(), ex.lengths)
+        m = graph_metrics(ex.gold(layer), graph)
+        return {r: f"{float(m[r][0, head]):.4f}" for r in ("recall", "precision", "sparsity", "exact")}
+
+    w3 = _json.dumps({"window": 3}, separators=(",", ":"))
+    page.goto(f"{server}/?model={model.name}&layer=2&head=5&method=window&params={w3}")
+    page.get_by_text("Layer 2, head 5: entmax probabilities and window").wait_for()
+    wait_idle(page)
+    want = expected("window", {"window": 3}, 2, 5)
+    for label in ("Recall", "Precision", "Sparsity", "Exact"):
+        assert metric(page.locator(".st-key-head_metrics"), label) == want[label.lower()], label
+    screenshot(page, "explore-method.png", height=2600, doc="dashboard-explore-method.png")
+
+    choose(page, "Method", "strided")
+    page.get_by_text("Layer 2, head 5: entmax probabilities and strided").wait_for()
+    wait_idle(page)
+    params = _json.loads(combo(page, "Hyperparameters").input_value())
+    want = expected("strided", params, 2, 5)
+    deadline = time.monotonic() + 60
+    while metric(page.locator(".st-key-head_metrics"), "Recall") != want["recall"] and time.monotonic() < deadline:
+        page.wait_for_timeout(300)
+    for label in ("Recall", "Precision", "Sparsity", "Exact"):
+        assert metric(page.locator(".st-key-head_metrics"), label) == want[label.lower()], label
+    assert parse_qs(urlparse(page.url).query).get("method") == ["strided"]
+    _assert_clean_log()
+
+
+def test_corpus_upload(server, page, lib, tmp_path):
+    model, _ = lib
+    page.goto(f"{server}/corpus?model={model.name}")
+    page.get_by_text("upload a file").click()
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9 au lait\n")
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(bad))
+    alert = page.locator('[data-testid="stAlert"]').filter(has_text="file is not UTF-8")
+    alert.first.wait_for()
+    good = tmp_path / "three.txt"
+    good.write_text("The cat sat on the mat.\nDogs bark at night in the city.\nA small bird sings every morning.\n")
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(good))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if metric(page, "Sentences") == "3":
+                break
+        except Exception:
+            pass
+        page.wait_for_timeout(300)
+    assert metric(page, "Sentences") == "3" and metric(page, "Words") == "19"
+    assert alert.count() == 0  # the error went away with the good file
+    screenshot(page, "corpus.png", height=1800, doc="dashboard-corpus.png")
+    _assert_clean_log()
+
+
+LOAD_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Colorless green ideas sleep furiously.",
+    "A stitch in time saves nine.",
+    "The committee will meet again on Tuesday to discuss the budget.",
+    "She sells sea shells by the sea shore.",
+    "Rain is expected across the north of the country tonight.",
+    "Two players were injured in the first half of the match.",
+    "Scientists found water ice near the moon's south pole.",
+)
+
+
+def test_eight_concurrent_sessions_see_their_own_results(server, browser, lib):
+    """Eight browser sessions analyse eight texts at once on one server: each sees its own numbers."""
+    model, error = lib
+    if error:
+        pytest.skip(error)
+    expected = {t: formatted(library_grid(model, t)) for t in LOAD_TEXTS}
+    assert len({str(v) for v in expected.values()}) == len(LOAD_TEXTS)  # results that tell sessions apart
+    contexts = [browser.new_context(viewport={"width": 1400, "height": 1000}) for _ in LOAD_TEXTS]
+    try:
+        pages = [c.new_page() for c in contexts]
+        for pg in pages:
+            pg.set_default_timeout(WAIT_MS)
+            pg.goto(f"{server}/?model={model.name}", wait_until="commit")
+        for pg in pages:
+            text_box(pg).wait_for()
+        # all eight submit before any result is awaited, so their runs overlap on the server's threads
+        for pg, text in zip(pages, LOAD_TEXTS, strict=True):
+            analyse(pg, text)
+        for pg, text in zip(pages, LOAD_TEXTS, strict=True):
+            wait_for_table(pg, expected[text])
+        # once every session has finished, each still shows its own text's result and token count
+        for pg, text in zip(pages, LOAD_TEXTS, strict=True):
+            assert [row[1:] for row in read_table(pg, "gold_table")["body"]] == expected[text]
+            assert metric(pg, "Tokens") == str(len(model.extract([text]).tokens[0]))
+            assert text_box(pg).input_value() == text
+    finally:
+        for c in contexts:
+            c.close()
     _assert_clean_log()

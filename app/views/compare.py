@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app import state
-from sparsefinder.predict import outcome_heatmap, params_key, unsupported_reason
+from sparsefinder.predict import outcome_heatmap, unsupported_reason
 from sparsefinder.predictors import REGISTRY
 from sparsefinder.sweep import best_recall_at
 
@@ -15,13 +15,6 @@ RATIOS = ("recall", "precision", "sparsity", "exact")
 DEFAULT_METHODS = ("distance", "bucketing", "kmeans", "window")
 MIN_SPARSITY = 0.5
 PER_ROW = 3
-
-
-def params_options(method: str, frame: pd.DataFrame | None) -> list[str]:
-    """The method's configurations: those in the sweep table, else its own grid."""
-    if frame is not None and method in set(frame["method"]):
-        return sorted(frame.loc[frame["method"] == method, "params"].unique().tolist())
-    return [params_key(p) for p in REGISTRY[method].grid()]
 
 
 def best_params(frame: pd.DataFrame | None) -> dict[str, str]:
@@ -68,8 +61,8 @@ def main() -> None:
 
     frame = state.sweep_table(name)
     if frame is None:
-        st.info(f"Model **{name}** ships no sweep table: configurations come from each method's grid, "
-                "and there are no corpus numbers.")
+        st.info(f"The active results ({state.active_result(name).label}) have no sweep table: configurations "
+                "come from each method's grid, and there are no corpus numbers.")
     best = best_params(frame)
     if not isinstance(ss.get(state.METHODS), list):
         ss[state.METHODS] = [m for m in DEFAULT_METHODS if m in REGISTRY]
@@ -85,11 +78,12 @@ def main() -> None:
         st.info("Choose one or more methods.")
         return
 
-    projections, fitted = state.get_projections(name), state.get_fitted(name)
+    result = state.active_result(name)
+    projections, fitted = state.get_projections(name, result), state.get_fitted(name, result)
     chosen: dict[str, str] = {}
     cols = st.columns(min(len(methods), 4))
     for i, method in enumerate(methods):
-        options = params_options(method, frame)
+        options = state.params_options(method, frame)
         view = params_widget_key(method)
         if view not in ss:
             ss[view] = best.get(method, options[0])
@@ -111,7 +105,8 @@ def main() -> None:
                     rows.append({"method": method, "params": params})
                     continue
                 try:
-                    hp = state.head_prediction(name, version, alpha, key, layer, head, method, params, text)
+                    hp = state.head_prediction(name, version, alpha, key, layer, head, method, params, text,
+                                              result.key, result)
                 except Exception as e:
                     st.error(f"{method}: {type(e).__name__}: {e}")
                     rows.append({"method": method, "params": params})
@@ -122,6 +117,7 @@ def main() -> None:
                 fig = outcome_heatmap(hp.gold, hp.pred, hp.tokens, title, height=height)
                 fig.update_layout(title_font_size=13, xaxis_title=None, margin=dict(l=10, r=10, t=150, b=10))
                 st.plotly_chart(fig, key=f"compare_heatmap_{method}")
+                state.download_figure(fig, f"compare-{name}-L{layer}H{head}-{method}", key=f"compare_html_{method}")
                 rows.append({"method": method, "params": params, **{m: hp.metrics[m] for m in RATIOS}})
 
     table = pd.DataFrame(rows, columns=["method", "params", *RATIOS])

@@ -110,6 +110,7 @@ def run_projections(out) -> None:
 def run_sweep_ui(out) -> None:
     from sparsefinder.projections import Projections
     from sparsefinder.store import ExtractionStore
+    from sparsefinder.fitted_io import save_fitted
     from sparsefinder.sweep import fit_predictors, run_sweep, save_sweep
 
     with st.status("Sweeping…", expanded=True) as status:
@@ -119,6 +120,8 @@ def run_sweep_ui(out) -> None:
                                     "none (methods that need them are skipped)."))
         st.write(f"Fitting the learned predictors on this store (at most {SWEEP_MAX_POINTS:,} points per head)…")
         fitted = fit_predictors(store, projections, max_points=SWEEP_MAX_POINTS, progress=False)
+        # Saved beside the sweep, so pages that use this result predict with its own centroids.
+        save_fitted(fitted, out / "fitted", info={"store": str(out / "store"), "max_points": SWEEP_MAX_POINTS})
         st.write("Scoring every configuration…")
         frame = run_sweep(store, projections, methods=None, fitted=fitted, progress=False)
         save_sweep(frame, out / "sweep.parquet")
@@ -133,6 +136,8 @@ def show_saved(name: str) -> None:
         st.info("No saved results for this model yet.")
         return
     st.dataframe(pd.DataFrame(results), hide_index=True, key="corpus_saved")
+    st.caption("Choose a saved result in the sidebar's **Results** select to use its corpus, projections, "
+               "fitted predictors and sweep on the other pages (the link keeps it: `?result=<name>`).")
 
 
 def main() -> None:

@@ -7,9 +7,10 @@ import pandas as pd
 import streamlit as st
 
 from app import state
-from sparsefinder.plots import attention_heatmap, sparsity_heatmap
+from sparsefinder.plots import attention_heatmap, block_size, sparsity_heatmap
 
 ss = st.session_state
+GOLD, RECALL = "gold sparsity", "method recall"
 
 
 def sparsity_frame(grid: np.ndarray) -> pd.DataFrame:
@@ -37,27 +38,45 @@ def main() -> None:
         "its sparsity is the share of token pairs that get exactly zero attention."
     )
 
-    text = state.persistent_widget(
-        st.text_area,
-        state.TEXT,
-        "Text to analyse",
-        height=110,
-        help="Each sentence (or each line) is analysed as one item of a batch.",
-    )
-    col_split, col_button = st.columns([3, 1], vertical_alignment="bottom")
-    with col_split:
-        split = state.persistent_widget(
-            st.radio,
-            state.SPLIT,
-            "Analyse one item per",
-            options=state.SPLIT_MODES,
-            horizontal=True,
+    source = state.persistent_widget(st.radio, state.SOURCE, "Input", options=state.SOURCES, horizontal=True)
+    if source == state.SOURCES[0]:
+        text = state.persistent_widget(
+            st.text_area,
+            state.TEXT,
+            "Text to analyse",
+            height=110,
+            help="Each sentence (or each line) is analysed as one item of a batch.",
         )
-    with col_button:
-        # Any change of the text reruns the page; the button reruns it explicitly.
-        st.button("Analyse", type="primary", icon=":material/play_arrow:")
+        col_split, col_button = st.columns([3, 1], vertical_alignment="bottom")
+        with col_split:
+            split = state.persistent_widget(
+                st.radio,
+                state.SPLIT,
+                "Analyse one item per",
+                options=state.SPLIT_MODES,
+                horizontal=True,
+            )
+        with col_button:
+            # Any change of the text reruns the page; the button reruns it explicitly.
+            st.button("Analyse", type="primary", icon=":material/play_arrow:")
+        texts = state.split_texts(text, split)
+    else:
+        result = state.active_result(name)
+        try:
+            corpus = state.corpus_texts(name)
+        except Exception as e:
+            st.error(f"Could not read the corpus of {result.label}: {type(e).__name__}: {e}")
+            return
+        if not corpus:
+            st.warning(f"The corpus of {result.label} has no sentences.")
+            return
+        i = state.persistent_widget(
+            st.selectbox, state.CORPUS_SENTENCE, f"Sentence of the active corpus ({result.label}, "
+            f"{len(corpus):,} sentences)", options=range(len(corpus)),
+            format_func=lambda j: sentence_label(j, corpus[j]),
+        )
+        texts = [corpus[i]]
 
-    texts = state.split_texts(text, split)
     if not texts:
         st.warning("Enter some text to analyse: the text area is empty.")
         return
@@ -105,20 +124,52 @@ def main() -> None:
             format_func=lambda i: sentence_label(i, texts[i]),
         )
 
+    method, params = ss.get(state.METHOD), ss.get(state.PARAMS)
+    if method in (None, state.NO_METHOD):
+        method = params = None
+    artifacts = state.active_result(name)
+    prediction = None
+    if method is not None:
+        try:
+            with st.spinner(f"Predicting {method} on every layer…"):
+                prediction = state.batch_prediction(name, version, alpha, key, method, params, artifacts.key,
+                                                    texts, artifacts)
+        except Exception as e:
+            st.error(f"Could not predict with {method} {params}: {type(e).__name__}: {e}")
+
     grid = result.sparsity[b]
     tokens = result.tokens[b]
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns(4)
     c1.metric("Mean gold sparsity", f"{grid.mean():.4f}", help="Mean over all layers and heads of this sentence.")
     c2.metric("Tokens", len(tokens))
     c3.metric("Layers × heads", f"{result.num_layers} × {result.num_heads}")
+    if prediction is not None:
+        c4.metric(f"Mean recall of {method}", f"{prediction.metrics['recall'][b].mean():.4f}",
+                  help=f"{method} {params}: mean over all layers and heads of this sentence.")
 
-    st.plotly_chart(sparsity_heatmap(grid), key="sparsity_heatmap")
-    frame = sparsity_frame(grid)
+    colour = GOLD
+    if prediction is not None:
+        colour = state.persistent_widget(st.radio, state.OVERVIEW, "Colour the overview by",
+                                         options=(GOLD, RECALL), horizontal=True)
+    if colour == RECALL and prediction is not None:
+        values, title = prediction.metrics["recall"][b], f"Recall of {method} {params} per layer and head"
+        fig = sparsity_heatmap(values, title=title, value_name="recall")
+        stem = f"recall-{name}-{method}"
+    else:
+        values, fig, stem = grid, sparsity_heatmap(grid), f"gold-sparsity-{name}"
+    st.plotly_chart(fig, key="sparsity_heatmap")
+    frame = sparsity_frame(values)
     st.dataframe(
         frame,
         hide_index=False,
         column_config={c: st.column_config.NumberColumn(c, format="%.4f") for c in frame.columns},
     )
+    c1, c2 = st.columns(2)
+    with c1:
+        st.download_button("Download the table (CSV)", frame.to_csv().encode("utf-8"), file_name=f"{stem}.csv",
+                           mime="text/csv", icon=":material/download:", key="grid_csv", on_click="ignore")
+    with c2:
+        state.download_figure(fig, stem, key="grid_html")
     with st.expander("Values as a plain table"):
         with st.container(key="gold_table"):
             st.table(frame.map(lambda v: f"{v:.4f}"), hide_index=False)
@@ -137,12 +188,25 @@ def main() -> None:
         st.error(f"Could not compute the probabilities: {type(e).__name__}: {e}")
         return
     title = f"Layer {layer}, head {head}: entmax probabilities (gold sparsity {grid[layer, head]:.4f})"
-    st.plotly_chart(attention_heatmap(probs, list(tokens), title=title), key="head_heatmap")
+    pred = None
+    if prediction is not None:
+        pred = prediction.edges(b, layer, len(tokens))[head]
+        title = f"Layer {layer}, head {head}: entmax probabilities and {method} {params}"
+        with st.container(key="head_metrics"):
+            cols = st.columns(4)
+            for col, m in zip(cols, ("recall", "precision", "sparsity", "exact"), strict=True):
+                col.metric(m.capitalize(), f"{prediction.metrics[m][b, layer, head]:.4f}")
+    fig = attention_heatmap(probs, list(tokens), title=title, pred=pred)
+    st.plotly_chart(fig, key="head_heatmap")
+    state.download_figure(fig, f"head-{name}-L{layer}H{head}", key="head_html")
     zeros = int((probs == 0).sum())
+    size = block_size(len(tokens))
     st.caption(
         f"Rows are queries, columns keys. Grey cells are exact zeros (no edge): "
         f"{zeros} of {probs.size} pairs. Repeated tokens carry their position, e.g. `the·7`."
+        + (" Marks: blue TP, orange FP, pink FN." if pred is not None else "")
+        + (f" {len(tokens)} tokens are drawn as blocks of {size} so the page stays responsive."
+           if size > 1 else "")
     )
-
 
 main()

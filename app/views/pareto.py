@@ -58,7 +58,8 @@ def head_selectors(layers: list[int] | None, heads: list[int] | None) -> tuple[i
 
 def show_prediction(name: str, config: str, layer: int, head: int, frame: pd.DataFrame) -> None:
     method, params = config.split("|", 1)
-    reason = unsupported_reason(method, state.get_projections(name), state.get_fitted(name))
+    result = state.active_result(name)
+    reason = unsupported_reason(method, state.get_projections(name, result), state.get_fitted(name, result))
     if reason is not None:
         st.info(f"Cannot draw **{method}** on a new sentence: {reason}.")
         return
@@ -75,7 +76,7 @@ def show_prediction(name: str, config: str, layer: int, head: int, frame: pd.Dat
         with st.spinner(f"Predicting {method} on layer {layer}, head {head}…"):
             hp = state.head_prediction(
                 name, state.model_version(spec), state.alpha_key(spec.alpha), state.text_hash([text]),
-                layer, head, method, params, text,
+                layer, head, method, params, text, result.key, result,
             )
     except Exception as e:  # shown in the page; the app keeps serving
         st.error(f"Prediction failed: {type(e).__name__}: {e}")
@@ -95,19 +96,22 @@ def show_prediction(name: str, config: str, layer: int, head: int, frame: pd.Dat
             f"precision {row['precision']:.4f}, sparsity {row['sparsity']:.4f}, exact {row['exact']:.4f}."
         )
     title = f"{method} {params}, layer {layer}, head {head}: predicted vs gold"
-    st.plotly_chart(outcome_heatmap(hp.gold, hp.pred, hp.tokens, title), key="pareto_heatmap")
+    heat = outcome_heatmap(hp.gold, hp.pred, hp.tokens, title)
+    st.plotly_chart(heat, key="pareto_heatmap")
+    state.download_figure(heat, f"pareto-{name}-L{layer}H{head}-{method}", key="pareto_heatmap_html")
 
 
 def main() -> None:
     name = ss[state.MODEL]
     st.title("Pareto fronts")
     st.caption(
-        "Recall against sparsity for every configuration in the model's shipped sweep (means over heads "
+        "Recall against sparsity for every configuration in the active sweep (means over heads "
         "and sentences); large joined points are each method's Pareto front."
     )
     frame = state.sweep_table(name)
     if frame is None or frame.empty:
-        st.info(f"Model **{name}** ships no sweep table. Run `sparsefinder sweep` for it, or pick another model.")
+        st.info(f"The active results ({state.active_result(name).label}) have no sweep table: run the sweep on "
+                "the Corpus page or with `sparsefinder sweep`, or choose other results in the sidebar.")
         return
 
     resolution = state.persistent_widget(
@@ -130,6 +134,7 @@ def main() -> None:
     fig = pareto_figure(front, title=f"Recall against sparsity ({where})")
     fig.update_layout(width=None)
     event = st.plotly_chart(fig, key="pareto_chart", on_select="rerun", selection_mode="points")
+    state.download_figure(fig, f"pareto-{name}-{resolution.replace(' ', '-')}", key="pareto_chart_html")
 
     order = {m: i for i, m in enumerate(REGISTRY)}
     table = front[front["on_front"]][FRONT_COLUMNS]

@@ -1,0 +1,190 @@
+"""Dashboard features across pages: the sidebar method overlay on Explore, the active
+result (shipped or saved by the Corpus page), offline HTML figure downloads and
+long inputs drawn as blocks. Values are checked against the library run directly."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+pytest.importorskip("streamlit")
+
+from tests.test_app import (  # noqa: E402
+    DEFAULT_TEXT,
+    GOOD_TXT,
+    RATIOS,
+    decode,
+    default_load_error,  # noqa: F401 (fixture)
+    head_figure,
+    lib,  # noqa: F401 (fixture)
+    library_head_metrics,
+    make_app,
+    plotly_specs,
+    shown_metrics,
+    upload,
+)
+
+METHOD, PARAMS = "window", json.dumps({"window": 3}, separators=(",", ":"))
+
+
+def library_recall_grid(model, text: str, method: str, params: str) -> np.ndarray:
+    """``(L, H)`` recall of ``method`` on ``text``, from the predictors and metrics directly."""
+    from sparsefinder.metrics import graph_metrics
+    from sparsefinder.predictors import get_predictor
+
+    ex = model.extract([text])
+    pred = get_predictor(method, **json.loads(params))
+    rows = []
+    for layer in range(ex.num_layers):
+        q, k = ex.queries[layer].float(), ex.keys[layer].float()
+        rows.append(graph_metrics(ex.gold(layer), pred.predict(q, k, ex.lengths))["recall"][0].numpy())
+    return np.stack(rows)
+
+
+def explore_with_method(lib, method=METHOD, params=PARAMS, **qp):  # noqa: F811
+    at = make_app(lib.name, method=method, params=params, **qp)
+    assert not at.exception, at.exception
+    return at
+
+
+def test_sidebar_method_from_url_and_head_metrics(lib):  # noqa: F811
+    at = explore_with_method(lib, layer=2, head=5)
+    assert at.selectbox(key="_w_method").value == METHOD
+    assert at.selectbox(key="_w_params").value == PARAMS
+    assert at.query_params["method"] == METHOD and at.query_params["params"] == PARAMS
+    want = library_head_metrics(lib, DEFAULT_TEXT, 2, 5, METHOD, PARAMS)
+    got = shown_metrics(at)
+    for r in RATIOS:
+        assert got[r] == pytest.approx(want[r], abs=6e-5), r
+
+
+def test_overlay_marks_are_the_outcomes(lib):  # noqa: F811
+    from sparsefinder.predictors import get_predictor
+
+    at = explore_with_method(lib, layer=1, head=3)
+    fig = head_figure(at)
+    names = [t.get("name") for t in fig["data"]]
+    overlay = fig["data"][names.index("prediction")]
+    code = decode(overlay["z"]).astype(float)
+    ex = lib.extract([DEFAULT_TEXT])
+    gold = ex.probs[1][0, 3].numpy() > 0
+    pred = get_predictor(METHOD, window=3).predict(ex.queries[1].float(), ex.keys[1].float(),
+                                                   ex.lengths).edges[0, 3].numpy()
+    # brute force: one code per cell, 0 TP, 1 FP, 2 FN, none for pairs in neither graph
+    n = gold.shape[0]
+    for i in range(n):
+        for j in range(n):
+            want = 0 if gold[i, j] and pred[i, j] else 1 if pred[i, j] else 2 if gold[i, j] else None
+            if want is None:
+                assert np.isnan(code[i, j]), (i, j)
+            else:
+                assert code[i, j] == want, (i, j)
+    legend = [t["name"] for t in fig["data"] if t.get("type") == "scatter"]
+    assert legend[0].endswith(f": {int((gold & pred).sum())}") and legend[2].endswith(f": {int((gold & ~pred).sum())}")
+
+
+def test_overview_coloured_by_method_recall(lib):  # noqa: F811
+    at = explore_with_method(lib)
+    at.radio(key="_w_overview").set_value("method recall").run()
+    assert not at.exception, at.exception
+    want = library_recall_grid(lib, DEFAULT_TEXT, METHOD, PARAMS)
+    table = at.dataframe[0].value.to_numpy(dtype=float)
+    np.testing.assert_allclose(table, want, atol=1e-6)
+    spec = next(s for s in plotly_specs(at) if "Recall of window" in s["layout"]["title"]["text"])
+    np.testing.assert_allclose(decode(spec["data"][0]["z"]).astype(float), want, atol=1e-6)
+
+
+def test_unknown_method_in_url_falls_back(lib):  # noqa: F811
+    at = make_app(lib.name, method="no-such-method", params="{}")
+    assert not at.exception, at.exception
+    assert at.selectbox(key="_w_method").value == "(gold only)"
+    assert "method" not in at.query_params
+
+
+def test_sentence_from_the_active_corpus(lib):  # noqa: F811
+    from sparsefinder.corpus import default_corpus
+
+    at = make_app(lib.name)
+    at.radio(key="_w_source").set_value("sentence from the active corpus").run()
+    assert not at.exception, at.exception
+    texts = default_corpus(split="validation").texts()
+    box = at.selectbox(key="_w_corpus_sentence")
+    assert len(box.options) == len(texts)
+    box.select(4).run()
+    assert not at.exception, at.exception
+    ex = lib.extract([texts[4]])
+    assert at.metric[1].value == str(int(ex.lengths[0]))
+    want = np.stack([ex.gold(layer).sparsity()[0].numpy() for layer in range(ex.num_layers)])
+    np.testing.assert_allclose(at.dataframe[0].value.to_numpy(dtype=float), want, atol=1e-6)
+
+
+def test_long_input_is_drawn_in_blocks(lib):  # noqa: F811
+    from sparsefinder.plots import MAX_SIDE
+
+    at = make_app(lib.name)
+    long_text = " ".join(["word"] * 300 + ["and", "more", "words"] * 100)
+    at.text_area(key="_w_text").input(long_text).run()
+    assert not at.exception, at.exception
+    fig = head_figure(at)
+    side = len(fig["data"][1]["y"])
+    assert side <= MAX_SIDE
+    ex = lib.extract([long_text])
+    n = int(ex.lengths[0])
+    assert n == lib.max_length and side == -(-n // -(-n // MAX_SIDE))
+    assert any("drawn as blocks" in c.value for c in at.caption)
+
+
+def test_figure_downloads_are_standalone_html(lib):  # noqa: F811
+    from app import state
+    from sparsefinder.plots import sparsity_heatmap
+
+    at = make_app(lib.name)
+    labels = [b.label for b in at.get("download_button")]
+    assert labels.count("Download the figure (HTML)") == 2 and "Download the table (CSV)" in labels
+    html = state.figure_html(sparsity_heatmap(np.full((2, 3), 0.5))).decode("utf-8")
+    assert html.lstrip().lower().startswith("<!doctype html>") and "Plotly.newPlot" in html
+    # plotly.js is inlined: no script is fetched from a CDN, so the file opens offline
+    assert re.search(r"<script[^>]*\bsrc=", html) is None
+    assert len(html) > 1_000_000
+
+
+def test_saved_result_is_used_by_the_other_pages(lib, monkeypatch, tmp_path):  # noqa: F811
+    from sparsefinder.fitted_io import load_fitted
+    from sparsefinder.store import ExtractionStore
+    from sparsefinder.sweep import load_sweep, pareto_front
+
+    monkeypatch.setenv("SPARSEFINDER_RUNS", str(tmp_path / "runs"))
+    at = make_app(lib.name)
+    at.switch_page("views/corpus.py").run()
+    at = upload(at, "s.txt", GOOD_TXT * 4)
+    at.text_input(key="corpus_result").set_value("tiny").run()
+    at.button(key="corpus_extract").click().run()
+    at.button(key="corpus_sweep").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    out = tmp_path / "runs" / lib.name / "tiny"
+    assert load_fitted(out / "fitted")  # the sweep's centroids are saved with the result
+    assert "saved: tiny" in at.selectbox(key="_w_result").options
+    at.selectbox(key="_w_result").set_value("tiny").run()
+    assert at.query_params["result"] == "tiny"
+
+    at.switch_page("views/pareto.py").run()
+    assert not at.exception, at.exception
+    want = pareto_front(load_sweep(out / "sweep.parquet"))
+    want = want[want["on_front"]]
+    front = at.dataframe[0].value
+    assert sorted(zip(front["method"], front["params"], strict=True)) == sorted(
+        zip(want["method"], want["params"], strict=True))
+
+    at.switch_page("views/explore.py").run()
+    at.radio(key="_w_source").set_value("sentence from the active corpus").run()
+    assert not at.exception, at.exception
+    assert len(at.selectbox(key="_w_corpus_sentence").options) == len(ExtractionStore.open(out / "store"))
+
+    # a link with the result reproduces it; one naming a result that does not exist falls back
+    again = make_app(lib.name, result="tiny")
+    assert again.selectbox(key="_w_result").value == "tiny"
+    missing = make_app(lib.name, result="nope")
+    assert not missing.exception and missing.selectbox(key="_w_result").value == "shipped"
