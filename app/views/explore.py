@@ -175,11 +175,19 @@ def main() -> None:
             st.table(frame.map(lambda v: f"{v:.4f}"), hide_index=False)
 
     st.subheader("One head")
+    head_section(name, version, alpha, key, texts, b, grid, tokens, result.num_layers, result.num_heads,
+                 prediction, method, params)
+
+
+@st.fragment
+def head_section(name, version, alpha, key, texts, b, grid, tokens, num_layers, num_heads, prediction, method, params):
+    """Layer/head selects and the head's heatmap, as a fragment: changing the head reruns only this part
+    (not the model select, the overview and its tables), which keeps the switch fast in the browser."""
     col_layer, col_head = st.columns(2)
     with col_layer:
-        layer = state.persistent_widget(st.selectbox, state.LAYER, "Layer", options=range(result.num_layers))
+        layer = state.persistent_widget(st.selectbox, state.LAYER, "Layer", options=range(num_layers))
     with col_head:
-        head = state.persistent_widget(st.selectbox, state.HEAD, "Head", options=range(result.num_heads))
+        head = state.persistent_widget(st.selectbox, state.HEAD, "Head", options=range(num_heads))
 
     try:
         with st.spinner(f"Computing layer {layer}, head {head}…"):
@@ -208,5 +216,7 @@ def main() -> None:
         + (f" {len(tokens)} tokens are drawn as blocks of {size} so the page stays responsive."
            if size > 1 else "")
     )
+    # A fragment rerun skips the entrypoint, which otherwise mirrors the view into the URL.
+    state.sync_query_params()
 
 main()
