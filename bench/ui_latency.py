@@ -42,7 +42,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHORT = ("The committee said on Tuesday that the new rules, which were agreed after months of difficult talks "
-         "between unions and employers, would take effect next year across the whole country.")
+         "between unions and employers, would take effect early next year across the whole of the country, they said.")
 GOALS_MS = {"short": 300.0, "long": 1000.0}
 
 

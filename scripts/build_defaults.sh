@@ -17,4 +17,14 @@ $sf train --store "$runs/train" --val-store "$runs/val" --out "data/projections/
 $sf sweep --store "$runs/val" --projections "data/projections/$model" --fit-store "$runs/train" \
     --save-fitted "data/fitted/$model" --max-points 20000 --threads 1 \
     --out "data/sweeps/$model-validation.parquet"
+$sf interpret --store "$runs/val" --projections "data/projections/$model" --fitted "data/fitted/$model" \
+    --out "data/interpret/$model-validation"
 .venv/bin/python scripts/render_pareto.py "data/sweeps/$model-validation.parquet" docs/pareto
+# Sparsity-accuracy curves (entmax restricted to predicted graphs, 200 validation sentences), with learned windows.
+for glob in "" --global-tokens; do
+    $sf windows --model "$model" --split train --limit 240 --lambdas 0.1,0.3,1,3 --layers all,later $glob \
+        --threads 1 --out "data/curves/$model-windows${glob:+-global}"
+done
+$sf curves --model "$model" --limit 200 --points 6 --threads 1 \
+    --windows "data/curves/$model-windows,data/curves/$model-windows-global" \
+    --out "data/curves/$model-validation.parquet" --plot "$runs/curves.html" --png "data/curves/$model-validation.png"

@@ -25,9 +25,11 @@ from sparsefinder.entmax_fast import Alpha, entmax
 
 ATTN_IMPLEMENTATION = "entmax"
 
-# A support restriction hook: given (layer, scores) returns a bool keep-mask
-# (B, H, N, N) or None. Used to run the model on a predicted graph.
-SupportFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+# A support restriction hook: given (layer, query, key, scores) returns a bool keep-mask
+# (B, H, N, K), a float additive bias of that shape (a differentiable soft mask: log keep-weights),
+# or None (layer untouched). Used to run the model on a predicted graph (sparsefinder.approximate)
+# and to train soft windows (sparsefinder.neighbour).
+SupportFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
 @dataclass
@@ -67,7 +69,17 @@ def capture(keep_probs: bool = True, detach: bool = True) -> Iterator[Capture]:
 
 @contextlib.contextmanager
 def restrict_support(fn: SupportFn) -> Iterator[None]:
-    """Run attention with scores outside ``fn(layer, scores)`` masked before entmax."""
+    """Run attention with ``fn(layer, query, key, scores)`` restricting the scores before entmax.
+
+    ``query``/``key`` are ``(B, H, N, d)`` as the attention function received them
+    (what a predictor reads); ``scores`` are ``(B, H, N, K)``, scaled and with the
+    model's additive mask. ``fn`` returns a bool keep mask (scores outside it get
+    the dtype's minimum, so entmax gives them exactly zero; a query row with no
+    kept key gets all-zero probabilities, i.e. a zero attention output), a float tensor added
+    to the scores (e.g. log keep-weights of a soft mask, through which gradients
+    flow), or None to leave the layer untouched. Per call through a context
+    variable: only the current thread (or asyncio task) is restricted.
+    """
     token = _support.set(fn)
     try:
         yield
@@ -120,11 +132,21 @@ def entmax_attention_forward(
     if attention_mask is not None:
         scores = scores + attention_mask[..., : key.shape[-2]].float()
     restrict = _support.get()
+    empty_rows = None
     if restrict is not None:
-        keep = restrict(getattr(module, "sparsefinder_layer", -1), scores)
+        keep = restrict(getattr(module, "sparsefinder_layer", -1), query, key, scores)
         if keep is not None:
-            scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+            if keep.dtype == torch.bool:
+                scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+                # A query with no kept key attends to nothing (zero output), as a sparse
+                # kernel would; entmax over an all-masked row would spread over every position.
+                empty_rows = ~keep.any(dim=-1, keepdim=True)
+            else:
+                # Clamped so that a masked score plus a large negative bias stays finite.
+                scores = (scores + keep.to(scores.dtype)).clamp(min=torch.finfo(scores.dtype).min)
     probs = entmax(scores, module_alpha(module))
+    if empty_rows is not None and bool(empty_rows.any()):
+        probs = probs.masked_fill(empty_rows, 0.0)
     sink = _capture.get()
     if sink is not None:
         kept = probs if sink.keep_probs else probs[:0]

@@ -97,6 +97,7 @@ def cmd_train(args) -> int:
     proj, history = train_projections(
         store, train_indices=train_idx, val_indices=val, rank=args.rank, shared=not args.separate,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+        loss=args.loss,
     )
     proj.save(Path(args.out), projection_manifest(store, history["config"], history))
     print(f"saved projections (r={args.rank}) to {args.out}")
@@ -132,6 +133,16 @@ def cmd_sweep(args) -> int:
         context, notes = sweep_context(store, syntax="syntax" in want, lexical="lexical" in want)
         for note in notes:
             print(f"note: {note}")
+    # The learned predictors' token priors read each sentence's token strings (already in the store).
+    from sparsefinder.predictors.learned import LEARNED, TokenContext
+
+    if methods is None or set(LEARNED) & set(methods):
+        if context is None:
+            context = TokenContext()
+        else:
+            from sparsefinder.annotate import CombinedContext
+
+            context = CombinedContext(context, TokenContext())
     frame = run_sweep(store, projections, methods=methods, fitted=fitted, batch_size=args.batch_size,
                       progress=True, seed=args.seed, threads=args.threads, context=context)
     path = save_sweep(frame, args.out)
@@ -144,6 +155,42 @@ def cmd_sweep(args) -> int:
     print(f"overall Pareto front (mean over heads), {len(winners)} of {len(front)} configurations:")
     print(winners[["method", "params", "sparsity", "recall"]].round(3).to_string(index=False))
     print(best_recall_table(frame).round(3).to_string())
+    return 0
+
+
+def cmd_interpret(args) -> int:
+    import time
+
+    from sparsefinder.corpus import read_conllu
+    from sparsefinder.fitted_io import load_fitted
+    from sparsefinder.interpret import head_summary, interpret_store
+    from sparsefinder.projections import Projections
+    from sparsefinder.store import ExtractionStore
+
+    store = ExtractionStore.open(args.store)
+    projections = Projections.load(args.projections, store=store)
+    fitted = load_fitted(args.fitted)
+    corpus = None
+    if args.conllu:
+        path = Path(args.conllu)
+        corpus = read_conllu(path.read_bytes(), path.name)
+    clusters = [int(c) for c in args.clusters.split(",")] if args.clusters else None
+    start = time.perf_counter()
+    tables = interpret_store(store, projections, fitted, corpus=corpus, n_clusters=clusters, top_k=args.top_k,
+                             max_distance=args.max_distance,
+                             progress=lambda done, total: print(f"layer {done}/{total}", flush=True))
+    tables.info["seconds"] = round(time.perf_counter() - start, 2)
+    tables.save(args.out)
+    print(f"wrote {', '.join(f'{len(getattr(tables, t))} {t}' for t in ('counts', 'top_tokens', 'pos_pairs'))} "
+          f"rows to {args.out} in {tables.info['seconds']} s")
+    c = args.summary_clusters if args.summary_clusters in tables.n_clusters else tables.n_clusters[0]
+    summary = head_summary(tables, c)
+    cols = ["layer", "head", "share_within_1", "query_purity", "query_pos_info", "key_pos_info", "cluster_recall",
+            "top_pos_pair"]
+    print(f"most positional heads (share of gold edges at |j - i| <= 1), {c} clusters:")
+    print(summary.sort_values("share_within_1", ascending=False)[cols].head(5).round(3).to_string(index=False))
+    print(f"most POS-informative query clusters (I(cluster; POS) / H(POS)), {c} clusters:")
+    print(summary.sort_values("query_pos_info", ascending=False)[cols].head(5).round(3).to_string(index=False))
     return 0
 
 
@@ -172,6 +219,114 @@ def cmd_distill(args) -> int:
     )
     print(json.dumps(manifest["fidelity"], indent=2))
     return 0
+
+
+def cmd_curves(args) -> int:
+    import torch
+
+    from sparsefinder import approximate as ap
+    from sparsefinder.approx_plots import sparsity_accuracy_figure
+    from sparsefinder.model import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    corpus = _load_corpus(args)
+    texts = corpus.texts()[: args.limit] if args.limit else corpus.texts()
+    model = load_model(args.model, alpha=args.alpha, device=args.device, task=args.task)
+    projections, fitted = _curve_artifacts(args, model)
+    if args.methods:
+        methods = [m for m in args.methods.split(",") if m]
+    else:  # the defaults that can run with this model's artifacts
+        from sparsefinder.predict import unsupported_reason
+
+        methods = []
+        for m in ap.DEFAULT_METHODS:
+            reason = None if m == "syntax" else unsupported_reason(m, projections, fitted)
+            if reason:
+                print(f"note: skipping {m}: {reason}")
+            else:
+                methods.append(m)
+    learned = {}
+    if args.windows:
+        from sparsefinder.neighbour import learned_methods
+
+        learned = learned_methods(args.windows.split(","))
+        methods += list(learned)
+    from sparsefinder.predictors import REGISTRY
+
+    grids = {m: ap.thin_grid(REGISTRY[m].grid(), args.points) for m in methods if m in REGISTRY}
+    print(f"{len(texts)} sentences of {corpus.name}; methods {methods}; layers {args.layers}")
+    frame = ap.sparsity_accuracy_curve(
+        model, texts, methods, grids, layers=args.layers.split(";") if ";" in args.layers else
+        args.layers.split(","), projections=projections, fitted=fitted, learned=learned,
+        batch_size=args.batch_size, seed=args.seed, progress=True,
+    )
+    manifest = {"arguments": {k: v for k, v in vars(args).items() if k != "func"}, "corpus": corpus.name,
+                "split": args.split}
+    path = ap.save_curves(frame, args.out, manifest)
+    metric = args.metric or ("mlm_accuracy" if frame.attrs["curves"]["masked_lm"] else "cos_mean")
+    fig = sparsity_accuracy_figure(frame, metric=metric)
+    plot = Path(args.plot) if args.plot else Path(args.out).with_suffix(".html")
+    fig.write_html(str(plot), include_plotlyjs=True)
+    if args.png:
+        from sparsefinder.approx_plots import write_png
+
+        try:
+            write_png(fig, args.png, html=plot)
+            print(f"wrote {args.png}")
+        except RuntimeError as e:
+            print(f"note: no PNG: {e}")
+    show = ["method", "params", "layers", "sparsity", "recall", "cos_mean", "cos_min", "retrieval"]
+    if frame.attrs["curves"]["masked_lm"]:
+        show += ["mlm_loss", "mlm_accuracy"]
+    print(frame[show].round(3).to_string(index=False))
+    print(f"best {metric} at each sparsity level of the restricted layers:")
+    print(ap.best_at(frame, metric, higher_is_better=metric != "mlm_loss").round(3).to_string())
+    print(f"wrote {len(frame)} rows to {path} and the plot of {metric} to {plot}")
+    return 0
+
+
+def cmd_windows(args) -> int:
+    import torch
+
+    from sparsefinder.model import load_model
+    from sparsefinder.neighbour import WindowConfig, mean_width, save_windows, train_windows, windows_key
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    corpus = _load_corpus(args)
+    texts = corpus.texts()[: args.limit] if args.limit else corpus.texts()
+    model = load_model(args.model, alpha=args.alpha, device=args.device, task=args.task)
+    runs = {}
+    for subset in args.layers.split(";") if ";" in args.layers else args.layers.split(","):
+        for lam in (float(x) for x in args.lambdas.split(",")):
+            config = WindowConfig(sparsity_weight=lam, tau=args.tau, init_radius=args.init_radius, lr=args.lr,
+                                  epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                                  global_tokens=args.global_tokens)
+            w = train_windows(model, texts, config, layers=subset, progress=True)
+            runs[windows_key(w, subset)] = w
+            last = w.history[-1]
+            print(f"layers {subset} lambda {lam}: mean radius {mean_width(w):.2f}, soft density "
+                  f"{last['density']:.3f}, task loss {last['task']:.4f}; radii per layer "
+                  f"{[w.widths()[layer].tolist() for layer in w.layers]}")
+    save_windows(runs, args.out, {"corpus": corpus.name, "split": args.split, "sentences": len(texts),
+                                  "arguments": {k: v for k, v in vars(args).items() if k != "func"}})
+    print(f"saved {len(runs)} learned windows to {args.out}")
+    return 0
+
+
+def _curve_artifacts(args, model):
+    """Projections and fitted predictors: given on the command line, else the registered model's shipped ones."""
+    from sparsefinder.fitted_io import load_fitted
+    from sparsefinder.projections import Projections
+    from sparsefinder.registry import load_registry
+
+    spec = load_registry().get(args.model)
+    proj_dir = args.projections or (spec.artifact("projections") if spec else None)
+    fitted_dir = args.fitted or (spec.artifact("fitted") if spec else None)
+    projections = Projections.load(proj_dir, model=model) if proj_dir else None
+    fitted = load_fitted(fitted_dir) if fitted_dir else None
+    return projections, fitted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--val-store", default=None, help="extraction of the validation split (default: hold out 10%%)")
     sp.add_argument("--out", required=True, help="output directory (projections.safetensors + manifest.json)")
     sp.add_argument("--rank", type=int, default=4)
+    sp.add_argument("--loss", default="margin", choices=["margin", "listwise"],
+                    help="margin: the paper's hinge with sampled negatives; listwise: cross-entropy of each query "
+                         "over its keys against the gold support")
     sp.add_argument("--separate", action="store_true", help="separate W_Q and W_K instead of one shared map")
     sp.add_argument("--epochs", type=int, default=3)
     sp.add_argument("--batch-size", type=int, default=32)
@@ -234,6 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "the input embeddings of the store's model; 'none' skips both masks")
     sp.set_defaults(func=cmd_sweep)
 
+    sp = sub.add_parser("interpret", help="POS tags per k-means cluster, gold-edge distances and POS pairs per head")
+    sp.add_argument("--store", required=True, help="extraction of the corpus (sparsefinder extract)")
+    sp.add_argument("--projections", required=True, help="projections directory (sparsefinder train)")
+    sp.add_argument("--fitted", required=True, help="fitted predictors with k-means centroids (sweep --save-fitted)")
+    sp.add_argument("--out", required=True, help="output directory (Parquet tables + manifest.json)")
+    sp.add_argument("--conllu", default=None, help="take POS tags from this CoNLL-U file (the store's corpus) "
+                                                   "instead of spaCy")
+    sp.add_argument("--clusters", default=None, help="comma-separated cluster counts (default: every fitted one)")
+    sp.add_argument("--top-k", type=int, default=5, help="most frequent tokens kept per cluster")
+    sp.add_argument("--max-distance", type=int, default=16, help="clip of the relative-distance histogram")
+    sp.add_argument("--summary-clusters", type=int, default=8, help="cluster count of the printed summary")
+    sp.set_defaults(func=cmd_interpret)
+
     sp = sub.add_parser("distill", help="fine-tune the attention of an entmax copy of a softmax model")
     sp.add_argument("--base", default="minilm-entmax15-untuned", help="registered model whose weights to tune")
     sp.add_argument("--out", default="data/adapters/minilm-entmax15")
@@ -246,6 +417,51 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--limit", type=int, default=None, help="train on the first N training sentences")
     sp.set_defaults(func=cmd_distill)
+
+    sp = sub.add_parser("curves", help="sparsity against end-task accuracy with entmax restricted to predicted graphs")
+    sp.add_argument("--corpus", default="default", help="'default' (Lee news) or a .txt/.csv/.tsv/.conllu file")
+    sp.add_argument("--split", default="validation", choices=["train", "validation", "all"])
+    sp.add_argument("--seed", type=int, default=0, help="seed of the corpus split, the MLM masking and random masks")
+    sp.add_argument("--limit", type=int, default=None, help="only the first N sentences")
+    sp.add_argument("--task", default=None, choices=["base", "masked-lm"], help="model head (default: the model's)")
+    sp.add_argument("--methods", default=None,
+                    help="comma-separated predictors (default: distance,kmeans,bucketing,position,random,syntax)")
+    sp.add_argument("--points", type=int, default=None, help="at most N evenly spaced grid points per method")
+    sp.add_argument("--layers", default="all,later",
+                    help="layer subsets, each run separately: all, later, earlier, or e.g. '3-5' "
+                         "(separate subsets with ';' when one contains a comma)")
+    sp.add_argument("--projections", default=None, help="projections directory (default: the model's shipped one)")
+    sp.add_argument("--fitted", default=None, help="fitted predictors directory (default: the model's shipped one)")
+    sp.add_argument("--windows", default=None,
+                    help="comma-separated directories of learned windows (sparsefinder windows --out) to add")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--threads", type=int, default=None, help="torch threads")
+    sp.add_argument("--metric", default=None, help="metric of the plot (default: cos_mean, or mlm_accuracy)")
+    sp.add_argument("--out", required=True, help="output Parquet file (a JSON sidecar is written beside it)")
+    sp.add_argument("--plot", default=None, help="output HTML plot (default: --out with .html)")
+    sp.add_argument("--png", default=None, help="also save the plot as this PNG (needs Playwright and Chromium)")
+    sp.set_defaults(func=cmd_curves)
+    model_args(sp)
+
+    sp = sub.add_parser("windows", help="learn a window size per head under a sparsity penalty (Breaking BERT)")
+    sp.add_argument("--corpus", default="default", help="'default' (Lee news) or a .txt/.csv/.tsv/.conllu file")
+    sp.add_argument("--split", default="train", choices=["train", "validation", "all"])
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--limit", type=int, default=None, help="only the first N sentences")
+    sp.add_argument("--task", default=None, choices=["base", "masked-lm"], help="model head (default: the model's)")
+    sp.add_argument("--lambdas", default="0.01,0.03,0.1,0.3", help="comma-separated sparsity weights")
+    sp.add_argument("--layers", default="all,later", help="layer subsets, each learned separately (as for curves)")
+    sp.add_argument("--tau", type=float, default=1.0, help="temperature of the soft window")
+    sp.add_argument("--init-radius", type=float, default=12.0)
+    sp.add_argument("--global-tokens", action="store_true",
+                    help="the first and last token attend and are attended to by everything (outside the window)")
+    sp.add_argument("--lr", type=float, default=1.0, help="Adam's rate, decaying linearly to 0")
+    sp.add_argument("--epochs", type=int, default=3)
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--threads", type=int, default=None, help="torch threads")
+    sp.add_argument("--out", required=True, help="output directory (windows.safetensors + manifest.json)")
+    sp.set_defaults(func=cmd_windows)
+    model_args(sp)
     return p
 
 

@@ -4,9 +4,10 @@ r"""alpha-entmax over the last dimension, computed in float32.
     \mathrm{entmax}_\alpha(s) = \arg\max_{p \in \Delta} \; p^\top s + H^T_\alpha(p),
     \qquad p_j = [(\alpha - 1) s_j - \tau]_+^{1/(\alpha-1)}
 
-``alpha = 1.5`` has an exact sort-based solution; we compute it with a partial
-top-k and an exactness check (:func:`sparsefinder.entmax15_fast.entmax15_fast`,
-identical to :func:`entmax.entmax15`, 4-5x faster at n = 512);
+``alpha = 1.5`` has an exact solution; we compute it without a sort
+(:func:`sparsefinder.entmax15_fast.entmax15_fast`: a compiled sort-free kernel for
+float32 CPU tensors, a partial top-k otherwise; same supports as :func:`entmax.entmax15`,
+probabilities within 1e-6; see ``bench/entmax.py`` for its speed);
 other values, and per-head alpha tensors, use bisection on :math:`\tau`
 (:func:`entmax.entmax_bisect`). ``alpha = 1`` is softmax.
 """

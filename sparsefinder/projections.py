@@ -15,9 +15,10 @@ and stays at its zero initialisation; it is kept so both variants have one
 format.)
 
 Training (:func:`train_projections`) minimises the margin loss of
-:func:`margin_loss` with Adam, one layer at a time (all heads of a layer in one
-optimisation), streaming padded batches from an
-:class:`~sparsefinder.store.ExtractionStore`.
+:func:`margin_loss` (the paper's; ``loss="listwise"``: :func:`listwise_loss`,
+the cross-entropy of each query over all its keys against its gold support)
+with Adam, one layer at a time (all heads of a layer in one optimisation),
+streaming padded batches from an :class:`~sparsefinder.store.ExtractionStore`.
 
 Artifact format, version 1
 ==========================
@@ -234,6 +235,48 @@ def margin_loss(
     counted = valid_query_mask(gold.lengths.to(qp.device), qp.shape[2]) & positives.any(-1)
     per_sentence_head = (hinge * counted).sum(-1) / gold.lengths.to(qp.device).clamp(min=1)[:, None].to(qp.dtype)
     return per_sentence_head.mean()
+
+
+def listwise_loss(qp: torch.Tensor, kp: torch.Tensor, gold: AttentionGraph) -> torch.Tensor:
+    r"""The listwise loss: cross-entropy of each query over its keys against its gold support.
+
+    With :math:`D_{ij} = \|q'_i - k'_j\|^2`, valid keys :math:`V_i` and gold keys
+    :math:`P_i \subseteq V_i`, the model's distribution over keys is
+    :math:`\pi_{ij} = \exp(-D_{ij}) / \sum_{l \in V_i} \exp(-D_{il})` and the
+    target is uniform on the gold support:
+
+    .. math::
+        \ell_i = -\frac{1}{|P_i|} \sum_{j \in P_i} \log \pi_{ij},
+        \qquad
+        \mathcal{L} = \frac{1}{BH} \sum_{b, h} \frac{1}{n_b} \sum_{i < n_b,\ P_i \neq \emptyset} \ell_i .
+
+    Unlike the margin loss it needs no sampled negatives: every non-gold key
+    pushes back in proportion to how close it is, so the distances of *all*
+    keys are ranked. (Normalised as :func:`margin_loss`; padding and queries
+    without gold keys contribute nothing.)
+    """
+    if qp.shape != kp.shape or qp.dim() != 4:
+        raise ValueError(f"qp and kp must both be (B, H, N, r), got {tuple(qp.shape)} and {tuple(kp.shape)}")
+    if tuple(gold.edges.shape) != tuple(qp.shape[:3]) + (qp.shape[2],):
+        raise ValueError(f"gold edges {tuple(gold.edges.shape)} do not match projected vectors {tuple(qp.shape)}")
+    lengths = gold.lengths.to(qp.device)
+    valid = gold.valid_pairs().to(qp.device)
+    positives = gold.edges.to(qp.device) & valid
+    # D_ij expanded through one matmul (no (B, H, N, N, r) difference tensor).
+    dist = qp.pow(2).sum(-1, keepdim=True) + kp.pow(2).sum(-1).unsqueeze(-2) - 2 * qp @ kp.transpose(-1, -2)
+    logits = (-dist).masked_fill(~valid, -math.inf)
+    # Rows without any valid key (padding queries) would be all -inf; give them a finite dummy row.
+    logits = torch.where(valid.any(-1, keepdim=True), logits, torch.zeros_like(logits))
+    logp = torch.log_softmax(logits, dim=-1)
+    n_pos = positives.sum(-1)
+    per_query = -(logp.masked_fill(~positives, 0.0)).sum(-1) / n_pos.clamp(min=1)
+    counted = valid_query_mask(lengths, qp.shape[2]) & (n_pos > 0)
+    per_sentence_head = (per_query * counted).sum(-1) / lengths.clamp(min=1)[:, None].to(qp.dtype)
+    return per_sentence_head.mean()
+
+
+LOSSES = ("margin", "listwise")
+"""Projection training losses: the paper's :func:`margin_loss` and :func:`listwise_loss`."""
 
 
 # --------------------------------------------------------------------------- the projections
@@ -540,16 +583,18 @@ def check_store(manifest: dict[str, Any], store: ExtractionStore) -> None:
 
 def _layer_loss(
     params: dict[str, torch.Tensor], batch_q: torch.Tensor, batch_k: torch.Tensor, gold: AttentionGraph,
-    generator: torch.Generator, margin: float,
+    generator: torch.Generator, margin: float, loss: str = "margin",
 ) -> torch.Tensor:
     qp = project(batch_q, params["weight_q"], params["bias_q"])
     kp = project(batch_k, params.get("weight_k", params["weight_q"]), params.get("bias_k", params["bias_q"]))
+    if loss == "listwise":
+        return listwise_loss(qp, kp, gold)
     return margin_loss(qp, kp, gold, generator, margin)
 
 
 def _mean_loss(
     store: ExtractionStore, indices: Sequence[int], layer: int, params: dict[str, torch.Tensor],
-    batch_size: int, margin: float, seed: int, device: torch.device,
+    batch_size: int, margin: float, seed: int, device: torch.device, loss: str = "margin",
 ) -> float:
     """Sentence-weighted mean loss over ``indices``; fixed negatives (``seed``) so epochs compare fairly."""
     generator = torch.Generator().manual_seed(seed)
@@ -557,7 +602,7 @@ def _mean_loss(
     with torch.no_grad():
         for batch in store.iter_batches(layer, batch_size, indices=indices, order="corpus", device=device):
             n = int(batch.lengths.shape[0])
-            total += float(_layer_loss(params, batch.queries, batch.keys, batch.gold, generator, margin)) * n
+            total += float(_layer_loss(params, batch.queries, batch.keys, batch.gold, generator, margin, loss)) * n
             count += n
     return total / max(count, 1)
 
@@ -570,12 +615,19 @@ def evaluate_projections(
     batch_size: int = 32,
     margin: float = DEFAULT_MARGIN,
     seed: int = 0,
+    loss: str = "margin",
 ) -> float:
-    """Mean :func:`margin_loss` of one trained layer over a store's sentences (negatives seeded by ``seed``)."""
+    """Mean loss (``"margin"``: :func:`margin_loss`, negatives seeded by ``seed``; or ``"listwise"``) of one layer."""
+    _check_loss(loss)
     i = projections._trained(layer)
     idx = list(range(len(store))) if indices is None else [int(x) for x in indices]
     params = {k: v.cpu() for k, v in projections.layer_parameters(i).items()}
-    return _mean_loss(store, idx, i, params, batch_size, margin, seed, torch.device("cpu"))
+    return _mean_loss(store, idx, i, params, batch_size, margin, seed, torch.device("cpu"), loss)
+
+
+def _check_loss(loss: str) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
 def _check_same_model(train: ExtractionStore, val: ExtractionStore) -> None:
@@ -602,13 +654,15 @@ def train_projections(
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     device: str | torch.device = "cpu",
+    loss: str = "margin",
 ) -> tuple[Projections, dict[str, Any]]:
     r"""Learn the projections of every (or the given) layer on a stored corpus; returns them and the history.
 
     Per layer: seeded init (:class:`Projections`), then ``epochs`` passes over
     ``train_indices`` (default: the whole store) in a seeded shuffled order,
     ``batch_size`` sentences per step, Adam (``lr``) on :func:`margin_loss`
-    averaged over the layer's heads, gradient norm clipped to 1. Batches stream
+    averaged over the layer's heads (``loss="listwise"``: :func:`listwise_loss`
+    instead), gradient norm clipped to 1. Batches stream
     from the store, so memory holds one batch. ``val_indices`` are sentences of
     the same store, or a second store (all its sentences) of the same model.
 
@@ -621,6 +675,7 @@ def train_projections(
     """
     if epochs < 0 or batch_size < 1 or rank < 1:
         raise ValueError("epochs must be >= 0, batch_size and rank >= 1")
+    _check_loss(loss)
     dev = torch.device(device)
     L, H, d = store.num_layers, store.num_heads, store.head_dim
     train_idx = list(range(len(store))) if train_indices is None else [int(i) for i in train_indices]
@@ -639,7 +694,7 @@ def train_projections(
         val_store, val_idx = None, []
     config: dict[str, Any] = {
         "rank": rank, "shared": shared, "epochs": epochs, "batch_size": batch_size, "lr": lr, "margin": margin,
-        "seed": seed, "optimizer": "adam", "grad_clip": 1.0, "init": "uniform(+-1/sqrt(d)), bias 0",
+        "seed": seed, "loss": loss, "optimizer": "adam", "grad_clip": 1.0, "init": "uniform(+-1/sqrt(d)), bias 0",
     }
     projections = Projections(L, H, d, rank, shared, seed=seed, layers=[])
     todo = sorted({projections._layer_index(x) for x in (range(L) if layers is None else layers)})
@@ -664,7 +719,8 @@ def train_projections(
     def val_loss(layer: int, params: dict[str, torch.Tensor]) -> float | None:
         if val_store is None:
             return None
-        return _mean_loss(val_store, val_idx, layer, params, batch_size, margin, derive_seed(seed, layer, 2), dev)
+        return _mean_loss(val_store, val_idx, layer, params, batch_size, margin, derive_seed(seed, layer, 2), dev,
+                          loss)
 
     for layer in todo:
         t0 = time.perf_counter()
@@ -673,7 +729,7 @@ def train_projections(
         negatives_gen = torch.Generator().manual_seed(derive_seed(seed, layer, 1))
         record: dict[str, Any] = {
             "initial_train_loss": _mean_loss(store, train_idx, layer, params, batch_size, margin,
-                                             derive_seed(seed, layer, 3), dev),
+                                             derive_seed(seed, layer, 3), dev, loss),
             "initial_val_loss": val_loss(layer, params),
             "train_loss": [],
             "val_loss": [],
@@ -686,16 +742,16 @@ def train_projections(
             )
             total, count = 0.0, 0
             for batch in batches:
-                loss = _layer_loss(params, batch.queries, batch.keys, batch.gold, negatives_gen, margin)
+                step_loss = _layer_loss(params, batch.queries, batch.keys, batch.gold, negatives_gen, margin, loss)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                step_loss.backward()
                 torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
                 optimizer.step()
                 n = int(batch.lengths.shape[0])
-                total += float(loss.detach()) * n
+                total += float(step_loss.detach()) * n
                 count += n
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                bar.set_postfix(loss=f"{float(step_loss.detach()):.4f}")
             record["train_loss"].append(total / max(count, 1))
             record["val_loss"].append(val_loss(layer, params))
             v = record["val_loss"][-1]

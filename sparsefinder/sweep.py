@@ -97,7 +97,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsefinder import __version__
-from sparsefinder.graphs import num_valid_pairs, valid_pair_mask
+from sparsefinder.graphs import AttentionGraph, num_valid_pairs, valid_pair_mask
 from sparsefinder.metrics import COUNT_COLUMNS, RATIO_COLUMNS, _torch_ratios
 
 # Summaries and Pareto fronts live in sparsefinder.pareto; re-exported for callers of this module.
@@ -145,12 +145,17 @@ SENTENCE_COLUMNS: tuple[str, ...] = CONFIG_COLUMNS + ("sentence", "layer", "head
 
 SUPPLIED_CONTEXT: frozenset[str] = frozenset({"head_dim", "sentence_ids"})
 """Context keys the sweep fills in itself (the model's head size; the store's sentence indices)."""
-OPTIONAL_CONTEXT: frozenset[str] = frozenset({"match"})
-"""Context keys a method can do without (random's ``match``: it falls back to its target ``sparsity``)."""
+OPTIONAL_CONTEXT: frozenset[str] = frozenset({"match", "tokens"})
+"""Context keys a method can do without (random's ``match``: it falls back to its target ``sparsity``; the
+learned predictors' ``tokens``: without them every token counts as unseen; give
+:class:`sparsefinder.predictors.learned.TokenContext`)."""
 
 PREDICT_ONLY_PARAMS: dict[str, frozenset[str]] = {
     "kmeans": frozenset({"top_t"}),
     "blocks": frozenset({"top_k", "variant", "block_window"}),
+    # The learned predictors' target sparsity only picks thresholds on the fitted curves.
+    **{m: frozenset({"sparsity", "budget"})
+       for m in ("distance_budget", "topk", "stacked", "priors", "cascade", "global_band")},
 }
 """Hyperparameters that do not change what :meth:`fit` learns (besides ``window``/``global_tokens``),
 so configurations differing only in them share one fit."""
@@ -316,6 +321,9 @@ def fit_predictors(
     (grid points that differ only in :data:`PREDICT_ONLY_PARAMS`, ``window`` or
     ``global_tokens`` share it). ``seed`` and ``max_points`` (the subsample per
     head) are passed to methods that take them, unless a grid point sets them.
+    Methods with ``fit_uses_gold`` (the learned predictors of
+    :mod:`sparsefinder.predictors.learned`) also get the padded gold graphs
+    (``gold=``) and the sentences' token strings (``tokens=``).
     Returns ``fitted[method][canonical_params(point)][layer]``, for :func:`run_sweep`.
     """
     t0 = time.perf_counter()
@@ -344,9 +352,16 @@ def fit_predictors(
     bar = tqdm(total=len(layer_ids), desc="fit", disable=not progress, dynamic_ncols=True)
     for layer in layer_ids:
         raw_q, raw_k, proj_q, proj_k, lens = [], [], [], [], []
+        golds: list[torch.Tensor] = []
+        tokens: list[list[str]] = []
         need_raw = any(not _uses_projection(REGISTRY[m], projections) for m in todo)
+        # Learned predictors (sparsefinder.predictors.learned) fit on the gold graphs and token strings.
+        need_gold = any(getattr(REGISTRY[m], "fit_uses_gold", False) for m in todo)
         for batch in store.iter_batches(layer, batch_size, indices=indices, order="length"):
             lens.append(batch.lengths)
+            if need_gold:
+                golds.append(batch.gold.edges)
+                tokens.extend(batch.tokens)
             if need_raw:
                 raw_q.append(batch.queries)
                 raw_k.append(batch.keys)
@@ -355,6 +370,12 @@ def fit_predictors(
                 proj_q.append(qp)
                 proj_k.append(kp)
         lengths = torch.cat(lens)
+        gold_kw: dict[str, Any] = {}
+        if need_gold:
+            n_max = max(g.shape[-1] for g in golds)
+            edges = torch.cat([torch.nn.functional.pad(g, (0, n_max - g.shape[-1], 0, n_max - g.shape[-1]))
+                               for g in golds])
+            gold_kw = {"gold": AttentionGraph(edges, lengths, store.causal), "tokens": tokens}
         data = {}
         if need_raw:
             data["raw"] = (_pad_cat(raw_q), _pad_cat(raw_k))
@@ -370,7 +391,8 @@ def fit_predictors(
                 params = _config_params(m, point, seed, extra)
                 sig = _fit_signature(m, params)
                 if sig not in cache:
-                    cache[sig] = get_predictor(m, **params).fit(q, k, lengths)
+                    kw = gold_kw if getattr(cls, "fit_uses_gold", False) else {}
+                    cache[sig] = get_predictor(m, **params).fit(q, k, lengths, **kw)
                 pred = get_predictor(m, **params).load_state_dict(cache[sig].state_dict())
                 # Share the fitted tensors themselves, so run_sweep sees one fit for the whole group.
                 for attr in cls.fitted_tensors:

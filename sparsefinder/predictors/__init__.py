@@ -12,11 +12,12 @@ and :func:`get_predictor` see them all::
 Modules: :mod:`.base` (protocol, registry, shared window/global helpers),
 :mod:`.sparsefinder` (distance, bucketing, k-means, blocks), :mod:`.baselines`
 (window, BigBird, Longformer, Reformer, Routing, strided), :mod:`.patterns`
-(Breaking BERT's syntax, lexical, position, random), :mod:`.clustering`
+(Breaking BERT's syntax, lexical, position, random), :mod:`.learned`
+(per-head budgets: calibrated distance, top-k, priors, stacked, global band), :mod:`.clustering`
 (batched seeded k-means used by the clustering methods).
 """
 
-from sparsefinder.predictors import baselines, patterns, sparsefinder
+from sparsefinder.predictors import baselines, learned, patterns, sparsefinder
 from sparsefinder.predictors.base import (
     REGISTRY,
     NotFittedError,
@@ -32,6 +33,7 @@ __all__ = [
     "Predictor",
     "baselines",
     "get_predictor",
+    "learned",
     "list_predictors",
     "patterns",
     "register",
