@@ -406,6 +406,7 @@ class ActiveResult:
     projections: Path | None
     fitted: Path | None
     sweep: Path | None
+    curves: Path | None = None
 
     @property
     def label(self) -> str:
@@ -424,11 +425,12 @@ def _dir_or_none(path) -> Path | None:
 
 def shipped_result(model_name: str) -> ActiveResult:
     spec = registry()[model_name]
-    sweep = spec.artifact("sweep")
+    sweep, curves = spec.artifact("sweep"), spec.artifact("curves")
     return ActiveResult(
         name=SHIPPED, is_default=True, store=None,
         projections=_dir_or_none(spec.artifact("projections")), fitted=_dir_or_none(spec.artifact("fitted")),
         sweep=sweep if sweep is not None and sweep.is_file() else None,
+        curves=curves if curves is not None and curves.is_file() else None,
     )
 
 
@@ -444,12 +446,13 @@ def active_result(model_name: str) -> ActiveResult:
     if name == SHIPPED or name not in result_choices(model_name):
         return shipped
     d = result_dir(model_name, name)
-    sweep = d / "sweep.parquet"
+    sweep, curves = d / "sweep.parquet", d / "curves.parquet"
     return ActiveResult(
         name=name, is_default=False, store=d / "store",
         projections=_dir_or_none(d / "projections") or shipped.projections,
         fitted=_dir_or_none(d / "fitted") or shipped.fitted,
         sweep=sweep if sweep.is_file() else None,
+        curves=curves if curves.is_file() else None,
     )
 
 
@@ -466,6 +469,21 @@ def sweep_table(name: str):
     if path is None or not path.is_file():
         return None
     return _sweep(str(path), _file_version(path))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _curves(path: str, version: str):
+    from sparsefinder.approximate import load_curves
+
+    return load_curves(path)
+
+
+def curves_table(name: str):
+    """The active result's sparsity–accuracy curves (``sparsefinder curves``), or None."""
+    path = active_result(name).curves
+    if path is None or not path.is_file():
+        return None
+    return _curves(str(path), _file_version(path))
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)

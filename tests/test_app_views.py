@@ -188,3 +188,31 @@ def test_saved_result_is_used_by_the_other_pages(lib, monkeypatch, tmp_path):  #
     assert again.selectbox(key="_w_result").value == "tiny"
     missing = make_app(lib.name, result="nope")
     assert not missing.exception and missing.selectbox(key="_w_result").value == "shipped"
+
+
+def test_pareto_page_shows_the_sparsity_accuracy_curves(lib):  # noqa: F811
+    from sparsefinder.approximate import load_curves
+    from sparsefinder.registry import load_registry
+
+    path = load_registry()[lib.name].artifact("curves")
+    if path is None or not path.is_file():
+        pytest.skip(f"{lib.name} ships no curves")
+    curves = load_curves(path)
+    at = make_app(lib.name)
+    at.switch_page("views/pareto.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="curves_metric").value == "cos_mean"
+    at.selectbox(key="curves_metric").set_value("retrieval").run()
+    at.multiselect(key="curves_layers").set_value(["later"]).run()
+    assert not at.exception, at.exception
+    spec = next(s for s in plotly_specs(at) if "retrieval" in s["layout"]["title"]["text"])
+    traces = {t["name"]: t for t in spec["data"]}
+    method = next(m for m in curves["method"] if m not in ("exact", "gold"))
+    rows = curves[(curves["method"] == method) & (curves["layers"] == "later")].sort_values("sparsity")
+    shown = traces[f"{method} (later layers)"]
+    np.testing.assert_allclose(decode(shown["x"]).astype(float), rows["sparsity"].to_numpy(), atol=1e-9)
+    np.testing.assert_allclose(decode(shown["y"]).astype(float), rows["retrieval"].to_numpy(), atol=1e-9)
+    assert not any("(all layers)" in name for name in traces)
+    table = next(d.value for d in at.dataframe if "model_sparsity" in d.value.columns)
+    assert set(table["layers"]) <= {"later", "none"}
+    assert len(table) == int(curves["layers"].isin(["later", "none"]).sum())

@@ -108,9 +108,9 @@ def run_projections(out) -> None:
 
 
 def run_sweep_ui(out) -> None:
+    from sparsefinder.fitted_io import save_fitted
     from sparsefinder.projections import Projections
     from sparsefinder.store import ExtractionStore
-    from sparsefinder.fitted_io import save_fitted
     from sparsefinder.sweep import fit_predictors, run_sweep, save_sweep
 
     with st.status("Sweeping…", expanded=True) as status:

@@ -101,6 +101,54 @@ def show_prediction(name: str, config: str, layer: int, head: int, frame: pd.Dat
     state.download_figure(heat, f"pareto-{name}-L{layer}H{head}-{method}", key="pareto_heatmap_html")
 
 
+CURVE_METRICS = ("cos_mean", "cos_min", "retrieval", "mlm_loss", "mlm_accuracy", "recall", "exact")
+CURVE_X = ("sparsity", "model_sparsity")
+
+
+def show_curves(name: str) -> None:
+    """Sparsity–accuracy at test time: the end task of the model run on predicted graphs (SPEC §5)."""
+    from sparsefinder.approx_plots import METRIC_LABELS, sparsity_accuracy_figure
+
+    st.subheader("Sparsity–accuracy at test time")
+    st.caption(
+        "The model run with every attention's entmax restricted to a method's predicted graph, in all layers "
+        "or only the later half, the approximated activations flowing on; the end task against the sparsity. "
+        "Made by `sparsefinder curves`."
+    )
+    try:
+        curves = state.curves_table(name)
+    except Exception as e:  # a corrupt table is reported, the rest of the page stays
+        st.error(f"Could not read the curves table: {type(e).__name__}: {e}")
+        return
+    if curves is None or curves.empty:
+        st.info(f"The active results ({state.active_result(name).label}) have no sparsity–accuracy curves: "
+                "run `sparsefinder curves` for them.")
+        return
+    metrics = [m for m in CURVE_METRICS if m in curves and curves[m].notna().any()]
+    subsets = [s for s in dict.fromkeys(curves["layers"]) if s != "none"]
+    c1, c2, c3 = st.columns(3)
+    metric = c1.selectbox("End task", metrics, format_func=lambda m: METRIC_LABELS.get(m, m), key="curves_metric")
+    x = c2.selectbox("Sparsity of", CURVE_X, format_func=lambda m: METRIC_LABELS.get(m, m), key="curves_x")
+    layers = c3.multiselect("Layers restricted", subsets, default=subsets, key="curves_layers")
+    if not layers:
+        st.info("Choose at least one layer subset.")
+        return
+    fig = sparsity_accuracy_figure(curves, metric=metric, x=x, layers=layers)
+    fig.update_layout(width=None)
+    st.plotly_chart(fig, key="curves_chart")
+    table = curves[curves["layers"].isin([*layers, "none"])]
+    st.dataframe(table, hide_index=True, key="curves_table",
+                 column_config={c: st.column_config.NumberColumn(c, format="%.4f")
+                                for c in ("sparsity", "model_sparsity", *CURVE_METRICS) if c in table})
+    c1, c2 = st.columns(2)
+    with c1:
+        st.download_button("Download the curves (CSV)", table.to_csv(index=False).encode("utf-8"),
+                           file_name=f"curves-{name}.csv", mime="text/csv", icon=":material/download:",
+                           key="curves_csv", on_click="ignore")
+    with c2:
+        state.download_figure(fig, f"curves-{name}-{metric}", key="curves_html")
+
+
 def main() -> None:
     name = ss[state.MODEL]
     st.title("Pareto fronts")
@@ -178,6 +226,7 @@ def main() -> None:
     layer = selected_layer if selected_layer is not None else layer
     head = selected_head if selected_head is not None else head
     show_prediction(name, config, layer, head, frame)
+    show_curves(name)
 
 
 main()
