@@ -14,11 +14,13 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 
-# CUDA bases are plain Ubuntu images: they need Python and venv first.
-RUN if ! command -v python3 >/dev/null; then \
-        apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
-        && rm -rf /var/lib/apt/lists/*; \
+# CUDA bases are plain Ubuntu images: they need Python and venv first. A C compiler builds the
+# fast exact 1.5-entmax CPU kernel (sparsefinder/entmax15_fast.py); without one the torch path runs.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && if ! command -v python3 >/dev/null; then \
+        apt-get install -y --no-install-recommends python3 python3-venv python3-pip; \
     fi \
+    && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
 WORKDIR /app
@@ -36,6 +38,8 @@ RUN pip install --no-deps -e . \
 
 RUN useradd --create-home sparsefinder && chown -R sparsefinder /app
 USER sparsefinder
+# Build the entmax kernel into the user's cache now, not at the first visitor.
+RUN python -c "from sparsefinder.entmax15_fast import kernel_available; assert kernel_available()"
 EXPOSE 8501
 HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8501/_stcore/health')"
 CMD ["streamlit", "run", "app/streamlit_app.py", "--server.address=0.0.0.0", "--server.port=8501", \
