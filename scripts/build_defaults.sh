@@ -13,9 +13,12 @@ runs=${RUNS:-runs/default}
 [ -n "${SKIP_DISTILL:-}" ] || $sf distill --out "data/adapters/$model"
 $sf extract --model "$model" --split train --out "$runs/train" --overwrite
 $sf extract --model "$model" --split validation --out "$runs/val" --overwrite
-$sf train --store "$runs/train" --val-store "$runs/val" --out "data/projections/$model"
+# The shipped projections and sweep are the paper's recipe (margin loss, r = 4, the paper's methods);
+# the learned predictors of bench/predictors.py (listwise loss, the CLI's default) are not shipped.
+paper=distance,bucketing,kmeans,blocks,window,bigbird,longformer,reformer,routing,strided,syntax,lexical,position,random
+$sf train --loss margin --store "$runs/train" --val-store "$runs/val" --out "data/projections/$model"
 $sf sweep --store "$runs/val" --projections "data/projections/$model" --fit-store "$runs/train" \
-    --save-fitted "data/fitted/$model" --max-points 20000 --threads 1 \
+    --methods "$paper" --save-fitted "data/fitted/$model" --max-points 20000 --threads 1 \
     --out "data/sweeps/$model-validation.parquet"
 $sf interpret --store "$runs/val" --projections "data/projections/$model" --fitted "data/fitted/$model" \
     --out "data/interpret/$model-validation"

@@ -364,9 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--val-store", default=None, help="extraction of the validation split (default: hold out 10%%)")
     sp.add_argument("--out", required=True, help="output directory (projections.safetensors + manifest.json)")
     sp.add_argument("--rank", type=int, default=4)
-    sp.add_argument("--loss", default="margin", choices=["margin", "listwise"],
-                    help="margin: the paper's hinge with sampled negatives; listwise: cross-entropy of each query "
-                         "over its keys against the gold support")
+    sp.add_argument("--loss", default="listwise", choices=["margin", "listwise"],
+                    help="listwise (default): cross-entropy of each query over its keys against the gold support; "
+                         "margin: the paper's hinge with sampled negatives (--loss margin reproduces the paper)")
     sp.add_argument("--separate", action="store_true", help="separate W_Q and W_K instead of one shared map")
     sp.add_argument("--epochs", type=int, default=3)
     sp.add_argument("--batch-size", type=int, default=32)

@@ -178,25 +178,26 @@ def attention_heatmap(
     ))
     side = max(len(y), len(x), 1)
     height = min(260 + 22 * side, 1400)
+    notes = []
+    if size > 1:
+        notes.append(f"{p.shape[0]} tokens drawn as blocks of {size} (colour: largest p in the block)")
     if pred is not None:
-        _add_overlay(fig, gold, np.asarray(pred, dtype=bool), z, x, y, size, height, side)
+        notes.append(_add_overlay(fig, gold, np.asarray(pred, dtype=bool), z, x, y, size, height, side))
     fig.update_layout(
-        title=dict(text=title if size == 1 else f"{title}<br><sup>{p.shape[0]} tokens drawn as blocks of {size}"
-                                                 f" (colour: largest p in the block)</sup>"),
+        title=dict(text=title + "".join(f"<br><sup>{n}</sup>" for n in notes)),
         xaxis=dict(title="key", side="top", tickangle=-60, type="category"),
         yaxis=dict(title="query", autorange="reversed", type="category"),
         height=height,
         plot_bgcolor="white",
-        margin=dict(l=10, r=10, t=130, b=10),
-        legend=dict(orientation="h", yanchor="top", y=-0.02),
+        margin=dict(l=10, r=10, t=130 + 18 * len(notes), b=10),
     )
     return fig
 
 
 def _add_overlay(
     fig: go.Figure, gold: np.ndarray, pred: np.ndarray, z: np.ndarray, x, y, size: int, height: int, side: int
-) -> None:
-    """Inset marks of TP / FP / FN cells (see :func:`attention_heatmap`) and a legend with their counts."""
+) -> str:
+    """Inset marks of TP / FP / FN cells (see :func:`attention_heatmap`); returns their key with the counts."""
     counts = {"TP": int((gold & pred).sum()), "FP": int((~gold & pred).sum()), "FN": int((gold & ~pred).sum())}
     masks = {
         "TP": block_reduce(gold & pred, size, "max") > 0,
@@ -228,9 +229,12 @@ def _add_overlay(
         customdata=np.where(np.isnan(code), "", text),
         hovertemplate="query %{y} → key %{x}<br>%{customdata}<extra></extra>", xgap=gap, ygap=gap,
     ))
-    for o, name in zip(("TP", "FP", "FN"), names, strict=True):
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"{name}: {counts[o]}",
-                                 marker=dict(color=OVERLAY_COLORS[o], size=12, symbol="square")))
+    # The key goes into the title, not into legend-only scatter traces: those would add an SVG
+    # scatter layer and a legend to every redraw of the heatmap in the browser.
+    key = " ".join(f'<span style="color:{OVERLAY_COLORS[o]}">■</span> {name}: {counts[o]}'
+                   for o, name in zip(("TP", "FP", "FN"), names, strict=True))
+    fig.layout.meta = {"overlay_counts": counts}
+    return key
 
 
 # Okabe–Ito: distinguishable with the common colour-vision deficiencies.

@@ -32,7 +32,7 @@ from sparsefinder.plots import token_labels
 from sparsefinder.predictors import REGISTRY, get_predictor
 
 #: Context the helper can supply itself (``match`` is optional for random).
-SUPPLIED = frozenset({"head_dim", "sentence_ids", "match"})
+SUPPLIED = frozenset({"head_dim", "sentence_ids", "match", "tokens"})
 
 
 class UnsupportedMethodError(ValueError):
@@ -108,7 +108,8 @@ def predict_layer(
     lengths = extraction.lengths
     if sentence_ids is None:
         sentence_ids = torch.arange(len(lengths))
-    context = {"head_dim": int(extraction.queries[layer].shape[-1]), "sentence_ids": sentence_ids}
+    context = {"head_dim": int(extraction.queries[layer].shape[-1]), "sentence_ids": sentence_ids,
+               "tokens": [list(t) for t in extraction.tokens]}
     context = {c: v for c, v in context.items() if c in cls.context_keys}
     with torch.no_grad():
         return pred.predict(q, k, lengths, causal=extraction.causal, **context)

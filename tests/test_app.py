@@ -675,6 +675,8 @@ def test_corpus_train_and_sweep_from_ui(lib, monkeypatch, tmp_path):
     assert not at.exception and not at.error, [e.value for e in at.error]
     frame = load_sweep(out / "sweep.parquet")
     assert len(frame) and {"method", "recall", "sparsity"} <= set(frame.columns)
+    # the learned predictors are fitted with the result (gold graphs and token strings) and swept
+    assert {"stacked", "priors", "topk"} <= set(frame["method"])
     saved = next(d.value for d in at.dataframe if "projections" in d.value.columns)
     row = saved.iloc[0]
     assert row["name"] == "tiny" and bool(row["projections"]) and bool(row["sweep"])

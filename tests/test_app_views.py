@@ -82,8 +82,9 @@ def test_overlay_marks_are_the_outcomes(lib):  # noqa: F811
                 assert np.isnan(code[i, j]), (i, j)
             else:
                 assert code[i, j] == want, (i, j)
-    legend = [t["name"] for t in fig["data"] if t.get("type") == "scatter"]
-    assert legend[0].endswith(f": {int((gold & pred).sum())}") and legend[2].endswith(f": {int((gold & ~pred).sum())}")
+    title = fig["layout"]["title"]["text"]
+    assert f"TP (gold & predicted): {int((gold & pred).sum())}" in title
+    assert f"FN (missed gold edge): {int((gold & ~pred).sum())}" in title
 
 
 def test_overview_coloured_by_method_recall(lib):  # noqa: F811

@@ -30,6 +30,7 @@ FAST = settings(max_examples=25, deadline=None)
 ALL = [
     "distance", "bucketing", "kmeans", "blocks",
     "window", "bigbird", "longformer", "reformer", "routing", "strided",
+    "distance_budget", "topk", "stacked", "priors", "cascade", "global_band",
     "syntax", "lexical", "position", "random",
 ]
 DEFAULT_COST = ["blocks", "window", "bigbird", "longformer", "strided", "syntax", "lexical", "position", "random"]
@@ -77,6 +78,8 @@ def sentence_context(name: str, lengths: list[int], seed: int = 0) -> dict[str, 
         return {"sentence_ids": [int(x) for x in rng.integers(0, 1000, len(lengths))]}
     if name == "distance":
         return {"head_dim": 12}
+    if "tokens" in REGISTRY[name].context_keys:
+        return {"tokens": toy_tokens(lengths)}
     return {}
 
 
@@ -89,9 +92,19 @@ def make_predictor(name: str, q: torch.Tensor, k: torch.Tensor, lengths: torch.T
     small = {"kmeans": {"n_clusters": 3}, "blocks": {"n_clusters": 3, "max_iter": 20}, "routing": {"n_clusters": 3},
              "distance": {"threshold": 3.0}, "bucketing": {"n_buckets": 3}, "strided": {"stride": 3}}
     pred = get_predictor(name, **{**small.get(name, {}), **params})
-    if pred.requires_fit:
+    if pred.family == "learned":  # learns from gold graphs (and token strings): a seeded random gold graph
+        g = torch.Generator().manual_seed(int(lengths.sum()) + 17)
+        edges = torch.rand((*q.shape[:3], q.shape[2]), generator=g) < 0.4
+        gold = AttentionGraph(edges, lengths)
+        pred.fit(q, k, lengths, gold=gold, tokens=toy_tokens([int(x) for x in lengths]))
+    elif pred.requires_fit:
         pred.fit(q, k, lengths)
     return pred
+
+
+def toy_tokens(lengths: list[int]) -> list[list[str]]:
+    """Token strings with repeats (the learned predictors' token priors key on them)."""
+    return [[f"t{i % 3}" for i in range(n)] for n in lengths]
 
 
 def loop_window(n: int, w: int) -> np.ndarray:

@@ -241,7 +241,8 @@ def test_default_methods_skip_what_cannot_run_and_explicit_requests_fail(setup):
              "position": [{"window": 1}]}
     frame = run_sweep(store, None, grids=grids, layers=[0], progress=False)
     skipped = frame.attrs["sweep"]["skipped"]
-    assert set(skipped) == {"distance", "bucketing", "kmeans", "blocks", "routing", "syntax", "lexical"}
+    assert set(skipped) == {"distance", "bucketing", "kmeans", "blocks", "routing", "syntax", "lexical",
+                            "distance_budget", "topk", "stacked", "priors", "cascade", "global_band"}
     assert "projections" in skipped["distance"] and "fitted" in skipped["routing"] and "context" in skipped["syntax"]
     # Reformer runs on the raw queries and keys without projections.
     assert set(frame.method) == set(grids)

@@ -109,6 +109,7 @@ def run_projections(out) -> None:
 
 def run_sweep_ui(out) -> None:
     from sparsefinder.fitted_io import save_fitted
+    from sparsefinder.predictors.learned import TokenContext
     from sparsefinder.projections import Projections
     from sparsefinder.store import ExtractionStore
     from sparsefinder.sweep import fit_predictors, run_sweep, save_sweep
@@ -123,7 +124,7 @@ def run_sweep_ui(out) -> None:
         # Saved beside the sweep, so pages that use this result predict with its own centroids.
         save_fitted(fitted, out / "fitted", info={"store": str(out / "store"), "max_points": SWEEP_MAX_POINTS})
         st.write("Scoring every configuration…")
-        frame = run_sweep(store, projections, methods=None, fitted=fitted, progress=False)
+        frame = run_sweep(store, projections, methods=None, fitted=fitted, progress=False, context=TokenContext())
         save_sweep(frame, out / "sweep.parquet")
         status.update(label=f"Sweep of {len(frame):,} rows saved to {out / 'sweep.parquet'}", state="complete")
 
