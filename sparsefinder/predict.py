@@ -108,8 +108,10 @@ def predict_layer(
     lengths = extraction.lengths
     if sentence_ids is None:
         sentence_ids = torch.arange(len(lengths))
-    context = {"head_dim": int(extraction.queries[layer].shape[-1]), "sentence_ids": sentence_ids,
-               "tokens": [list(t) for t in extraction.tokens]}
+    context = {"head_dim": int(extraction.queries[layer].shape[-1]), "sentence_ids": sentence_ids}
+    tokens = getattr(extraction, "tokens", None)  # a live model run (sparsefinder.approximate) has none
+    if tokens is not None:
+        context["tokens"] = [list(t) for t in tokens]
     context = {c: v for c, v in context.items() if c in cls.context_keys}
     with torch.no_grad():
         return pred.predict(q, k, lengths, causal=extraction.causal, **context)
