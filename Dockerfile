@@ -31,6 +31,7 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
 COPY pyproject.toml README.md ./
 COPY sparsefinder ./sparsefinder
 COPY app ./app
+COPY .streamlit ./.streamlit
 COPY data ./data
 RUN pip install --no-deps -e . \
     # Fail the build now, not at the first visitor, if the baked-in model or adapter is broken.
