@@ -520,7 +520,8 @@ class _Stacked(_BudgetPredictor):
         # Pairs outside the candidates are never scored: they do not train the model either.
         inside = torch.cat(ws, 1).double()
         self.mean_ = x.mean(1).float()
-        self.scale_ = x.std(1).clamp(min=1e-6).float()
+        # Population std: one training pair (a one-token sentence) must give 0, not NaN, before the clamp.
+        self.scale_ = x.std(1, correction=0).clamp(min=1e-6).float()
         xz = (x - self.mean_[:, None].double()) / self.scale_[:, None].double()
         self.weight_ = _fit_logistic(xz, y, weight=inside).float()
 
