@@ -407,6 +407,9 @@ class ActiveResult:
     fitted: Path | None
     sweep: Path | None
     curves: Path | None = None
+    #: More sweep tables shown beside ``sweep`` (the shipped learned predictors, made with
+    #: their own projections; see ``learned_sweep`` in data/models.json).
+    extra_sweeps: tuple[Path, ...] = ()
 
     @property
     def label(self) -> str:
@@ -415,7 +418,8 @@ class ActiveResult:
     @property
     def key(self) -> str:
         """Cache key of the artifacts (paths and file fingerprints)."""
-        parts = [self.name] + [f"{p}:{_file_version(p)}" for p in (self.projections, self.fitted, self.sweep)]
+        paths = (self.projections, self.fitted, self.sweep, *self.extra_sweeps)
+        parts = [self.name] + [f"{p}:{_file_version(p)}" for p in paths]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -425,12 +429,13 @@ def _dir_or_none(path) -> Path | None:
 
 def shipped_result(model_name: str) -> ActiveResult:
     spec = registry()[model_name]
-    sweep, curves = spec.artifact("sweep"), spec.artifact("curves")
+    sweep, curves, learned = spec.artifact("sweep"), spec.artifact("curves"), spec.artifact("learned_sweep")
     return ActiveResult(
         name=SHIPPED, is_default=True, store=None,
         projections=_dir_or_none(spec.artifact("projections")), fitted=_dir_or_none(spec.artifact("fitted")),
         sweep=sweep if sweep is not None and sweep.is_file() else None,
         curves=curves if curves is not None and curves.is_file() else None,
+        extra_sweeps=(learned,) if learned is not None and learned.is_file() else (),
     )
 
 
@@ -464,11 +469,22 @@ def _sweep(path: str, version: str):
 
 
 def sweep_table(name: str):
-    """The active result's sweep table (a DataFrame), or None when it has none."""
-    path = active_result(name).sweep
+    """The active result's sweep table (a DataFrame, with any extra tables' rows after it), or None."""
+    result = active_result(name)
+    path = result.sweep
     if path is None or not path.is_file():
         return None
-    return _sweep(str(path), _file_version(path))
+    frame = _sweep(str(path), _file_version(path))
+    extra = [_sweep(str(p), _file_version(p)) for p in result.extra_sweeps if p.is_file()]
+    if not extra:
+        return frame
+    import pandas as pd
+
+    known = set(frame["method"])
+    extra = [e[~e["method"].isin(known)] for e in extra]  # a method appears once, from the main table
+    out = pd.concat([frame, *extra], ignore_index=True)
+    out.attrs = frame.attrs
+    return out
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

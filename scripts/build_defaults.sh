@@ -20,6 +20,12 @@ $sf train --loss margin --store "$runs/train" --val-store "$runs/val" --out "dat
 $sf sweep --store "$runs/val" --projections "data/projections/$model" --fit-store "$runs/train" \
     --methods "$paper" --save-fitted "data/fitted/$model" --max-points 20000 --threads 1 \
     --out "data/sweeps/$model-validation.parquet"
+# The learned predictors (issue #7), on listwise r = 8 projections, swept beside the paper's methods on the
+# Pareto page (their fitted state, 89 MB for all heads, is not shipped).
+$sf train --loss listwise --rank 8 --store "$runs/train" --val-store "$runs/val" --out "data/projections/$model-listwise-r8"
+$sf sweep --store "$runs/val" --projections "data/projections/$model-listwise-r8" --fit-store "$runs/train" \
+    --methods distance_budget,topk,priors,stacked,cascade,global_band --threads 1 \
+    --out "data/sweeps/$model-learned-validation.parquet"
 $sf interpret --store "$runs/val" --projections "data/projections/$model" --fitted "data/fitted/$model" \
     --out "data/interpret/$model-validation"
 .venv/bin/python scripts/render_pareto.py "data/sweeps/$model-validation.parquet" docs/pareto

@@ -378,10 +378,18 @@ RATIOS = ("recall", "precision", "sparsity", "exact")
 def sweep_frame(lib):
     from sparsefinder.sweep import load_sweep
 
-    path = load_registry()[lib.name].artifact("sweep")
+    spec = load_registry()[lib.name]
+    path = spec.artifact("sweep")
     if path is None or not path.is_file():
         pytest.skip(f"model {lib.name} ships no sweep table")
-    return load_sweep(path)
+    frame = load_sweep(path)
+    learned = spec.artifact("learned_sweep")
+    if learned is not None and learned.is_file():  # shown beside the paper's methods, its own methods only
+        import pandas as pd
+
+        extra = load_sweep(learned)
+        frame = pd.concat([frame, extra[~extra["method"].isin(set(frame["method"]))]], ignore_index=True)
+    return frame
 
 
 def library_head_metrics(model, text: str, layer: int, head: int, method: str, params: str) -> dict[str, float]:

@@ -217,3 +217,26 @@ def test_pareto_page_shows_the_sparsity_accuracy_curves(lib):  # noqa: F811
     table = next(d.value for d in at.dataframe if "model_sparsity" in d.value.columns)
     assert set(table["layers"]) <= {"later", "none"}
     assert len(table) == int(curves["layers"].isin(["later", "none"]).sum())
+
+
+def test_pareto_shows_the_shipped_learned_predictors_beside_the_paper(lib):  # noqa: F811
+    from sparsefinder.registry import load_registry
+    from sparsefinder.sweep import load_sweep
+
+    spec = load_registry()[lib.name]
+    path = spec.artifact("learned_sweep")
+    if path is None or not path.is_file():
+        pytest.skip(f"{lib.name} ships no learned sweep")
+    learned = set(load_sweep(path)["method"])
+    paper = set(load_sweep(spec.artifact("sweep"))["method"])
+    at = make_app(lib.name)
+    at.switch_page("views/pareto.py").run()
+    assert not at.exception, at.exception
+    spec_ = next(s for s in plotly_specs(at) if "Recall against sparsity" in s["layout"]["title"]["text"])
+    shown = {t["name"] for t in spec_["data"] if "(dominated)" not in t["name"]}
+    assert (learned - paper) <= shown and paper <= shown
+    # a learned point cannot be drawn on a sentence without its fitted state: the page says so
+    stacked = next(o for o in at.selectbox(key="_w_pareto_config").options if o.startswith("stacked "))
+    at.selectbox(key="_w_pareto_config").set_value(stacked.replace(" ", "|", 1)).run()
+    assert not at.exception, at.exception
+    assert any("must be fitted" in i.value for i in at.info)

@@ -213,9 +213,13 @@ def main() -> None:
         ss[f"_w_{state.CONFIG}"] = clicked
     elif ss.get(state.CONFIG) and ss[state.CONFIG] not in options and ss[state.CONFIG] == ss.get(_LAST_CLICK):
         options.append(ss[state.CONFIG])
-    if not ss.get(state.CONFIG) and len(table):  # start at the best recall at sparsity >= 0.5
-        dense = table[table["sparsity"] >= THRESHOLDS[0]]
-        top = (dense if len(dense) else table).sort_values("recall", ascending=False, kind="stable").iloc[0]
+    if not ss.get(state.CONFIG) and len(table):  # start at the best drawable recall at sparsity >= 0.5
+        result = state.active_result(name)
+        projections, fitted = state.get_projections(name, result), state.get_fitted(name, result)
+        drawable = table[[unsupported_reason(m, projections, fitted) is None for m in table["method"]]]
+        pool = drawable if len(drawable) else table
+        dense = pool[pool["sparsity"] >= THRESHOLDS[0]]
+        top = (dense if len(dense) else pool).sort_values("recall", ascending=False, kind="stable").iloc[0]
         ss[state.CONFIG] = f"{top['method']}|{top['params']}"
     st.caption("Click a point in the chart, or choose a frontier configuration here.")
     config = state.persistent_widget(
