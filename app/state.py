@@ -462,29 +462,29 @@ def active_result(model_name: str) -> ActiveResult:
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _sweep(path: str, version: str):
+def _sweep(paths: tuple[str, ...], versions: tuple[str, ...]):
+    """The first table, then the rows of the others whose methods it does not have (``versions`` key the cache)."""
+    import pandas as pd
+
     from sparsefinder.sweep import load_sweep
 
-    return load_sweep(path)
+    frame = load_sweep(paths[0])
+    extra = [load_sweep(p) for p in paths[1:]]
+    if not extra:
+        return frame
+    known = set(frame["method"])  # a method appears once, from the main table
+    out = pd.concat([frame, *(e[~e["method"].isin(known)] for e in extra)], ignore_index=True)
+    out.attrs = frame.attrs
+    return out
 
 
 def sweep_table(name: str):
     """The active result's sweep table (a DataFrame, with any extra tables' rows after it), or None."""
     result = active_result(name)
-    path = result.sweep
-    if path is None or not path.is_file():
+    if result.sweep is None or not result.sweep.is_file():
         return None
-    frame = _sweep(str(path), _file_version(path))
-    extra = [_sweep(str(p), _file_version(p)) for p in result.extra_sweeps if p.is_file()]
-    if not extra:
-        return frame
-    import pandas as pd
-
-    known = set(frame["method"])
-    extra = [e[~e["method"].isin(known)] for e in extra]  # a method appears once, from the main table
-    out = pd.concat([frame, *extra], ignore_index=True)
-    out.attrs = frame.attrs
-    return out
+    paths = (result.sweep, *(p for p in result.extra_sweeps if p.is_file()))
+    return _sweep(tuple(str(p) for p in paths), tuple(_file_version(p) for p in paths))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

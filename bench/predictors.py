@@ -63,14 +63,6 @@ class TrueScores(_BudgetPredictor):
     name = "true_qk"
     input_space = "any"
 
-    def __init__(self, sparsity: float = 0.7, budget: str = "per_head", seed: int = 0, window: int = 0,
-                 global_tokens: bool = False) -> None:
-        self.sparsity = sparsity
-        self.budget = budget
-        self.seed = seed
-        self.window = window
-        self.global_tokens = global_tokens
-
     def _scores(self, q, k, lengths, causal, hashes):
         return (q.double() @ k.double().transpose(-1, -2))
 

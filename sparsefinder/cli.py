@@ -221,18 +221,25 @@ def cmd_distill(args) -> int:
     return 0
 
 
-def cmd_curves(args) -> int:
+def _corpus_texts_model(args):
+    """``curves``/``windows``: torch threads set, the corpus, its first ``--limit`` texts, the model."""
     import torch
 
-    from sparsefinder import approximate as ap
-    from sparsefinder.approx_plots import sparsity_accuracy_figure
     from sparsefinder.model import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     corpus = _load_corpus(args)
     texts = corpus.texts()[: args.limit] if args.limit else corpus.texts()
-    model = load_model(args.model, alpha=args.alpha, device=args.device, task=args.task)
+    return corpus, texts, load_model(args.model, alpha=args.alpha, device=args.device, task=args.task)
+
+
+def cmd_curves(args) -> int:
+
+    from sparsefinder import approximate as ap
+    from sparsefinder.approx_plots import sparsity_accuracy_figure
+
+    corpus, texts, model = _corpus_texts_model(args)
     projections, fitted = _curve_artifacts(args, model)
     if args.methods:
         methods = [m for m in args.methods.split(",") if m]
@@ -287,16 +294,10 @@ def cmd_curves(args) -> int:
 
 
 def cmd_windows(args) -> int:
-    import torch
 
-    from sparsefinder.model import load_model
     from sparsefinder.neighbour import WindowConfig, mean_width, save_windows, train_windows, windows_key
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    corpus = _load_corpus(args)
-    texts = corpus.texts()[: args.limit] if args.limit else corpus.texts()
-    model = load_model(args.model, alpha=args.alpha, device=args.device, task=args.task)
+    corpus, texts, model = _corpus_texts_model(args)
     runs = {}
     for subset in args.layers.split(";") if ";" in args.layers else args.layers.split(","):
         for lam in (float(x) for x in args.lambdas.split(",")):

@@ -222,6 +222,14 @@ class _BudgetPredictor(Predictor):
     thresholds_: torch.Tensor | None = None
     train_recall_: torch.Tensor | None = None
 
+    def __init__(self, sparsity: float = 0.7, budget: str = "per_head", seed: int = 0, window: int = 0,
+                 global_tokens: bool = False) -> None:
+        self.sparsity = sparsity
+        self.budget = budget
+        self.seed = seed
+        self.window = window
+        self.global_tokens = global_tokens
+
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         return [{"sparsity": s} for s in (0.5, 0.6, 0.7, 0.8, 0.9)]
@@ -350,14 +358,6 @@ class DistanceBudget(_BudgetPredictor):
     name: ClassVar[str] = "distance_budget"
     input_space: ClassVar[str] = "projected"
 
-    def __init__(self, sparsity: float = 0.7, budget: str = "per_head", seed: int = 0, window: int = 0,
-                 global_tokens: bool = False) -> None:
-        self.sparsity = sparsity
-        self.budget = budget
-        self.seed = seed
-        self.window = window
-        self.global_tokens = global_tokens
-
     def _scores(self, q, k, lengths, causal, hashes):
         return -sq_dists(q.float(), k.float())
 
@@ -368,14 +368,6 @@ class TopK(_BudgetPredictor):
 
     name: ClassVar[str] = "topk"
     input_space: ClassVar[str] = "projected"
-
-    def __init__(self, sparsity: float = 0.7, budget: str = "per_head", seed: int = 0, window: int = 0,
-                 global_tokens: bool = False) -> None:
-        self.sparsity = sparsity
-        self.budget = budget
-        self.seed = seed
-        self.window = window
-        self.global_tokens = global_tokens
 
     def _scores(self, q, k, lengths, causal, hashes):
         d = sq_dists(q.float(), k.float()).double()
