@@ -398,6 +398,12 @@ class ActiveResult:
     result without its own projections or fitted predictors falls back to the
     shipped ones (both depend on the model, not on the corpus); its sweep and
     corpus are its own.
+
+    The shipped result may also carry the learned predictors' fitted state
+    (``learned_fitted``), fitted on their own projections (``learned_projections``,
+    listwise r=8, not the paper's). A method fitted only there runs with both of
+    them (:func:`method_artifacts`). Saved results fit every method on their one
+    projections set, so they have none.
     """
 
     name: str
@@ -410,6 +416,10 @@ class ActiveResult:
     #: More sweep tables shown beside ``sweep`` (the shipped learned predictors, made with
     #: their own projections; see ``learned_sweep`` in data/models.json).
     extra_sweeps: tuple[Path, ...] = ()
+    #: The learned predictors' projections and fitted state as declared in data/models.json (they may not
+    #: exist yet: the pages then say how to make them).
+    learned_projections: Path | None = None
+    learned_fitted: Path | None = None
 
     @property
     def label(self) -> str:
@@ -418,7 +428,8 @@ class ActiveResult:
     @property
     def key(self) -> str:
         """Cache key of the artifacts (paths and file fingerprints)."""
-        paths = (self.projections, self.fitted, self.sweep, *self.extra_sweeps)
+        paths = (self.projections, self.fitted, self.sweep, *self.extra_sweeps, self.learned_projections,
+                 self.learned_fitted)
         parts = [self.name] + [f"{p}:{_file_version(p)}" for p in paths]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -436,6 +447,7 @@ def shipped_result(model_name: str) -> ActiveResult:
         sweep=sweep if sweep is not None and sweep.is_file() else None,
         curves=curves if curves is not None and curves.is_file() else None,
         extra_sweeps=(learned,) if learned is not None and learned.is_file() else (),
+        learned_projections=spec.artifact("learned_projections"), learned_fitted=spec.artifact("learned_fitted"),
     )
 
 
@@ -532,6 +544,64 @@ def get_fitted(name: str, result: ActiveResult | None = None):
     return _fitted(str(path), _file_version(path))
 
 
+def learned_fitted(name: str, result: ActiveResult | None = None) -> tuple[object | None, str | None]:
+    """``(fitted, problem)``: the result's learned predictors ``fitted[method][params][layer]``, or None and
+    why they are unusable (``problem`` is None too when the result declares none)."""
+    from sparsefinder.fitted_io import FittedFileError
+
+    path = (result or active_result(name)).learned_fitted
+    if path is None:
+        return None, None
+    if not path.is_dir():
+        return None, (f"the learned predictors' fitted state is missing ({path}); make it with "
+                      "`sparsefinder sweep ... --save-fitted` on the listwise projections")
+    try:
+        return _fitted(str(path), _file_version(path)), None
+    except FittedFileError as e:  # exceptions are not cached: a repaired file is picked up on the next run
+        return None, f"the learned predictors' fitted state could not be read: {e}"
+
+
+def learned_projections(name: str, result: ActiveResult | None = None):
+    """The projections the learned predictors were fitted on, or None (loading them needs the model)."""
+    path = (result or active_result(name)).learned_projections
+    if path is None or not path.is_dir():
+        return None
+    return _projections(name, str(path), _file_version(path), model_version(registry()[name]))
+
+
+def method_artifacts(name: str, method: str, result: ActiveResult | None = None) -> tuple[object, object]:
+    """``(projections, fitted)`` that ``method`` runs with on new text.
+
+    The result's own, except for a method fitted only in the learned predictors' state: its scorer
+    was fitted on the learned projections' :math:`q', k'`, so it must be fed those, not the paper's
+    (another projection's coordinates would be scored as if they were its own).
+    """
+    result = result or active_result(name)
+    projections, fitted = get_projections(name, result), get_fitted(name, result)
+    if fitted is not None and method in fitted:
+        return projections, fitted
+    l_fitted, _ = learned_fitted(name, result)
+    if l_fitted is not None and method in l_fitted:
+        return learned_projections(name, result), l_fitted
+    return projections, fitted
+
+
+def unsupported(name: str, method: str, result: ActiveResult | None = None) -> str | None:
+    """Why ``method`` cannot be drawn on new text with the result's artifacts (None when it can)."""
+    from sparsefinder.predict import unsupported_reason
+    from sparsefinder.predictors import REGISTRY
+
+    result = result or active_result(name)
+    reason = unsupported_reason(method, *method_artifacts(name, method, result))
+    # Only the learned predictors' modules: a paper method's missing fit has nothing to do with their file.
+    if reason is not None and method in REGISTRY and REGISTRY[method].__module__.startswith(
+            "sparsefinder.predictors.learned"):
+        problem = learned_fitted(name, result)[1]
+        if problem is not None:
+            reason = f"{reason}: {problem}"
+    return reason
+
+
 @st.cache_data(show_spinner=False, max_entries=16)
 def _corpus_texts(store: str, version: str) -> tuple[str, ...]:
     from sparsefinder.store import ExtractionStore
@@ -579,10 +649,8 @@ def head_prediction(
     from sparsefinder.predict import predict_layer
 
     ex = extraction(model_name, version, alpha, text_key, (_text,))
-    pred = predict_layer(
-        ex, layer, method, params, projections=get_projections(model_name, _result),
-        fitted=get_fitted(model_name, _result),
-    )
+    projections, fitted = method_artifacts(model_name, method, _result)
+    pred = predict_layer(ex, layer, method, params, projections=projections, fitted=fitted)
     gold = ex.gold(layer)
     m = graph_metrics(gold, pred)
     n = int(ex.lengths[0])
@@ -622,7 +690,7 @@ def batch_prediction(
     from sparsefinder.predict import predict_layer
 
     ex = extraction(model_name, version, alpha, texts_hash, _texts)
-    projections, fitted = get_projections(model_name, _result), get_fitted(model_name, _result)
+    projections, fitted = method_artifacts(model_name, method, _result)
     per_layer, packed = [], []
     for layer in range(ex.num_layers):
         pred = predict_layer(ex, layer, method, params, projections=projections, fitted=fitted)
@@ -650,13 +718,20 @@ def params_options(method: str, frame=None) -> list[str]:
 
 
 def available_methods(name: str, result: ActiveResult | None = None) -> list[str]:
-    """Registered methods the dashboard can run on new text with the active artifacts."""
+    """Registered methods the dashboard can run on new text with the active artifacts (the learned
+    predictors' included, when their fitted state is there), in registry order."""
     from sparsefinder.predict import predictable_methods
+    from sparsefinder.predictors import REGISTRY
 
     result = result or active_result(name)
     fitted = get_fitted(name, result)
     # Whether projections exist is enough here; loading them needs the model.
-    return predictable_methods(True if result.projections is not None else None, fitted)
+    methods = set(predictable_methods(True if result.projections is not None else None, fitted))
+    l_fitted, _ = learned_fitted(name, result)
+    if l_fitted is not None:
+        has_proj = result.learned_projections is not None and result.learned_projections.is_dir()
+        methods |= {m for m in predictable_methods(True if has_proj else None, l_fitted) if m in l_fitted}
+    return [m for m in REGISTRY if m in methods]
 
 
 def method_sidebar(name: str) -> tuple[str | None, str | None]:
@@ -674,6 +749,9 @@ def method_sidebar(name: str) -> tuple[str | None, str | None]:
         methods = [NO_METHOD, *available_methods(name, result)]
         method = persistent_widget(st.selectbox, METHOD, "Method", options=methods,
                                    help="The predictor whose graph Explore overlays on the gold graph.")
+        problem = learned_fitted(name, result)[1]
+        if problem is not None:
+            st.caption(f"The learned predictors cannot be drawn: {problem}.")
         if method == NO_METHOD:
             return None, None
         options = params_options(method, sweep_table(name))

@@ -76,14 +76,33 @@ ROWS = [
     ("per-query top-k, r=8 listwise", "topk", {}, "listwise", False),
     ("global_band: learned offsets + global keys (sub-quadratic)", "global_band", {}, "raw", False),
     ("priors: token + offset priors, no projection", "priors", {}, "raw", False),
-    ("cascade: stacked on band/global/cluster candidates, r=8", "cascade", {}, "listwise", False),
+    ("cascade: stacked on band/global/cluster candidates, r=8 (sub-quadratic)", "cascade", {}, "listwise", False),
+    ("cascade, caps off (every key of the attended clusters; O(n²))", "cascade",
+     {"max_cluster_keys": 0, "cluster_pool": 0}, "listwise", False),
     ("stacked: per-head logistic over cheap features, r=8", "stacked", {}, "listwise", False),
+    ("stacked without the row-rank feature (row_rank=False, no sort), r=8", "stacked", {"row_rank": False},
+     "listwise", False),
+    ("stacked_mlp: per-head MLP (16 tanh units) over the same features, r=8", "stacked_mlp", {}, "listwise", False),
     ("reference: true q·k, threshold per head", "true_qk", {}, "raw", False),
 ]
 
 
 def make(name: str, params: dict) -> _BudgetPredictor:
-    return TrueScores(**params) if name == "true_qk" else get_predictor(name, **params)
+    if name == "true_qk":
+        return TrueScores(**params)
+    return get_predictor(name, **params)
+
+
+def pair_chunks(lengths: torch.Tensor, pairs: int = 400_000) -> list[slice]:
+    """Consecutive sentence slices of at most ``pairs`` padded pairs (at least one sentence) per head."""
+    out, start = [], 0
+    while start < len(lengths):
+        stop = start + 1
+        while stop < len(lengths) and (stop + 1 - start) * int(lengths[start:stop + 1].max()) ** 2 <= pairs:
+            stop += 1
+        out.append(slice(start, stop))
+        start = stop
+    return out
 
 
 def inputs(kind: str, layer: int, q: torch.Tensor, k: torch.Tensor, projs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +165,7 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def time_costs(val: ExtractionStore, n: int, layers: list[int], projs: dict, fitted_models: dict,
-               head_dim: int) -> list[tuple[str, float]]:
+               head_dim: int, dense_too: bool = True) -> list[tuple[str, float]]:
     """Median wall time (ms) per sentence of ``n`` tokens, all heads of ``layers``, of every computation."""
     import entmax
 
@@ -189,12 +208,14 @@ def time_costs(val: ExtractionStore, n: int, layers: list[int], projs: dict, fit
         out.append(("q·kᵀ alone", median_ms(qk_alone, reps)))
         out.append(("gold: q·kᵀ + entmax15 + support", median_ms(gold, reps)))
         out.append(("paper distance r=4 (predict)", median_ms(paper_distance, reps)))
-        for (name, kind), by_layer in fitted_models.items():
+        for (name, kind, params), by_layer in fitted_models.items():
             if name == "true_qk":
                 continue
-            out.append((f"{name} ({kind}) predict, dense", median_ms(lambda k=kind, b=by_layer: dense(k, b), reps)))
+            label = f"{name} ({kind}{'' if params == '{}' else ', ' + params})"
+            if dense_too or name not in ("cascade", "global_band"):
+                out.append((f"{label} predict, dense", median_ms(lambda k=kind, b=by_layer: dense(k, b), reps)))
             if name in ("cascade", "global_band"):
-                out.append((f"{name} ({kind}) support, sparse",
+                out.append((f"{label} support, sparse",
                             median_ms(lambda m=name, k=kind, b=by_layer: sparse(m, k, b), reps)))
     return out
 
@@ -214,8 +235,15 @@ def main() -> int:
     ap.add_argument("--extra-projections", default=None,
                     help="comma-separated projection dirs: adds distance rows (one threshold, per head) for each")
     ap.add_argument("--distance-only", action="store_true", help="only the distance rows (and the reference)")
+    ap.add_argument("--stacked-projections", default=None,
+                    help="projections trained through the stacked loss (sparsefinder train --loss stacked): adds "
+                         "stacked, cascade and distance rows on them")
+    ap.add_argument("--levels", default="0.7,0.8", help="comma-separated target mean sparsities")
+    ap.add_argument("--rows", default=None, help="comma-separated methods: only their rows (and the reference)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global LEVELS
+    LEVELS = tuple(float(x) for x in args.levels.split(","))
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
     t_start = time.perf_counter()
 
@@ -232,8 +260,18 @@ def main() -> int:
                                 kind, True))
         rows.insert(5 + 2 * i, (f"distance r={proj.rank} {loss} [{path}], threshold per head", "distance_budget", {},
                                 kind, False))
+    if args.stacked_projections:
+        projs["joint"] = Projections.load(args.stacked_projections, store=val)
+        at = next(i for i, r in enumerate(rows) if r[1] == "true_qk")
+        rows[at:at] = [
+            ("distance r=8, stacked-loss projections, threshold per head", "distance_budget", {}, "joint", False),
+            ("cascade on stacked-loss projections (sub-quadratic)", "cascade", {}, "joint", False),
+            ("stacked on projections trained through its own loss, r=8", "stacked", {}, "joint", False),
+        ]
     if args.distance_only:
         rows = [r for r in rows if r[1] in ("distance_budget", "true_qk")]
+    if args.rows:
+        rows = [r for r in rows if r[1] in {*args.rows.split(","), "true_qk"}]
     layers = list(range(train.num_layers)) if args.layers is None else [int(x) for x in args.layers.split(",")]
     train_idx = list(range(len(train) if args.train_sentences is None else min(args.train_sentences, len(train))))
     print(f"training sentences: {len(train_idx)}, validation sentences: {len(val)}, layers {layers}", flush=True)
@@ -241,15 +279,15 @@ def main() -> int:
     curves: dict[int, list[HeadCurve]] = {i: [] for i in range(len(rows))}
     train_recall: dict[int, list[np.ndarray]] = {i: [] for i in range(len(rows))}
     fitted: dict[str, dict[str, dict[int, object]]] = {}
-    fitted_models: dict[tuple[str, str], dict[int, _BudgetPredictor]] = {}
+    fitted_models: dict[tuple[str, str, str], dict[int, _BudgetPredictor]] = {}
     fit_seconds: dict[str, float] = {}
     for layer in layers:
         t_layer = time.perf_counter()
         tb = next(train.iter_batches(layer, len(train_idx), indices=train_idx))
         vb = next(val.iter_batches(layer, len(val)))
-        cache: dict[tuple[str, str], _BudgetPredictor] = {}
+        cache: dict[tuple[str, str, str], _BudgetPredictor] = {}
         for i, (_label, name, params, kind, _) in enumerate(rows):
-            key = (name, kind)
+            key = (name, kind, json.dumps(params, sort_keys=True))
             if key not in cache:
                 t0 = time.perf_counter()
                 q, k = inputs(kind, layer, tb.queries, tb.keys, projs)
@@ -257,15 +295,14 @@ def main() -> int:
                 fit_seconds[f"{name}/{kind}"] = fit_seconds.get(f"{name}/{kind}", 0.0) + time.perf_counter() - t0
                 acc = CurveAccumulator(val.num_heads)
                 qv, kv = inputs(kind, layer, vb.queries, vb.keys, projs)
-                for s in range(0, len(val), 50):
-                    sl = slice(s, s + 50)
+                for sl in pair_chunks(vb.lengths):
                     n = int(vb.lengths[sl].max())
                     z = cache[key].scores(qv[sl, :, :n], kv[sl, :, :n], vb.lengths[sl], tokens=vb.tokens[sl])
                     acc.add(z, vb.gold.edges[sl, :, :n, :n], vb.lengths[sl])
                 # Compressed (exact points nearest 10,001 densities): 72 heads x 12 rows of full curves overflow memory.
                 cache[key].val_curves = [c.compress(10_001) for c in acc.curves()]  # type: ignore[attr-defined]
                 fitted_models.setdefault(key, {})[layer] = cache[key]
-                if name != "true_qk" and kind == "listwise" or name in ("priors", "global_band"):
+                if (name != "true_qk" and kind == "listwise" or name in ("priors", "global_band")) and not params:
                     for s_ in (0.5, 0.6, 0.7, 0.8, 0.9):
                         pred = make(name, {**params, "sparsity": s_}).load_state_dict(cache[key].state_dict())
                         fitted.setdefault(name, {}).setdefault(json.dumps({"sparsity": s_}), {})[layer] = pred
@@ -299,17 +336,18 @@ def main() -> int:
 
     print("\nRecall at matched mean sparsity (mean over the heads of", f"{len(layers)} layer(s); validation split, "
           f"{len(val)} sentences)")
-    print("| predictor | one threshold @0.7 | @0.8 | one budget every head @0.7 | @0.8 "
-          "| per-head budgets @0.7 | @0.8 |")
-    print("|---|---|---|---|---|---|---|")
+    heads = [f"{kind} @{s}" if i == 0 else f"@{s}" for kind in ("one threshold", "one budget every head",
+                                                                  "per-head budgets") for i, s in enumerate(LEVELS)]
+    print("| predictor | " + " | ".join(heads) + " |")
+    print("|---|" + "---|" * len(heads))
     for row in results:
         cells = [fmt(row.get(f"one_threshold@{s}")) if f"one_threshold@{s}" in row else "" for s in LEVELS]
         cells += [fmt(row.get(f"one_budget@{s}")) if f"one_budget@{s}" in row else "" for s in LEVELS]
         cells += [fmt(row.get(f"per_head@{s}")) if f"per_head@{s}" in row else "" for s in LEVELS]
         print(f"| {row['predictor']} | " + " | ".join(cells) + " |")
     paper = results[0]
-    print(f"paper's fixed grid t in {{0.5, ..., 5.0}} (interpolated): @0.7 {fmt(paper.get('paper_grid@0.7'))}, "
-          f"@0.8 {fmt(paper.get('paper_grid@0.8'))}")
+    print("paper's fixed grid t in {0.5, ..., 5.0} (interpolated): "
+          + ", ".join(f"@{s} {fmt(paper.get(f'paper_grid@{s}'))}" for s in LEVELS))
     achieved = {row["predictor"]: {k: v[1] for k, v in row.items() if isinstance(v, tuple)} for row in results}
     worst = max(abs(sp - float(k.split("@")[1])) for a in achieved.values() for k, sp in a.items())
     print(f"largest |achieved mean sparsity - target| over all cells: {worst:.2e}")
@@ -329,8 +367,9 @@ def main() -> int:
         for label, ms in rows_n:
             print(f"| {label} | {ms:.1f} | {ms / base:.2f} | {ms / gold_ms:.3f} |")
     cascade_sizes = {}
-    for (name, kind), by_layer in fitted_models.items():
+    for (name, kind, params), by_layer in fitted_models.items():
         if name == "cascade":
+            cascade_sizes[params] = sizes = {}
             for n in [int(x) for x in args.lengths.split(",") if x]:
                 toks, qk = timing_inputs(val, n, layers)
                 scored = 0
@@ -338,10 +377,10 @@ def main() -> int:
                     qp, kp = inputs(kind, layer, *qk[layer], projs)
                     idx, keep = by_layer[layer].support(qp[0], kp[0], toks)
                     scored += int((idx >= 0).sum())
-                cascade_sizes[n] = scored / (len(layers) * train.num_heads * n * n)
-    if cascade_sizes:
-        print("cascade: candidate pairs scored / n² (mean over heads): "
-              + ", ".join(f"n={n}: {v:.3f}" for n, v in cascade_sizes.items()))
+                sizes[n] = scored / (len(layers) * train.num_heads * n * n)
+    for params, sizes in cascade_sizes.items():
+        print(f"cascade {params}: candidate pairs scored / n² (mean over heads): "
+              + ", ".join(f"n={n}: {v:.3f}" for n, v in sizes.items()))
     print(f"\ntotal bench time {time.perf_counter() - t_start:.0f}s", flush=True)
 
     if args.save_fitted:

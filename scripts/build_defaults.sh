@@ -14,18 +14,18 @@ runs=${RUNS:-runs/default}
 $sf extract --model "$model" --split train --out "$runs/train" --overwrite
 $sf extract --model "$model" --split validation --out "$runs/val" --overwrite
 # The shipped projections and sweep are the paper's recipe (margin loss, r = 4, the paper's methods);
-# the learned predictors of bench/predictors.py (listwise loss, the CLI's default) are not shipped.
+# the learned predictors (listwise loss, the CLI's default) get their own projections, sweep and fitted state below.
 paper=distance,bucketing,kmeans,blocks,window,bigbird,longformer,reformer,routing,strided,syntax,lexical,position,random
 $sf train --loss margin --store "$runs/train" --val-store "$runs/val" --out "data/projections/$model"
 $sf sweep --store "$runs/val" --projections "data/projections/$model" --fit-store "$runs/train" \
     --methods "$paper" --save-fitted "data/fitted/$model" --max-points 20000 --threads 1 \
     --out "data/sweeps/$model-validation.parquet"
 # The learned predictors (issue #7), on listwise r = 8 projections, swept beside the paper's methods on the
-# Pareto page (their fitted state, 89 MB for all heads, is not shipped).
+# Pareto page; their fitted state (deduplicated, a few MB) lets Explore/Compare draw them on new text.
 $sf train --loss listwise --rank 8 --store "$runs/train" --val-store "$runs/val" --out "data/projections/$model-listwise-r8"
 $sf sweep --store "$runs/val" --projections "data/projections/$model-listwise-r8" --fit-store "$runs/train" \
     --methods distance_budget,topk,priors,stacked,cascade,global_band --threads 1 \
-    --out "data/sweeps/$model-learned-validation.parquet"
+    --save-fitted "data/fitted/$model-learned" --out "data/sweeps/$model-learned-validation.parquet"
 $sf interpret --store "$runs/val" --projections "data/projections/$model" --fitted "data/fitted/$model" \
     --out "data/interpret/$model-validation"
 .venv/bin/python scripts/render_pareto.py "data/sweeps/$model-validation.parquet" docs/pareto

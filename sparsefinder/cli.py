@@ -87,6 +87,8 @@ def cmd_train(args) -> int:
     from sparsefinder.store import ExtractionStore
 
     store = ExtractionStore.open(args.store)
+    if args.loss == "stacked":
+        return _train_stacked(args, store)
     train_idx, val = None, None
     if args.val_store:
         val = ExtractionStore.open(args.val_store)
@@ -101,6 +103,21 @@ def cmd_train(args) -> int:
     )
     proj.save(Path(args.out), projection_manifest(store, history["config"], history))
     print(f"saved projections (r={args.rank}) to {args.out}")
+    return 0
+
+
+def _train_stacked(args, store) -> int:
+    from sparsefinder.joint import train_stacked_projections
+    from sparsefinder.projections import Projections, projection_manifest
+
+    if not args.init:
+        raise SystemExit("--loss stacked fine-tunes existing projections: give --init DIR (e.g. listwise ones)")
+    init = Projections.load(args.init, store=store)
+    proj, history = train_stacked_projections(store, init, steps=args.steps, lr=args.lr, seed=args.seed)
+    history["config"]["init_dir"] = str(args.init)
+    proj.save(Path(args.out), projection_manifest(store, history["config"], history))
+    print(f"saved projections (r={proj.rank}, trained through the stacked loss from {args.init}) to {args.out} "
+          f"in {history['seconds']:.0f}s")
     return 0
 
 
@@ -365,9 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--val-store", default=None, help="extraction of the validation split (default: hold out 10%%)")
     sp.add_argument("--out", required=True, help="output directory (projections.safetensors + manifest.json)")
     sp.add_argument("--rank", type=int, default=4)
-    sp.add_argument("--loss", default="listwise", choices=["margin", "listwise"],
+    sp.add_argument("--loss", default="listwise", choices=["margin", "listwise", "stacked"],
                     help="listwise (default): cross-entropy of each query over its keys against the gold support; "
-                         "margin: the paper's hinge with sampled negatives (--loss margin reproduces the paper)")
+                         "margin: the paper's hinge with sampled negatives (--loss margin reproduces the paper); "
+                         "stacked: fine-tune --init projections through the stacked predictor's loss")
+    sp.add_argument("--init", default=None, help="--loss stacked: the projections to start from")
+    sp.add_argument("--steps", type=int, default=300, help="--loss stacked: Adam steps per layer")
     sp.add_argument("--separate", action="store_true", help="separate W_Q and W_K instead of one shared map")
     sp.add_argument("--epochs", type=int, default=3)
     sp.add_argument("--batch-size", type=int, default=32)

@@ -72,6 +72,22 @@ def predictable_methods(projections: Any = None, fitted: Mapping | None = None) 
     return [m for m in REGISTRY if unsupported_reason(m, projections, fitted) is None]
 
 
+def fitted_predictor(fitted: Mapping, method: str, params: str | Mapping[str, Any] | None, layer: int):
+    """``fitted[method][params][layer]``, with ``params`` matched by its canonical JSON (:func:`params_key`).
+
+    Files from the CLI sweep are keyed canonically; other writers (``bench/predictors.py``) use
+    ``json.dumps`` spacing, which names the same grid point. Raises ``KeyError`` when there is none.
+    """
+    by_params = fitted[method]
+    key = params_key(params)
+    if key in by_params:
+        return by_params[key][int(layer)]
+    for k, by_layer in by_params.items():
+        if params_key(k) == key:
+            return by_layer[int(layer)]
+    raise KeyError(key)
+
+
 def predict_layer(
     extraction,
     layer: int,
@@ -94,7 +110,7 @@ def predict_layer(
     key = params_key(params)
     if cls.requires_fit:
         try:
-            pred = fitted[method][key][int(layer)]
+            pred = fitted_predictor(fitted, method, key, layer)
         except KeyError as e:
             raise UnsupportedMethodError(f"no fitted {method} {key} for layer {layer}") from e
     else:

@@ -58,8 +58,8 @@ Every fast path gives exactly the numbers of ``predictor.predict`` followed by
 :func:`~sparsefinder.metrics.graph_metrics` (tests/test_sweep.py checks it).
 
 Which methods run by default (``methods=None``): every registered predictor
-whose inputs are available. Methods on the ``"projected"`` space need
-``projections``; methods with ``input_space = "any"`` (Reformer, Routing) get
+whose inputs are available, except the opt-in ones (``default_sweep = False``).
+Methods on the ``"projected"`` space need ``projections``; methods with ``input_space = "any"`` (Reformer, Routing) get
 the projected vectors when there are projections and the raw ones otherwise;
 methods that learn (k-means, blocks, Routing) need their fitted instances in
 ``fitted`` (from :func:`fit_predictors`, on a *training* store); syntax and
@@ -155,7 +155,7 @@ PREDICT_ONLY_PARAMS: dict[str, frozenset[str]] = {
     "blocks": frozenset({"top_k", "variant", "block_window"}),
     # The learned predictors' target sparsity only picks thresholds on the fitted curves.
     **{m: frozenset({"sparsity", "budget"})
-       for m in ("distance_budget", "topk", "stacked", "priors", "cascade", "global_band")},
+       for m in ("distance_budget", "topk", "stacked", "priors", "cascade", "global_band", "stacked_mlp")},
 }
 """Hyperparameters that do not change what :meth:`fit` learns (besides ``window``/``global_tokens``),
 so configurations differing only in them share one fit."""
@@ -328,8 +328,8 @@ def fit_predictors(
     """
     t0 = time.perf_counter()
     if methods is None:
-        methods = [m for m, cls in REGISTRY.items()
-                   if cls.requires_fit and (projections is not None or cls.input_space != "projected")]
+        methods = [m for m, cls in REGISTRY.items() if cls.requires_fit and cls.default_sweep
+                   and (projections is not None or cls.input_space != "projected")]
     for m in methods:
         if m not in REGISTRY:
             raise KeyError(f"unknown predictor {m!r}")
@@ -1014,7 +1014,7 @@ def _select_methods(
     explicit = methods is not None
     chosen: list[str] = []
     skipped: dict[str, str] = {}
-    for m in (list(REGISTRY) if methods is None else list(methods)):
+    for m in ([m for m, c in REGISTRY.items() if c.default_sweep] if methods is None else list(methods)):
         if m not in REGISTRY:
             raise KeyError(f"unknown predictor {m!r}; known: {list(REGISTRY)}")
         cls = REGISTRY[m]

@@ -394,28 +394,42 @@ def sweep_frame(lib):
 
 def library_head_metrics(model, text: str, layer: int, head: int, method: str, params: str) -> dict[str, float]:
     """One head's metrics computed with the predictors directly (not through sparsefinder.predict)."""
+    from sparsefinder.metrics import graph_metrics
+
+    ex = model.extract([text])
+    m = graph_metrics(ex.gold(layer), library_graph(model, ex, layer, method, params))
+    return {r: float(m[r][0, head]) for r in RATIOS}
+
+
+def library_graph(model, ex, layer: int, method: str, params: str):
+    """``method`` ``params``'s predicted graph of ``layer`` on the extraction ``ex``, from the shipped files.
+
+    A method fitted only in the learned predictors' state (``learned_fitted``) runs on the projections it
+    was fitted on (``learned_projections``) with the sentence's tokens; the others on the paper's."""
     import torch
 
     from sparsefinder.fitted_io import load_fitted
-    from sparsefinder.metrics import graph_metrics
     from sparsefinder.predictors import REGISTRY, get_predictor
     from sparsefinder.projections import Projections
 
     spec = load_registry()[model.name]
-    ex = model.extract([text])
     cls = REGISTRY[method]
+    projections, fitted = spec.artifact("projections"), spec.artifact("fitted")
+    if cls.requires_fit and method not in load_fitted(fitted):
+        projections, fitted = spec.artifact("learned_projections"), spec.artifact("learned_fitted")
     q, k = ex.queries[layer].float(), ex.keys[layer].float()
-    if cls.input_space in ("projected", "any") and spec.artifact("projections") is not None:
-        proj = Projections.load(spec.artifact("projections"), model=model)
+    if cls.input_space in ("projected", "any") and projections is not None:
+        proj = Projections.load(projections, model=model)
         q, k = proj.project_queries(layer, q).float(), proj.project_keys(layer, k).float()
     if cls.requires_fit:
-        pred = load_fitted(spec.artifact("fitted"))[method][params][layer]
+        # the grid point by value: a file's params JSON may be spaced differently from the sweep table's
+        pred = next(by_layer[layer] for p, by_layer in load_fitted(fitted)[method].items()
+                    if json.loads(p) == json.loads(params))
     else:
         pred = get_predictor(method, **json.loads(params))
-    context = {"head_dim": int(ex.queries[layer].shape[-1]), "sentence_ids": torch.arange(1)}
-    graph = pred.predict(q, k, ex.lengths, causal=ex.causal, **{c: context[c] for c in cls.context_keys})
-    m = graph_metrics(ex.gold(layer), graph)
-    return {r: float(m[r][0, head]) for r in RATIOS}
+    context = {"head_dim": int(ex.queries[layer].shape[-1]), "sentence_ids": torch.arange(len(ex.lengths)),
+               "tokens": [list(t) for t in ex.tokens]}
+    return pred.predict(q, k, ex.lengths, causal=ex.causal, **{c: context[c] for c in cls.context_keys})
 
 
 def shown_metrics(at: AppTest) -> dict[str, float]:

@@ -235,8 +235,163 @@ def test_pareto_shows_the_shipped_learned_predictors_beside_the_paper(lib):  # n
     spec_ = next(s for s in plotly_specs(at) if "Recall against sparsity" in s["layout"]["title"]["text"])
     shown = {t["name"] for t in spec_["data"] if "(dominated)" not in t["name"]}
     assert (learned - paper) <= shown and paper <= shown
-    # a learned point cannot be drawn on a sentence without its fitted state: the page says so
+    # a learned point is drawn on the sentence with the learned predictors' own projections and fitted state
+    if not learned_fitted_shipped(lib):
+        pytest.skip(f"{lib.name} ships no learned fitted state")
+    stacked = next(o for o in at.selectbox(key="_w_pareto_config").options if o.startswith("stacked "))
+    at.selectbox(key="_w_pareto_config").set_value(stacked.replace(" ", "|", 1)).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    layer, head = at.session_state["layer"], at.session_state["head"]
+    want = library_head_metrics(lib, DEFAULT_TEXT, layer, head, "stacked", stacked.split(" ", 1)[1])
+    got = shown_metrics(at)
+    for r in RATIOS:
+        assert got[r] == pytest.approx(want[r], abs=6e-5), r
+
+
+# -- the learned predictors (fitted on their own projections) on a typed sentence --------------------------
+LEARNED_TEXT = "The committee approved the new budget after a long debate in March."
+
+
+def learned_fitted_shipped(lib) -> bool:  # noqa: F811
+    from sparsefinder.registry import load_registry
+
+    spec = load_registry()[lib.name]
+    path = spec.artifact("learned_fitted")
+    return path is not None and path.is_dir() and spec.artifact("learned_projections") is not None
+
+
+@pytest.fixture()
+def learned(lib):  # noqa: F811
+    if not learned_fitted_shipped(lib):
+        pytest.skip(f"{lib.name} ships no learned fitted state")
+    return lib
+
+
+def library_learned(model, text: str, method: str, params: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(gold, pred)``, each ``(L, H, n, n)`` bool: gold is the support of the probabilities; pred the shipped
+    learned fitted state loaded with ``load_fitted``, q and k projected with the listwise projections and
+    ``predict`` given the tokens (not the app's helper)."""
+    import torch
+
+    from sparsefinder.fitted_io import load_fitted
+    from sparsefinder.projections import Projections
+    from sparsefinder.registry import load_registry
+
+    spec = load_registry()[model.name]
+    proj = Projections.load(spec.artifact("learned_projections"), model=model)
+    by_layer = next(v for p, v in load_fitted(spec.artifact("learned_fitted"))[method].items()
+                    if json.loads(p) == json.loads(params))
+    ex = model.extract([text])
+    n = int(ex.lengths[0])
+    gold, pred = [], []
+    for layer in range(ex.num_layers):
+        q = proj.project_queries(layer, ex.queries[layer].float()).float()
+        k = proj.project_keys(layer, ex.keys[layer].float()).float()
+        with torch.no_grad():
+            graph = by_layer[layer].predict(q, k, ex.lengths, tokens=[list(ex.tokens[0])])
+        pred.append(graph.edges[0, :, :n, :n].numpy())
+        gold.append(ex.probs[layer][0, :, :n, :n].numpy() > 0)
+    return np.stack(gold), np.stack(pred)
+
+
+def brute_metrics(gold: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """One head's ratios over its ``n × n`` pairs (a bidirectional model: every pair is valid)."""
+    tp, g, p = int((gold & pred).sum()), int(gold.sum()), int(pred.sum())
+    return {"recall": tp / g if g else 1.0, "precision": tp / p if p else 1.0, "sparsity": 1 - p / gold.size,
+            "exact": float(np.mean([(gold[i] <= pred[i]).all() for i in range(len(gold))]))}
+
+
+@pytest.mark.parametrize("method", ["stacked", "cascade"])
+def test_explore_draws_a_learned_method_on_a_typed_sentence(learned, method):
+    from tests.test_app import analyse
+
+    params = '{"sparsity":0.7}'  # the learned sweep's canonical key; the shipped file may space it differently
+    at = explore_with_method(learned, method=method, params=params, layer=3, head=4)
+    assert method in at.selectbox(key="_w_method").options
+    assert at.selectbox(key="_w_method").value == method and at.selectbox(key="_w_params").value == params
+    at = analyse(at, LEARNED_TEXT)
+    assert not at.error, [e.value for e in at.error]
+    golds, preds = library_learned(learned, LEARNED_TEXT, method, params)
+    gold, pred = golds[3, 4], preds[3, 4]
+    want = brute_metrics(gold, pred)
+    got = shown_metrics(at)
+    for r in RATIOS:
+        assert got[r] == pytest.approx(want[r], abs=6e-5), r
+    # the overlay's marks are this graph's outcomes, cell by cell
+    fig = head_figure(at)
+    names = [t.get("name") for t in fig["data"]]
+    code = decode(fig["data"][names.index("prediction")]["z"]).astype(float)
+    expect = np.where(gold & pred, 0.0, np.where(pred, 1.0, np.where(gold, 2.0, np.nan)))
+    np.testing.assert_array_equal(code, expect)
+    assert pred.sum() < pred.size  # the learned method drops pairs: the comparison is not trivially all-TP
+
+    # the overview's recall grid: every layer and head, same independent path
+    at.radio(key="_w_overview").set_value("method recall").run()
+    assert not at.exception, at.exception
+    grid = np.array([[brute_metrics(g, p)["recall"] for g, p in zip(gl, pl, strict=True)]
+                     for gl, pl in zip(golds, preds, strict=True)])
+    np.testing.assert_allclose(at.dataframe[0].value.to_numpy(dtype=float), grid, atol=1e-6)
+
+
+def test_compare_draws_learned_and_paper_methods(learned):
+    at = make_app(learned.name)
+    at.switch_page("views/compare.py").run()
+    at.text_input(key="_w_graph_text").input(LEARNED_TEXT).run()
+    at.multiselect(key="_w_compare_methods").set_value(["stacked", "cascade", "kmeans"]).run()
+    at.selectbox(key="_w_layer").set_value(2).run()
+    at.selectbox(key="_w_head").set_value(9).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = at.dataframe[0].value.set_index("method")
+    for method in ("stacked", "cascade"):
+        params = table.loc[method, "params"]
+        assert params == at.selectbox(key=f"_w_compare_params_{method}").value
+        golds, preds = library_learned(learned, LEARNED_TEXT, method, params)
+        want = brute_metrics(golds[2, 9], preds[2, 9])
+        for r in RATIOS:
+            assert table.loc[method, r] == pytest.approx(want[r], abs=1e-9), (method, r)
+    want = library_head_metrics(learned, LEARNED_TEXT, 2, 9, "kmeans", table.loc["kmeans", "params"])
+    for r in RATIOS:
+        assert table.loc["kmeans", r] == pytest.approx(want[r], abs=1e-9), r
+
+
+def test_missing_learned_fitted_state_leaves_the_app_working(learned, monkeypatch, tmp_path):
+    """A data directory without the learned fitted state: the learned methods are not offered or drawn, the
+    pages say why, and the paper's methods still draw."""
+    from sparsefinder.registry import data_dir
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for entry in data_dir().iterdir():
+        if entry.name != "fitted":
+            (data / entry.name).symlink_to(entry)
+    (data / "fitted").mkdir()
+    for entry in (data_dir() / "fitted").iterdir():
+        if not entry.name.endswith("-learned"):
+            (data / "fitted" / entry.name).symlink_to(entry)
+    monkeypatch.setenv("SPARSEFINDER_DATA", str(data))
+
+    at = explore_with_method(learned, method="stacked", params='{"sparsity":0.7}')
+    assert "stacked" not in at.selectbox(key="_w_method").options
+    assert at.selectbox(key="_w_method").value == "(gold only)"
+    assert "kmeans" in at.selectbox(key="_w_method").options
+    assert any("learned predictors' fitted state is missing" in c.value for c in at.sidebar.caption)
+
+    at.switch_page("views/pareto.py").run()
+    assert not at.exception, at.exception
+    method = at.selectbox(key="_w_pareto_config").value.split("|", 1)[0]
+    assert method not in ("stacked", "cascade", "priors", "topk", "distance_budget", "global_band")
     stacked = next(o for o in at.selectbox(key="_w_pareto_config").options if o.startswith("stacked "))
     at.selectbox(key="_w_pareto_config").set_value(stacked.replace(" ", "|", 1)).run()
     assert not at.exception, at.exception
-    assert any("must be fitted" in i.value for i in at.info)
+    assert any("must be fitted" in i.value and "fitted state is missing" in i.value for i in at.info)
+
+    at.switch_page("views/compare.py").run()
+    at.multiselect(key="_w_compare_methods").set_value(["cascade", "kmeans"]).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = at.dataframe[0].value.set_index("method")
+    assert np.isnan(table.loc["cascade", "recall"])
+    assert any("cascade" in i.value and "fitted state is missing" in i.value for i in at.info)
+    want = library_head_metrics(learned, DEFAULT_TEXT, at.session_state["layer"], at.session_state["head"],
+                                "kmeans", table.loc["kmeans", "params"])
+    for r in RATIOS:
+        assert table.loc["kmeans", r] == pytest.approx(want[r], abs=1e-9), r

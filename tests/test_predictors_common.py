@@ -30,7 +30,7 @@ FAST = settings(max_examples=25, deadline=None)
 ALL = [
     "distance", "bucketing", "kmeans", "blocks",
     "window", "bigbird", "longformer", "reformer", "routing", "strided",
-    "distance_budget", "topk", "stacked", "priors", "cascade", "global_band",
+    "distance_budget", "topk", "stacked", "priors", "cascade", "global_band", "stacked_mlp",
     "syntax", "lexical", "position", "random",
 ]
 DEFAULT_COST = ["blocks", "window", "bigbird", "longformer", "strided", "syntax", "lexical", "position", "random"]
@@ -90,7 +90,8 @@ def slice_context(context: dict[str, Any], b: int) -> dict[str, Any]:
 def make_predictor(name: str, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, **params: Any) -> Predictor:
     """A predictor with small test hyperparameters, fitted on (q, k) when it learns."""
     small = {"kmeans": {"n_clusters": 3}, "blocks": {"n_clusters": 3, "max_iter": 20}, "routing": {"n_clusters": 3},
-             "distance": {"threshold": 3.0}, "bucketing": {"n_buckets": 3}, "strided": {"stride": 3}}
+             "distance": {"threshold": 3.0}, "bucketing": {"n_buckets": 3}, "strided": {"stride": 3},
+             "stacked_mlp": {"hidden": 3, "steps": 20}}
     pred = get_predictor(name, **{**small.get(name, {}), **params})
     if pred.family == "learned":  # learns from gold graphs (and token strings): a seeded random gold graph
         g = torch.Generator().manual_seed(int(lengths.sum()) + 17)

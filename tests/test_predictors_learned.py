@@ -254,10 +254,12 @@ def test_logistic_fit_is_a_stationary_point():
     assert float(w[0, 0].detach()) > 0.5 and float(w[0, 1].detach()) < -0.2
 
 
-@pytest.mark.parametrize("name", ["cascade", "global_band"])
-def test_sparse_support_equals_dense_predict(name):
-    pred, _ = fit(name, sparsity=0.5)
-    q, k, lengths, _, tokens = random_data(9, [7, 4, 1])
+@pytest.mark.parametrize("name,params", [("cascade", {}), ("cascade", {"max_cluster_keys": 2, "n_clusters": 3}),
+                                         ("cascade", {"max_cluster_keys": 0, "band": 1}),
+                                         ("cascade", {"max_cluster_keys": 2, "cluster_pool": 5}), ("global_band", {})])
+def test_sparse_support_equals_dense_predict(name, params):
+    pred, _ = fit(name, sparsity=0.5, **params)
+    q, k, lengths, _, tokens = random_data(9, [7, 4, 1, 12])
     for b, n in enumerate(lengths.tolist()):
         qb, kb = q[b:b + 1, :, :n].float(), k[b:b + 1, :, :n].float()
         dense = pred.predict(qb, kb, [n], tokens=[tokens[b]]).edges[0]
@@ -359,3 +361,95 @@ def test_compressed_curve_keeps_exact_points_and_interpolates_closely():
         assert small.recall_at_density(d) == pytest.approx(curve.recall_at_density(d), abs=2e-3)
         t = small.threshold_at_density(d)
         assert curve.density_at_threshold(t) >= d - 1e-12  # still a calibration that reaches d
+
+
+def cascade_candidates_bruteforce(pred, q, k, n, tokens):
+    """Loops: every query's candidate keys (band, global, ends, its cluster's capped list) of one sentence."""
+    cent = pred.centroids_.double()
+    aff = pred.affinity_.double()
+    H, C = aff.shape[:2]
+    prior = [[0.0] * n for _ in range(H)]
+    from sparsefinder.predictors.learned import _lookup
+
+    kp = _lookup(pred.key_hashes_, pred.key_prior_, token_hashes([tokens], 1, n))[0]
+    out = np.zeros((H, n, n), dtype=bool)
+    for h in range(H):
+        prior[h] = [float(kp[h, j]) for j in range(n)]
+        glob = sorted(range(n), key=lambda j: (-prior[h][j], j))[:pred.n_global]
+
+        def nearest(x, side, h=h):
+            d = [float(((x - cent[h, side, c]) ** 2).sum()) for c in range(C)]
+            return min(range(C), key=lambda c: (d[c], c))
+
+        ck = [nearest(k[h, j].double(), 1) for j in range(n)]
+        for i in range(n):
+            a = nearest(q[h, i].double(), 0)
+            row_rank = sorted(range(C), key=lambda b: (-float(aff[h, a, b]), b))
+            rank_of = {b: r for r, b in enumerate(row_rank)}
+            eligible = [j for j in range(n) if rank_of[ck[j]] < pred.cluster_top]
+            dist = {j: float(((cent[h, 0, a].float() - k[h, j].float()) ** 2).sum()) for j in eligible}
+            listed = sorted(eligible, key=lambda j: (rank_of[ck[j]], dist[j], j))
+            pool = listed[:pred.cluster_pool or n]
+            own = {j: float(((q[h, i].float() - k[h, j].float()) ** 2).sum()) for j in pool}
+            near = sorted(range(len(pool)), key=lambda p: (own[pool[p]], p))[:pred.max_cluster_keys or n]
+            near = [pool[p] for p in near]
+            for j in range(n):
+                out[h, i, j] = (abs(i - j) <= pred.band or j in glob or j in (0, n - 1) or j in near)
+    return out
+
+
+@pytest.mark.parametrize("cap,pool", [(0, 0), (1, 0), (3, 0), (0, 2), (2, 4), (3, 3)])
+def test_cascade_candidates_match_bruteforce(cap, pool):
+    pred, _ = fit("cascade", n_clusters=3, cluster_top=2, band=1, n_global=1, max_cluster_keys=cap,
+                  cluster_pool=pool)
+    q, k, lengths, _, tokens = random_data(4, [9, 5])
+    for b, n in enumerate(lengths.tolist()):
+        qb, kb = q[b:b + 1, :, :n].float(), k[b:b + 1, :, :n].float()
+        hashes = token_hashes([tokens[b]], 1, n)
+        cand = pred._candidates(qb, kb, torch.tensor([n]), False, hashes)[0]
+        expect = cascade_candidates_bruteforce(pred, qb[0], kb[0], n, tokens[b])
+        assert np.array_equal(cand.numpy(), expect)
+        # The cap bounds the number of candidates of every query.
+        if cap or pool:
+            assert int(cand.sum(-1).max()) <= 2 * 1 + 1 + 1 + 2 + min(cap or n, pool or n)
+
+
+def test_cascade_support_width_does_not_grow_with_n():
+    pred, _ = fit("cascade", max_cluster_keys=5, band=2, n_global=2)
+    rng = np.random.default_rng(3)
+    for n in (50, 400):
+        q = torch.from_numpy(rng.normal(size=(2, n, 3))).float()
+        idx, keep = pred.support(q, q.flip(1), None)
+        assert idx.shape[-1] <= 2 * 2 + 1 + 2 + 2 + 5
+        assert bool(keep.any())
+
+
+def test_stacked_without_row_rank_drops_one_feature_and_checks_its_state():
+    pred, (q, k, lengths, gold, tokens) = fit("stacked", row_rank=False)
+    assert "log_rank" not in pred.features and len(pred.features) == 12
+    assert tuple(pred.weight_.shape) == (2, 13)
+    # Without the rank, a key's score does not depend on the other keys of its row: shuffling them
+    # (keeping each key's own features) leaves every score as it was.
+    z = pred.scores(q, k, lengths, tokens=tokens)
+    full, _ = fit("stacked")
+    z_full = full.scores(q, k, lengths, tokens=tokens)
+    far = k.clone()
+    far[0, :, 3] += 100.0  # key 3 of sentence 0 moves away: other keys' ranks change, their distances do not
+    changed = pred.scores(q, far, lengths, tokens=tokens)
+    keep = [j for j in range(6) if j != 3]
+    rows_min_same = torch.ones(2, 6, dtype=torch.bool)  # rel_dist moves only where key 3 was the row minimum
+    d = sq_dists(q[0].float(), k[0].float())
+    rows_min_same &= d.argmin(-1) != 3
+    for h in range(2):
+        for i in range(6):
+            if rows_min_same[h, i]:
+                assert torch.equal(changed[0, h, i, keep], z[0, h, i, keep])
+    assert not torch.equal(z, z_full)
+    # With the rank the same move changes other keys' scores in those rows (the check above can fail).
+    moved = full.scores(q, far, lengths, tokens=tokens)
+    assert any(not torch.equal(moved[0, h, i, keep], z_full[0, h, i, keep])
+               for h in range(2) for i in range(6) if rows_min_same[h, i])
+    with pytest.raises(ValueError, match="another feature set"):
+        get_predictor("stacked").load_state_dict(pred.state_dict())
+    with pytest.raises(ValueError, match="row_rank"):
+        get_predictor("stacked", row_rank="no").fit(q, k, lengths, gold=gold, tokens=tokens)

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app import state
-from sparsefinder.predict import outcome_heatmap, unsupported_reason
+from sparsefinder.predict import outcome_heatmap
 from sparsefinder.predictors import REGISTRY
 from sparsefinder.sweep import best_recall_at
 
@@ -79,7 +79,6 @@ def main() -> None:
         return
 
     result = state.active_result(name)
-    projections, fitted = state.get_projections(name, result), state.get_fitted(name, result)
     chosen: dict[str, str] = {}
     cols = st.columns(min(len(methods), 4))
     for i, method in enumerate(methods):
@@ -99,7 +98,7 @@ def main() -> None:
         for col, method in zip(row_cols, methods[start:start + PER_ROW], strict=False):
             params = chosen[method]
             with col:
-                reason = unsupported_reason(method, projections, fitted)
+                reason = state.unsupported(name, method, result)
                 if reason is not None:
                     st.info(f"**{method}**: {reason}.")
                     rows.append({"method": method, "params": params})

@@ -7,7 +7,7 @@ import streamlit as st
 
 from app import state
 from sparsefinder.plots import pareto_figure
-from sparsefinder.predict import outcome_heatmap, unsupported_reason
+from sparsefinder.predict import outcome_heatmap
 from sparsefinder.predictors import REGISTRY
 from sparsefinder.sweep import best_recall_table, pareto_front
 
@@ -59,7 +59,7 @@ def head_selectors(layers: list[int] | None, heads: list[int] | None) -> tuple[i
 def show_prediction(name: str, config: str, layer: int, head: int, frame: pd.DataFrame) -> None:
     method, params = config.split("|", 1)
     result = state.active_result(name)
-    reason = unsupported_reason(method, state.get_projections(name, result), state.get_fitted(name, result))
+    reason = state.unsupported(name, method, result)
     if reason is not None:
         st.info(f"Cannot draw **{method}** on a new sentence: {reason}.")
         return
@@ -215,8 +215,8 @@ def main() -> None:
         options.append(ss[state.CONFIG])
     if not ss.get(state.CONFIG) and len(table):  # start at the best drawable recall at sparsity >= 0.5
         result = state.active_result(name)
-        projections, fitted = state.get_projections(name, result), state.get_fitted(name, result)
-        drawable = table[[unsupported_reason(m, projections, fitted) is None for m in table["method"]]]
+        ok = {m: state.unsupported(name, m, result) is None for m in set(table["method"])}
+        drawable = table[[ok[m] for m in table["method"]]]
         pool = drawable if len(drawable) else table
         dense = pool[pool["sparsity"] >= THRESHOLDS[0]]
         top = (dense if len(dense) else pool).sort_values("recall", ascending=False, kind="stable").iloc[0]

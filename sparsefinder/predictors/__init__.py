@@ -13,11 +13,12 @@ Modules: :mod:`.base` (protocol, registry, shared window/global helpers),
 :mod:`.sparsefinder` (distance, bucketing, k-means, blocks), :mod:`.baselines`
 (window, BigBird, Longformer, Reformer, Routing, strided), :mod:`.patterns`
 (Breaking BERT's syntax, lexical, position, random), :mod:`.learned`
-(per-head budgets: calibrated distance, top-k, priors, stacked, global band), :mod:`.clustering`
+(per-head budgets: calibrated distance, top-k, priors, stacked, global band), :mod:`.learned_mlp`
+(the stacked features through a small per-head MLP), :mod:`.clustering`
 (batched seeded k-means used by the clustering methods).
 """
 
-from sparsefinder.predictors import baselines, learned, patterns, sparsefinder
+from sparsefinder.predictors import baselines, learned, learned_mlp, patterns, sparsefinder
 from sparsefinder.predictors.base import (
     REGISTRY,
     NotFittedError,
@@ -34,6 +35,7 @@ __all__ = [
     "baselines",
     "get_predictor",
     "learned",
+    "learned_mlp",
     "list_predictors",
     "patterns",
     "register",

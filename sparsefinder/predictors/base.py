@@ -86,6 +86,8 @@ class Predictor:
     """Whether the graph depends on the ``seed`` hyperparameter."""
     context_keys: ClassVar[tuple[str, ...]] = ()
     """Context keyword arguments that :meth:`predict` uses (documented per class)."""
+    default_sweep: ClassVar[bool] = True
+    """Whether a sweep with ``methods=None`` runs it (False: opt-in, e.g. slow to fit for little gain)."""
     fitted_tensors: ClassVar[tuple[str, ...]] = ()
     """Fitted tensor attributes (ending in ``_``) saved by :meth:`state_dict`."""
 

@@ -36,8 +36,9 @@ list of each sentence's token strings; without it every token counts as unseen):
   fitted by Newton's method on the pointwise cross-entropy of a seeded sample
   of training pairs (a threshold per head ranks pairs across rows, which a
   pointwise loss calibrates directly);
-- ``cascade``: the stacked model scored only on cheap candidates (a band of
-  offsets, the sentence's global keys, the keys of the key clusters the
+- ``cascade``: sub-quadratic. The stacked model scored only on a bounded
+  number of cheap candidates per query (a band of offsets, the sentence's
+  global keys, at most ``max_cluster_keys`` keys of the key clusters the
   query's cluster attends to most): :meth:`Cascade.support` never touches
   all :math:`n^2` pairs;
 - ``global_band``: sub-quadratic. Per head, *units* of edges that are cheap to
@@ -328,6 +329,13 @@ class _BudgetPredictor(Predictor):
     def head_thresholds(self) -> torch.Tensor:
         """``(H,)`` score thresholds :math:`t_h`: the training score quantile at each head's density."""
         assert self.thresholds_ is not None
+        # The allocation costs ~10 ms per call (a hull per head): memoised on the exact inputs it reads
+        # (the fitted tensors by identity, so a refit or load_state_dict misses; a deterministic value,
+        # so two threads filling it at once store the same thing).
+        key = (float(self.sparsity), self.budget)
+        memo = self.__dict__.get("_thresholds_memo")
+        if memo is not None and memo[0] == key and memo[1] is self.thresholds_ and memo[2] is self.train_recall_:
+            return memo[3].clone()
         grid = np.linspace(0.0, 1.0, GRID_POINTS)
         dens = self.head_densities()
         out = []
@@ -335,7 +343,9 @@ class _BudgetPredictor(Predictor):
             # Thresholds fall with density; take the grid point at or above d (never denser than asked).
             m = min(int(np.searchsorted(grid, d - 1e-12, side="left")), GRID_POINTS - 1)
             out.append(float(self.thresholds_[h, m]))
-        return torch.tensor(out, dtype=torch.float64)
+        value = torch.tensor(out, dtype=torch.float64)
+        self.__dict__["_thresholds_memo"] = (key, self.thresholds_, self.train_recall_, value)
+        return value.clone()
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool,
               **context: Any) -> CoreResult:
@@ -475,6 +485,40 @@ class _Stacked(_BudgetPredictor):
                 "query_prior": self.query_prior_, "offset_prior": self.offset_prior_}
 
     def _fit_model(self, q, k, lengths, gold, hashes, causal):
+        x, y, inside = self._sample_pairs(q, k, lengths, gold, hashes, causal)
+        self.mean_ = x.mean(1).float()
+        # Population std: one training pair (a one-token sentence) must give 0, not NaN, before the clamp.
+        self.scale_ = x.std(1, correction=0).clamp(min=1e-6).float()
+        xz = (x - self.mean_[:, None].double()) / self.scale_[:, None].double()
+        self._fit_weights(xz, y, inside)
+
+    def logits(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, hashes: torch.Tensor,
+               causal: bool = False, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, H, N, N)`` float32 logits of the fitted per-head model, differentiable in ``q``, ``k`` and ``weight``.
+
+        ``weight`` (default the fitted ``weight_``) replaces the logistic weights;
+        the priors and the standardisation are the fitted ones; ``hashes`` from
+        :func:`token_hashes`. What :mod:`sparsefinder.joint` trains the projection through.
+        """
+        w = self.weight_ if weight is None else weight
+        H = w.shape[0]
+        cand = self._candidates(q, k, lengths, causal, hashes)
+        feats = _feature_dict(self.features, q, k, lengths, causal, hashes, self._priors(), H, cand)
+        z = _combine(feats, self.features, w, self.mean_, self.scale_, lambda v: v[None, :, None, None])
+        return z.expand(q.shape[0], H, q.shape[2], k.shape[2])
+
+    def _fit_weights(self, xz: torch.Tensor, y: torch.Tensor, inside: torch.Tensor) -> None:
+        """Fit the scorer on standardised features ``xz`` ``(H, P, F)``, labels and candidate weights ``(H, P)``."""
+        self.weight_ = _fit_logistic(xz, y, weight=inside).float()
+
+    def _sample_pairs(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, gold: torch.Tensor,
+                      hashes: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fit the priors (and :meth:`_fit_extra`), then a seeded sample ``(x, y, inside)`` float64 of training pairs.
+
+        ``x`` ``(H, P, F)`` features, ``y`` ``(H, P)`` gold, ``inside`` ``(H, P)``
+        whether the pair is a candidate (pairs outside are never scored, so they
+        do not train the model either).
+        """
         B, H, N = q.shape[:3]
         counts = _Counts(H)
         for start in range(0, B, 64):
@@ -507,15 +551,7 @@ class _Stacked(_BudgetPredictor):
             ys.append(gold[sl][:, :, :n, :n].permute(1, 0, 2, 3)[:, take])
             ws.append(torch.ones(H, int(take.sum()), dtype=torch.bool) if cand is None
                       else cand.permute(1, 0, 2, 3)[:, take])
-        x = torch.cat(xs, 1).double()
-        y = torch.cat(ys, 1).double()
-        # Pairs outside the candidates are never scored: they do not train the model either.
-        inside = torch.cat(ws, 1).double()
-        self.mean_ = x.mean(1).float()
-        # Population std: one training pair (a one-token sentence) must give 0, not NaN, before the clamp.
-        self.scale_ = x.std(1, correction=0).clamp(min=1e-6).float()
-        xz = (x - self.mean_[:, None].double()) / self.scale_[:, None].double()
-        self.weight_ = _fit_logistic(xz, y, weight=inside).float()
+        return torch.cat(xs, 1).double(), torch.cat(ys, 1).double(), torch.cat(ws, 1).double()
 
     def _fit_extra(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, gold: torch.Tensor,
                    causal: bool) -> None:
@@ -578,21 +614,38 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-4, iters: int
 
 @register
 class Stacked(_Stacked):
-    """Per-head logistic model over projected distance, its row-relative value and rank, and priors."""
+    """Per-head logistic model over projected distance, its row-relative value and rank, and priors.
+
+    ``row_rank=False`` drops the rank of the key in its row (``log_rank``), the
+    one feature that needs a sort of every row: on the default model 3.3x
+    cheaper at n = 512 (below the gold computation's cost) for 0.000 / 0.002
+    less recall at sparsity 0.7 / 0.8 (README).
+    """
 
     name: ClassVar[str] = "stacked"
     input_space: ClassVar[str] = "projected"
     context_keys: ClassVar[tuple[str, ...]] = ("tokens",)
 
     def __init__(self, sparsity: float = 0.7, budget: str = "per_head", max_pairs: int = 60_000,
-                 prior_strength: float = 20.0, seed: int = 0, window: int = 0, global_tokens: bool = False) -> None:
+                 prior_strength: float = 20.0, row_rank: bool = True, seed: int = 0, window: int = 0,
+                 global_tokens: bool = False) -> None:
         self.sparsity = sparsity
         self.budget = budget
         self.max_pairs = max_pairs
         self.prior_strength = prior_strength
+        self.row_rank = row_rank
         self.seed = seed
         self.window = window
         self.global_tokens = global_tokens
+
+    @property  # type: ignore[override]
+    def features(self) -> tuple[str, ...]:
+        return STACKED_FEATURES if self.row_rank else tuple(f for f in STACKED_FEATURES if f != "log_rank")
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if not isinstance(self.row_rank, bool):
+            raise ValueError(f"row_rank must be True or False, got {self.row_rank!r}")
 
 
 @register
@@ -630,20 +683,37 @@ def _global_rank(key_hashes: torch.Tensor, key_prior: torch.Tensor, lengths: tor
 
 @register
 class Cascade(_Stacked):
-    r"""The stacked model scored only on cheap candidates: sub-quadratic (module docstring).
+    r"""The stacked model scored only on a bounded set of cheap candidates per query: sub-quadratic.
 
-    Candidates of query :math:`i` in head :math:`h`: the band :math:`|j - i| \le` ``band``,
-    the ``n_global`` keys of the sentence with the largest token priors and the
-    first and last key, and the keys of the ``cluster_top`` key clusters that
-    the query's cluster attends to most. Queries and keys are clustered
-    separately (``n_clusters`` k-means centroids each, per head, in the
-    projected space): in a space trained to put a query near its keys the two
-    still form separate clouds, so a shared clustering (the paper's) puts few
-    gold pairs in one cluster. The affinity :math:`A_h[a, b]` is the training
-    precision of (query cluster :math:`a`, key cluster :math:`b`). Row-relative
-    features are relative to the candidates. Per query that is about
-    :math:`2b + 3 + g + n \cdot t / C` pairs, so the cost is
-    :math:`O(n(b + g) + n^2 t / C)`: :math:`O(n^{1.5})` with :math:`C \propto \sqrt n`.
+    Candidates of query :math:`i` in head :math:`h` (at most
+    :math:`M = 2b + 1 + g + 2 + m` per query, whatever :math:`n`):
+
+    - the band :math:`|j - i| \le b` (``band``);
+    - the :math:`g` (``n_global``) keys of the sentence with the largest token
+      priors, and the first and last key;
+    - at most :math:`m` (``max_cluster_keys``) keys from the clusters the
+      query's cluster attends to, found through a two-level index. Queries and
+      keys are clustered separately (``n_clusters`` k-means centroids each,
+      per head, in the projected space): in a space trained to put a query
+      near its keys the two still form separate clouds, so a shared
+      clustering (the paper's) puts few gold pairs in one cluster. The
+      affinity :math:`A_h[a, b]` is the training precision of (query cluster
+      :math:`a`, key cluster :math:`b`). Query cluster :math:`a` lists the
+      keys of its ``cluster_top`` key clusters of highest affinity, in that
+      order, and within a key cluster nearest first to the query centroid
+      :math:`\mu_a`, and keeps the first :math:`P` (``cluster_pool``): the
+      *pool* of its queries (:meth:`cluster_lists`, :math:`O(C n \log n)` per
+      head and sentence). Each query then takes the :math:`m` keys of its
+      pool nearest to itself (:math:`O(P r + P \log P)` per query). For
+      short sentences (at most :math:`m` keys in the attended clusters) that
+      is every key of the attended clusters.
+
+    Row-relative features are relative to the candidates. Cost per head:
+    :math:`O(C n \log n + n P (r + \log P) + n M \log M)` (:meth:`support`),
+    linear in :math:`n` for fixed :math:`C, P, M`, against :math:`O(n^2 d)` for
+    :math:`q k^\top`. ``max_cluster_keys=0`` takes the whole pool and
+    ``cluster_pool=0`` pools every key of the attended clusters; both 0 is the
+    uncapped cascade (:math:`O(n^2 t / C)`).
     """
 
     name: ClassVar[str] = "cascade"
@@ -652,14 +722,17 @@ class Cascade(_Stacked):
     fitted_tensors: ClassVar[tuple[str, ...]] = _Stacked.fitted_tensors + ("centroids_", "affinity_")
 
     def __init__(self, sparsity: float = 0.7, budget: str = "per_head", band: int = 4, n_global: int = 4,
-                 n_clusters: int = 16, cluster_top: int = 4, max_pairs: int = 60_000, prior_strength: float = 20.0,
-                 seed: int = 0, window: int = 0, global_tokens: bool = False) -> None:
+                 n_clusters: int = 16, cluster_top: int = 4, max_cluster_keys: int = 32, cluster_pool: int = 128,
+                 max_pairs: int = 60_000, prior_strength: float = 20.0, seed: int = 0, window: int = 0,
+                 global_tokens: bool = False) -> None:
         self.sparsity = sparsity
         self.budget = budget
         self.band = band
         self.n_global = n_global
         self.n_clusters = n_clusters
         self.cluster_top = cluster_top
+        self.max_cluster_keys = max_cluster_keys
+        self.cluster_pool = cluster_pool
         self.max_pairs = max_pairs
         self.prior_strength = prior_strength
         self.seed = seed
@@ -672,6 +745,8 @@ class Cascade(_Stacked):
         check_int(self.n_global, "n_global", minimum=0)
         check_int(self.n_clusters, "n_clusters", minimum=1)
         check_int(self.cluster_top, "cluster_top", minimum=0)
+        check_int(self.max_cluster_keys, "max_cluster_keys", minimum=0)
+        check_int(self.cluster_pool, "cluster_pool", minimum=0)
 
     def _fit_extra(self, q, k, lengths, gold, causal):
         from sparsefinder.predictors.clustering import fit_kmeans, make_generator
@@ -704,17 +779,44 @@ class Cascade(_Stacked):
         assert self.centroids_ is not None
         return sq_dists(x.float(), self.centroids_[None, :, side].float()).argmin(-1)
 
+    def affinity_ranks(self) -> torch.Tensor:
+        """``(H, C, C)`` rank of key cluster ``b`` in query cluster ``a``'s row (0: highest affinity; ties: lower b)."""
+        assert self.affinity_ is not None
+        order = torch.argsort(-self.affinity_, dim=-1, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order).contiguous())
+        return ranks
+
     def attended_clusters(self) -> torch.Tensor:
         """``(H, C, C)`` bool: the ``cluster_top`` key clusters of highest affinity for each query cluster."""
-        assert self.affinity_ is not None
-        H, C, _ = self.affinity_.shape
+        return self.affinity_ranks() < min(self.cluster_top, self.affinity_.shape[-1])
+
+    def cluster_lists(self, k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``(B, H, C, P)`` each query cluster's pool of keys (``-1``: none), in list order (class docstring).
+
+        ``k``: projected keys ``(B, H, N, r)``; only real keys (``j < length``)
+        are listed. :math:`O(C N \\log N)` per head and sentence.
+        """
+        assert self.centroids_ is not None
+        B, H, N = k.shape[:3]
+        C = self.centroids_.shape[2]
         top = min(self.cluster_top, C)
-        out = torch.zeros(H, C, C, dtype=torch.bool)
-        if top:
-            # Stable order on ties (lower cluster index first): argsort of the negated affinity.
-            order = torch.argsort(-self.affinity_, dim=-1, stable=True)[..., :top]
-            out.scatter_(-1, order, True)
-        return out
+        m = N if self.cluster_pool == 0 else min(self.cluster_pool, N)
+        if top == 0 or m == 0 or N == 0:
+            return torch.full((B, H, C, 0), -1, dtype=torch.long)
+        ck = self.clusters(k, 1)  # (B, H, N)
+        ranks = self.affinity_ranks()  # (H, C, C)
+        # rank_ak[b, h, a, j]: rank of key j's cluster in query cluster a's row.
+        rank_ak = torch.gather(ranks[None].expand(B, H, C, C), 3, ck[:, :, None, :].expand(B, H, C, N))
+        real = real_tokens(lengths, N)[:, None, None, :]
+        eligible = (rank_ak < top) & real
+        # Distances to the query centroids: the same per-dimension sum as sq_dists (bit-identical per sentence).
+        dist = sq_dists(self.centroids_[None, :, 0].float().expand(B, H, C, k.shape[-1]), k.float())  # (B, H, C, N)
+        # Lexicographic order (cluster rank, distance, position): stable sorts from the last key to the first.
+        order = torch.sort(dist, dim=-1, stable=True).indices
+        primary = torch.where(eligible, rank_ak, torch.full_like(rank_ak, C)).gather(-1, order)
+        order = order.gather(-1, torch.sort(primary, dim=-1, stable=True).indices)[..., :m]
+        return torch.where(eligible.gather(-1, order), order, torch.full_like(order, -1))
 
     def _candidates(self, q, k, lengths, causal, hashes):
         B, H, N = q.shape[:3]
@@ -723,27 +825,49 @@ class Cascade(_Stacked):
         ranks = _global_rank(self.key_hashes_, self.key_prior_, lengths, hashes)  # (B, H, N)
         glob = (ranks < self.n_global)[:, :, None, :]
         ends = ((pos[None] == 0) | (pos[None] == (lengths - 1)[:, None]))[:, None, None, :]
-        cq, ck = self.clusters(q, 0), self.clusters(k, 1)  # (B, H, N)
-        att = self.attended_clusters()  # (H, C, C)
-        C = att.shape[-1]
-        unit = cq[..., :, None] * C + ck[..., None, :]
-        linked = torch.gather(att.view(1, H, C * C).expand(B, H, C * C), 2, unit.view(B, H, N * N)).view(B, H, N, N)
-        return band | glob | ends | linked
+        near = self.nearest_in_pool(q, k, lengths)  # (B, H, N, m)
+        linked = torch.zeros(B, H, N, N + 1, dtype=torch.bool)  # column N collects the -1 padding
+        linked.scatter_(-1, torch.where(near >= 0, near, torch.full_like(near, N)), True)
+        return band | glob | ends | linked[..., :N]
+
+    def nearest_in_pool(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``(B, H, N, m)`` the ``max_cluster_keys`` keys of each query's pool nearest to it (``-1``: none).
+
+        Ties by order in the pool. :math:`O(N P r)` per head: never all pairs.
+        """
+        B, H, N, r = q.shape
+        pool = self.cluster_lists(k, lengths)  # (B, H, C, P)
+        P = pool.shape[-1]
+        cq = self.clusters(q, 0)  # (B, H, N)
+        mine = torch.gather(pool, 2, cq[..., None].expand(B, H, N, P))  # (B, H, N, P)
+        m = P if self.max_cluster_keys == 0 else min(self.max_cluster_keys, P)
+        if m == P:
+            return mine
+        kj = k.float()[torch.arange(B)[:, None, None, None], torch.arange(H)[None, :, None, None], mine.clamp(min=0)]
+        d = torch.zeros(mine.shape, dtype=torch.float32)
+        for e in range(r):  # in order, as sq_dists
+            d += (q[..., None, e].float() - kj[..., e]) ** 2
+        d = d.masked_fill(mine < 0, math.inf)
+        # top-k, not a sort of the whole pool (4x faster); exact float ties at the m-th place are the only
+        # case where the choice could depend on the layout: distances of distinct real vectors.
+        near = torch.topk(d, m, dim=-1, largest=False, sorted=False).indices
+        return torch.gather(mine, -1, torch.sort(near, dim=-1).values)
 
     def support(self, q: torch.Tensor, k: torch.Tensor, tokens: Sequence[str] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""One sentence's predicted graph without touching all pairs: ``(H, n, M)`` key indices and a keep mask.
 
-        ``q``, ``k``: ``(H, n, r)`` projected vectors. Candidates are enumerated
-        per query (band offsets, the global keys, the members of the query's
-        cluster, padded to the largest cluster), deduplicated by a sort of each
+        ``q``, ``k``: ``(H, n, r)`` projected vectors. Per query the band
+        offsets, the global and end keys and the nearest keys of its pool
+        (:meth:`nearest_in_pool`) are enumerated, deduplicated by a sort of each
         row, scored by the stacked model on those pairs only, and kept above
-        the head's threshold: :math:`O(n M \log M)` with :math:`M = 2b + 3 + g + \max_c |K_c|`.
-        The same edges as :meth:`predict` (without ``window``/``global_tokens``; non-causal).
+        the head's threshold: :math:`O(C n \log n + n P r + n M \log M)` with
+        :math:`M = 2b + 3 + g + m`. The same edges as :meth:`predict` (without
+        ``window``/``global_tokens``; non-causal).
         """
         if not self.is_fitted():
             raise NotFittedError("cascade is not fitted")
-        H, n, _ = q.shape
+        H, n, r = q.shape
         lengths = torch.tensor([n])
         hashes = token_hashes(None if tokens is None else [tokens], 1, n)
         pos = torch.arange(n)
@@ -754,26 +878,8 @@ class Cascade(_Stacked):
         glob = torch.topk(-ranks, g, dim=-1).indices if g else torch.zeros(H, 0, dtype=torch.long)
         ends = torch.tensor([0, n - 1])
         fixed = torch.cat([glob, ends.expand(H, 2)], -1)[:, None, :].expand(H, n, g + 2)
-        cq = self.clusters(q[None], 0)[0]  # (H, n)
-        ck = self.clusters(k[None], 1)[0]
-        # Keys grouped by cluster: sort once; each query reads the slices of its attended key clusters (padded).
-        C = self.centroids_.shape[2]
-        order = torch.argsort(ck, dim=-1, stable=True)
-        sizes = torch.stack([torch.bincount(ck[h], minlength=C) for h in range(H)])  # (H, C)
-        starts = sizes.cumsum(-1) - sizes
-        width = int(sizes.max())
-        slot = torch.arange(width)
-        top = min(self.cluster_top, C)
-        targets = torch.argsort(-self.affinity_, dim=-1, stable=True)[..., :top]  # (H, C, top)
-        parts = [band, fixed]
-        for t in range(top):
-            b = torch.gather(targets[..., t], 1, cq)  # (H, n): the query's t-th attended key cluster
-            start_q = torch.gather(starts, 1, b)
-            size_q = torch.gather(sizes, 1, b)
-            where = (start_q[..., None] + slot).clamp(max=n - 1)
-            members = torch.gather(order[:, None, :].expand(H, n, n), 2, where)
-            parts.append(torch.where(slot < size_q[..., None], members, torch.full_like(members, -1)))
-        idx = torch.cat(parts, -1)
+        linked = self.nearest_in_pool(q[None], k[None], lengths)[0]  # (H, n, m)
+        idx = torch.cat([band, fixed, linked], -1)
         idx = torch.where((idx >= 0) & (idx < n), idx, torch.full_like(idx, -1))
         idx, _ = torch.sort(idx, dim=-1)
         dup = torch.zeros_like(idx, dtype=torch.bool)
@@ -782,26 +888,25 @@ class Cascade(_Stacked):
         ok = idx >= 0
         safe = idx.clamp(min=0)
         # Features of the candidate pairs only (the order of STACKED_FEATURES).
-        kj = torch.gather(k[:, None].expand(H, n, n, k.shape[-1]), 2,
-                          safe[..., None].expand(*safe.shape, k.shape[-1]))
+        kj = k.float()[torch.arange(H)[:, None, None], safe]  # (H, n, M, r)
         d = torch.zeros(idx.shape, dtype=torch.float32)
-        for e in range(q.shape[-1]):  # in order, as sq_dists: the same distances as predict, bit for bit
-            d += (q[:, :, None, e].float() - kj[..., e].float()) ** 2
+        for e in range(r):  # in order, as sq_dists: the same distances as predict, bit for bit
+            d += (q[:, :, None, e].float() - kj[..., e]) ** 2
         d = d.masked_fill(~ok, math.inf)
         row_min = d.amin(-1, keepdim=True)
         rank = torch.argsort(torch.argsort(d, dim=-1, stable=True), dim=-1)
         kp = _lookup(self.key_hashes_, self.key_prior_, hashes)[0].float()  # (H, n)
         qp = _lookup(self.query_hashes_, self.query_prior_, hashes)[0].float()
         off = (safe - pos[None, :, None]).clamp(-MAX_OFFSET, MAX_OFFSET) + MAX_OFFSET
+        heads = torch.arange(H)[:, None, None]
         flag_q = torch.zeros(1, n, 1)
         feats = {
             "neg_dist": -d, "rel_dist": -(d - row_min), "log_rank": torch.log1p(rank.float()),
-            "key_norm": torch.gather(k.float().pow(2).sum(-1)[:, None, :].expand(H, n, n), 2, safe),
+            "key_norm": k.float().pow(2).sum(-1)[heads, safe],
             "query_norm": q.float().pow(2).sum(-1)[:, :, None],
-            "key_prior": torch.gather(kp[:, None, :].expand(H, n, n), 2, safe),
+            "key_prior": kp[heads, safe],
             "query_prior": qp[:, :, None],
-            "offset_prior": torch.gather(self.offset_prior_.float()[:, None, :].expand(H, n, 2 * MAX_OFFSET + 1),
-                                         2, off),
+            "offset_prior": self.offset_prior_.float()[heads, off],
             "key_first": (safe == 0).float(), "key_last": (safe == n - 1).float(),
             "query_first": flag_q.index_fill(1, torch.tensor([0]), 1.0),
             "query_last": flag_q.index_fill(1, torch.tensor([n - 1]), 1.0),
@@ -944,5 +1049,5 @@ class TokenContext:
         return {"tokens": [list(t) for t in batch.tokens]}
 
 
-LEARNED = ("distance_budget", "topk", "stacked", "priors", "cascade", "global_band")
-"""The predictors of this module, in registration order."""
+LEARNED = ("distance_budget", "topk", "stacked", "priors", "cascade", "global_band", "stacked_mlp")
+"""The learned predictors (this module's, in registration order, then :mod:`sparsefinder.predictors.learned_mlp`)."""

@@ -1,0 +1,107 @@
+"""Quick check: ``stacked`` (per-head logistic) against ``stacked_mlp`` (per-head MLP) on a few layers.
+
+Fits both on the training store with the r = 8 listwise projections, scores
+every valid pair of the validation store, and prints the validation recall
+(mean over heads of the per-sentence macro recall) at matched mean sparsity
+with per-head budgets allocated on the training curves
+(:func:`sparsefinder.calibrate.allocate_budgets`), over all heads of the layers
+together, plus the training recall at the same densities and fit times.
+
+    .venv/bin/python bench/mlp_check.py [--layers 0,3] [--levels 0.7,0.8] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+# Run as a script, this folder is sys.path[0], where bench/entmax.py would shadow the entmax package.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from sparsefinder.calibrate import CurveAccumulator, allocate_budgets, recall_at_sparsity  # noqa: E402
+from sparsefinder.predictors import get_predictor  # noqa: E402
+from sparsefinder.predictors.learned import GRID_POINTS  # noqa: E402
+from sparsefinder.projections import Projections  # noqa: E402
+from sparsefinder.store import ExtractionStore  # noqa: E402
+
+
+def pair_chunks(lengths: torch.Tensor, pairs: int = 200_000) -> list[slice]:
+    """Consecutive sentence slices of at most ``pairs`` padded pairs (at least one sentence) per head."""
+    out, start = [], 0
+    while start < len(lengths):
+        stop = start + 1
+        while stop < len(lengths) and (stop + 1 - start) * int(lengths[start:stop + 1].max()) ** 2 <= pairs:
+            stop += 1
+        out.append(slice(start, stop))
+        start = stop
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", default="runs/default/train")
+    ap.add_argument("--val", default="runs/default/val")
+    ap.add_argument("--projections", default="data/projections/minilm-entmax15-listwise-r8")
+    ap.add_argument("--layers", default="0,3")
+    ap.add_argument("--levels", default="0.7,0.8")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hidden", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=300)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    layers = [int(x) for x in args.layers.split(",")]
+    levels = [float(x) for x in args.levels.split(",")]
+    train, val = ExtractionStore.open(args.train), ExtractionStore.open(args.val)
+    proj = Projections.load(args.projections, store=val)
+    methods = {"stacked": {}, "stacked_mlp": {"hidden": args.hidden, "steps": args.steps}}
+    curves: dict[str, list] = {m: [] for m in methods}
+    train_recall: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    seconds: dict[str, float] = dict.fromkeys(methods, 0.0)
+    print(f"torch threads {torch.get_num_threads()}; train {len(train)} sentences, val {len(val)}; layers {layers}",
+          flush=True)
+    for layer in layers:
+        tb = next(train.iter_batches(layer, len(train)))
+        vb = next(val.iter_batches(layer, len(val)))
+        with torch.no_grad():
+            q, k = proj.project_queries(layer, tb.queries).float(), proj.project_keys(layer, tb.keys).float()
+            qv, kv = proj.project_queries(layer, vb.queries).float(), proj.project_keys(layer, vb.keys).float()
+        for name, params in methods.items():
+            t0 = time.perf_counter()
+            pred = get_predictor(name, **params).fit(q, k, tb.lengths, gold=tb.gold, tokens=tb.tokens)
+            seconds[name] += time.perf_counter() - t0
+            acc = CurveAccumulator(val.num_heads)
+            with torch.no_grad():
+                for sl in pair_chunks(vb.lengths):
+                    n = int(vb.lengths[sl].max())
+                    z = pred.scores(qv[sl, :, :n], kv[sl, :, :n], vb.lengths[sl], tokens=vb.tokens[sl])
+                    acc.add(z, vb.gold.edges[sl, :, :n, :n], vb.lengths[sl])
+            curves[name].extend(acc.curves())
+            train_recall[name].append(pred.train_recall_.numpy())
+            print(f"layer {layer} {name}: fitted in {seconds[name]:.0f}s (cumulative), scored "
+                  f"in {time.perf_counter() - t0:.0f}s", flush=True)
+    grid = np.linspace(0.0, 1.0, GRID_POINTS)
+    print(f"\nper-head-budget recall at matched mean sparsity, {len(curves['stacked'])} heads (layers {layers})")
+    print(f"{'method':<14}" + "".join(f"  val@{s}  (sparsity)  train@{s}" for s in levels) + "  fit s")
+    for name in methods:
+        table = np.concatenate(train_recall[name])
+        cells = []
+        for s in levels:
+            dens = allocate_budgets(grid, table, 1.0 - s)
+            r, sp = recall_at_sparsity(curves[name], s, dens)
+            tr = float(np.mean([np.interp(d, grid, row) for d, row in zip(dens, table, strict=True)]))
+            cells.append(f"  {r:.4f}  ({sp:.3f})     {tr:.4f}  ")
+        print(f"{name:<14}" + "".join(cells) + f"  {seconds[name]:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
