@@ -26,6 +26,9 @@ $sf train --loss listwise --rank 8 --store "$runs/train" --val-store "$runs/val"
 $sf sweep --store "$runs/val" --projections "data/projections/$model-listwise-r8" --fit-store "$runs/train" \
     --methods distance_budget,topk,priors,stacked,cascade,global_band --threads 1 \
     --save-fitted "data/fitted/$model-learned" --out "data/sweeps/$model-learned-validation.parquet"
+# Projections trained through the stacked model's loss (the best stacked predictor; for stacked/cascade only).
+$sf train --loss stacked --init "data/projections/$model-listwise-r8" --store "$runs/train" --val-store "$runs/val" \
+    --out "data/projections/$model-stacked-r8"
 $sf interpret --store "$runs/val" --projections "data/projections/$model" --fitted "data/fitted/$model" \
     --out "data/interpret/$model-validation"
 .venv/bin/python scripts/render_pareto.py "data/sweeps/$model-validation.parquet" docs/pareto
