@@ -16,8 +16,7 @@ Newton's method. Here, per layer:
        \mathrm{BCE}\bigl(z_{hij}(W_h, b_h, w_h),\ y_{hij}\bigr)
        + \lambda\, \mathcal{L}_{\text{listwise}}(W, b),
 
-   :math:`z` the stacked logit (:func:`~sparsefinder.predictors.learned._combine`
-   over :func:`~sparsefinder.predictors.learned._feature_dict` of the projected
+   :math:`z` the stacked logit (:meth:`~sparsefinder.predictors.learned.Stacked.logits` of the projected
    vectors: ``neg_dist``, ``rel_dist`` (row minimum over valid keys, a
    subgradient through ``amin``), ``key_norm`` and ``query_norm`` carry
    gradients into :math:`W, b`; ``log_rank``, the priors and flags are
@@ -57,8 +56,6 @@ from sparsefinder.predictors.learned import (  # noqa: E402
     DistanceBudget,
     Stacked,
     _BudgetPredictor,
-    _combine,
-    _feature_dict,
     token_hashes,
 )
 from sparsefinder.projections import Projections, derive_seed, listwise_loss, project  # noqa: E402
@@ -105,11 +102,7 @@ def stacked_bce(pred: Stacked, weight: torch.Tensor, qp: torch.Tensor, kp: torch
 
     ``take`` ``(B, N, N)`` selects pairs (the same in every head); ``gold`` ``(B, H, N, N)`` bool.
     """
-    H = weight.shape[0]
-    feats = _feature_dict(pred.features, qp, kp, lengths, False, hashes, pred._priors(), H)
-    z = _combine(feats, pred.features, weight, pred.mean_, pred.scale_, lambda v: v[None, :, None, None])
-    B, N = hashes.shape
-    z = z.expand(B, H, N, N).permute(1, 0, 2, 3)[:, take]  # (H, P)
+    z = pred.logits(qp, kp, lengths, hashes, weight=weight).permute(1, 0, 2, 3)[:, take]  # (H, P)
     y = gold.permute(1, 0, 2, 3)[:, take].float()
     return torch.nn.functional.binary_cross_entropy_with_logits(z, y)
 

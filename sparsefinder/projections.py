@@ -19,6 +19,8 @@ Training (:func:`train_projections`) minimises the margin loss of
 the cross-entropy of each query over all its keys against its gold support)
 with Adam, one layer at a time (all heads of a layer in one optimisation),
 streaming padded batches from an :class:`~sparsefinder.store.ExtractionStore`.
+:mod:`sparsefinder.joint` fine-tunes trained projections through the stacked
+predictor's own loss (``sparsefinder train --loss stacked``); it keeps the bias.
 
 Artifact format, version 1
 ==========================
