@@ -593,9 +593,8 @@ def unsupported(name: str, method: str, result: ActiveResult | None = None) -> s
 
     result = result or active_result(name)
     reason = unsupported_reason(method, *method_artifacts(name, method, result))
-    # Only the learned predictors' modules: a paper method's missing fit has nothing to do with their file.
-    if reason is not None and method in REGISTRY and REGISTRY[method].__module__.startswith(
-            "sparsefinder.predictors.learned"):
+    # Only the learned family: a paper method's missing fit has nothing to do with their file.
+    if reason is not None and method in REGISTRY and REGISTRY[method].family == "learned":
         problem = learned_fitted(name, result)[1]
         if problem is not None:
             reason = f"{reason}: {problem}"

@@ -27,23 +27,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sparsefinder.calibrate import CurveAccumulator, allocate_budgets, recall_at_sparsity  # noqa: E402
+from sparsefinder.calibrate import allocate_budgets, recall_at_sparsity, score_curves  # noqa: E402
 from sparsefinder.predictors import get_predictor  # noqa: E402
 from sparsefinder.predictors.learned import GRID_POINTS  # noqa: E402
 from sparsefinder.projections import Projections  # noqa: E402
 from sparsefinder.store import ExtractionStore  # noqa: E402
-
-
-def pair_chunks(lengths: torch.Tensor, pairs: int = 200_000) -> list[slice]:
-    """Consecutive sentence slices of at most ``pairs`` padded pairs (at least one sentence) per head."""
-    out, start = [], 0
-    while start < len(lengths):
-        stop = start + 1
-        while stop < len(lengths) and (stop + 1 - start) * int(lengths[start:stop + 1].max()) ** 2 <= pairs:
-            stop += 1
-        out.append(slice(start, stop))
-        start = stop
-    return out
 
 
 def main() -> int:
@@ -78,13 +66,7 @@ def main() -> int:
             t0 = time.perf_counter()
             pred = get_predictor(name, **params).fit(q, k, tb.lengths, gold=tb.gold, tokens=tb.tokens)
             seconds[name] += time.perf_counter() - t0
-            acc = CurveAccumulator(val.num_heads)
-            with torch.no_grad():
-                for sl in pair_chunks(vb.lengths):
-                    n = int(vb.lengths[sl].max())
-                    z = pred.scores(qv[sl, :, :n], kv[sl, :, :n], vb.lengths[sl], tokens=vb.tokens[sl])
-                    acc.add(z, vb.gold.edges[sl, :, :n, :n], vb.lengths[sl])
-            curves[name].extend(acc.curves())
+            curves[name].extend(score_curves(pred, qv, kv, vb.lengths, vb.gold.edges, vb.tokens))
             train_recall[name].append(pred.train_recall_.numpy())
             print(f"layer {layer} {name}: fitted in {seconds[name]:.0f}s (cumulative), scored "
                   f"in {time.perf_counter() - t0:.0f}s", flush=True)

@@ -42,12 +42,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sparsefinder.calibrate import (  # noqa: E402
-    CurveAccumulator,
     HeadCurve,
     allocate_budgets,
     recall_at_global_threshold,
     recall_at_sparsity,
+    score_curves,
 )
+from sparsefinder.predict import params_key  # noqa: E402
 from sparsefinder.predictors import get_predictor  # noqa: E402
 from sparsefinder.predictors.learned import GRID_POINTS, _BudgetPredictor  # noqa: E402
 from sparsefinder.projections import Projections, projection_manifest, train_projections  # noqa: E402
@@ -91,18 +92,6 @@ def make(name: str, params: dict) -> _BudgetPredictor:
     if name == "true_qk":
         return TrueScores(**params)
     return get_predictor(name, **params)
-
-
-def pair_chunks(lengths: torch.Tensor, pairs: int = 400_000) -> list[slice]:
-    """Consecutive sentence slices of at most ``pairs`` padded pairs (at least one sentence) per head."""
-    out, start = [], 0
-    while start < len(lengths):
-        stop = start + 1
-        while stop < len(lengths) and (stop + 1 - start) * int(lengths[start:stop + 1].max()) ** 2 <= pairs:
-            stop += 1
-        out.append(slice(start, stop))
-        start = stop
-    return out
 
 
 def inputs(kind: str, layer: int, q: torch.Tensor, k: torch.Tensor, projs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,19 +282,15 @@ def main() -> int:
                 q, k = inputs(kind, layer, tb.queries, tb.keys, projs)
                 cache[key] = make(name, params).fit(q, k, tb.lengths, gold=tb.gold, tokens=tb.tokens)
                 fit_seconds[f"{name}/{kind}"] = fit_seconds.get(f"{name}/{kind}", 0.0) + time.perf_counter() - t0
-                acc = CurveAccumulator(val.num_heads)
                 qv, kv = inputs(kind, layer, vb.queries, vb.keys, projs)
-                for sl in pair_chunks(vb.lengths):
-                    n = int(vb.lengths[sl].max())
-                    z = cache[key].scores(qv[sl, :, :n], kv[sl, :, :n], vb.lengths[sl], tokens=vb.tokens[sl])
-                    acc.add(z, vb.gold.edges[sl, :, :n, :n], vb.lengths[sl])
+                val_curves = score_curves(cache[key], qv, kv, vb.lengths, vb.gold.edges, vb.tokens)
                 # Compressed (exact points nearest 10,001 densities): 72 heads x 12 rows of full curves overflow memory.
-                cache[key].val_curves = [c.compress(10_001) for c in acc.curves()]  # type: ignore[attr-defined]
+                cache[key].val_curves = [c.compress(10_001) for c in val_curves]  # type: ignore[attr-defined]
                 fitted_models.setdefault(key, {})[layer] = cache[key]
                 if (name != "true_qk" and kind == "listwise" or name in ("priors", "global_band")) and not params:
                     for s_ in (0.5, 0.6, 0.7, 0.8, 0.9):
                         pred = make(name, {**params, "sparsity": s_}).load_state_dict(cache[key].state_dict())
-                        fitted.setdefault(name, {}).setdefault(json.dumps({"sparsity": s_}), {})[layer] = pred
+                        fitted.setdefault(name, {}).setdefault(params_key({"sparsity": s_}), {})[layer] = pred
             curves[i].extend(cache[key].val_curves)  # type: ignore[attr-defined]
             train_recall[i].append(cache[key].train_recall_.numpy())
         print(f"layer {layer}: fitted and scored in {time.perf_counter() - t_layer:.0f}s", flush=True)

@@ -7,7 +7,8 @@ Newton's method. Here, per layer:
 
 1. **Baseline**: ``Stacked`` fitted on the listwise-r8 projected training
    queries/keys (with tokens), scored on every validation pair.
-2. **Joint**: start from the listwise-r8 weights :math:`W_h, b_h` and the
+2. **Joint** (:func:`sparsefinder.joint.train_layer`, as ``train --loss stacked``):
+   start from the listwise-r8 weights :math:`W_h, b_h` and the
    baseline's logistic weights :math:`w_h` (standardisation :math:`\mu_h,
    \sigma_h` frozen), and minimise with Adam
 
@@ -49,8 +50,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sparsefinder.calibrate import CurveAccumulator, HeadCurve, allocate_budgets, recall_at_sparsity  # noqa: E402
-from sparsefinder.graphs import AttentionGraph, valid_pair_mask  # noqa: E402
+from sparsefinder.calibrate import (  # noqa: E402
+    HeadCurve,
+    allocate_budgets,
+    pair_chunks,
+    recall_at_sparsity,
+    score_curves,
+)
+from sparsefinder.graphs import valid_pair_mask  # noqa: E402
+from sparsefinder.joint import train_layer  # noqa: E402
 from sparsefinder.predictors.learned import (  # noqa: E402
     GRID_POINTS,
     DistanceBudget,
@@ -58,22 +66,10 @@ from sparsefinder.predictors.learned import (  # noqa: E402
     _BudgetPredictor,
     token_hashes,
 )
-from sparsefinder.projections import Projections, derive_seed, listwise_loss, project  # noqa: E402
+from sparsefinder.projections import Projections, project  # noqa: E402
 from sparsefinder.store import ExtractionStore, LayerBatch  # noqa: E402
 
 LEVELS = (0.7, 0.8)
-
-
-def pair_chunks(lengths: torch.Tensor, pairs: int = 400_000) -> list[slice]:
-    """Consecutive sentence slices of at most ``pairs`` padded pairs (at least one sentence) per head."""
-    out, start = [], 0
-    while start < len(lengths):
-        stop = start + 1
-        while stop < len(lengths) and (stop + 1 - start) * int(lengths[start:stop + 1].max()) ** 2 <= pairs:
-            stop += 1
-        out.append(slice(start, stop))
-        start = stop
-    return out
 
 
 def projected(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -88,12 +84,7 @@ def fit_and_score(pred: _BudgetPredictor, params: dict[str, torch.Tensor], tb: L
         pred.fit(projected(params, tb.queries), projected(params, tb.keys), tb.lengths, gold=tb.gold,
                  tokens=tb.tokens)
         qv, kv = projected(params, vb.queries), projected(params, vb.keys)
-        acc = CurveAccumulator(vb.queries.shape[1])
-        for sl in pair_chunks(vb.lengths):
-            n = int(vb.lengths[sl].max())
-            z = pred.scores(qv[sl, :, :n], kv[sl, :, :n], vb.lengths[sl], tokens=vb.tokens[sl])
-            acc.add(z, vb.gold.edges[sl, :, :n, :n], vb.lengths[sl])
-    return pred, acc.curves()
+    return pred, score_curves(pred, qv, kv, vb.lengths, vb.gold.edges, vb.tokens)
 
 
 def stacked_bce(pred: Stacked, weight: torch.Tensor, qp: torch.Tensor, kp: torch.Tensor, lengths: torch.Tensor,
@@ -105,56 +96,6 @@ def stacked_bce(pred: Stacked, weight: torch.Tensor, qp: torch.Tensor, kp: torch
     z = pred.logits(qp, kp, lengths, hashes, weight=weight).permute(1, 0, 2, 3)[:, take]  # (H, P)
     y = gold.permute(1, 0, 2, 3)[:, take].float()
     return torch.nn.functional.binary_cross_entropy_with_logits(z, y)
-
-
-def joint_train(params0: dict[str, torch.Tensor], pred: Stacked, tb: LayerBatch, layer: int, steps: int,
-                batch: int, lr: float, lr_head: float, keep: float, listwise_weight: float, seed: int,
-                freeze_bias: bool = False, stacked_weight: float = 1.0
-                ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Adam on the projection and the per-head logistic weights through the stacked BCE (module docstring).
-
-    Returns the new projection parameters and the loss of every 50th step (mean over the last 50).
-    """
-    # With a shared map the bias cancels in distances but not in the norm features: trainable unless frozen.
-    params = {k: v.clone().float().requires_grad_(not (freeze_bias and k.startswith("bias")))
-              for k, v in params0.items()}
-    weight = pred.weight_.clone().float().requires_grad_(True)
-    # The logistic weights act on standardised features, O(1); the projection entries are ~0.1: two rates.
-    trained = [v for v in params.values() if v.requires_grad]
-    opt = torch.optim.Adam([{"params": trained, "lr": lr}, {"params": [weight], "lr": lr_head}])
-    B = tb.queries.shape[0]
-    hashes_all = token_hashes(tb.tokens, B, tb.queries.shape[2])
-    rng = np.random.default_rng(derive_seed(seed, layer, 21))
-    gen = torch.Generator().manual_seed(derive_seed(seed, layer, 22))
-    order = rng.permutation(B)
-    pos = 0
-    losses, window = [], []
-    for _step in range(steps):
-        if pos + batch > B:  # a new epoch: a new seeded order
-            order, pos = rng.permutation(B), 0
-        idx = torch.from_numpy(np.sort(order[pos:pos + batch]))
-        pos += batch
-        lengths = tb.lengths[idx]
-        n = int(lengths.max())
-        q, k = tb.queries[idx, :, :n], tb.keys[idx, :, :n]
-        edges = tb.gold.edges[idx][:, :, :n, :n]
-        qp, kp = projected(params, q), projected(params, k)
-        valid = valid_pair_mask(lengths, n, False)[:, 0]
-        take = valid & (torch.rand(valid.shape, generator=gen) < keep)
-        loss = stacked_weight * stacked_bce(pred, weight, qp, kp, lengths, hashes_all[idx, :n], edges, take)
-        if listwise_weight > 0:
-            loss = loss + listwise_weight * listwise_loss(qp, kp, AttentionGraph(edges, lengths, causal=False))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([*trained, weight], 1.0)
-        opt.step()
-        window.append(float(loss.detach()))
-        if len(window) == 50:
-            losses.append(float(np.mean(window)))
-            window = []
-    if window:
-        losses.append(float(np.mean(window)))
-    return {k: v.detach() for k, v in params.items()}, losses
 
 
 def val_bce(pred: Stacked, params: dict[str, torch.Tensor], vb: LayerBatch) -> float:
@@ -227,9 +168,9 @@ def main() -> int:
         print(f"layer {layer}: baseline fitted and scored in {time.perf_counter() - t0:.0f}s, "
               f"validation BCE {bce['baseline'][-1]:.4f}", flush=True)
         t1 = time.perf_counter()
-        params, losses = joint_train(params0, base, tb, layer, args.steps, args.batch, args.lr, args.lr_head,
-                                     args.keep, args.listwise_weight, args.seed, args.freeze_bias,
-                                     args.stacked_weight)
+        params, losses = train_layer(params0, base, tb, layer, args.steps, args.batch, args.lr, args.lr_head,
+                                     args.keep, args.seed, freeze_bias=args.freeze_bias,
+                                     listwise_weight=args.listwise_weight, stacked_weight=args.stacked_weight)
         dt = time.perf_counter() - t1
         train_seconds += dt
         print(f"layer {layer}: joint training {dt:.0f}s, training loss per 50 steps "

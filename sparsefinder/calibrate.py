@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -179,6 +180,42 @@ class CurveAccumulator:
             z, dw, rw = (np.concatenate([p[i] for p in self._parts[h]]) for i in range(3))
             out.append(HeadCurve.from_pairs(z, dw / S, rw / S, recall_floor=self._no_gold[h] / S))
         return out
+
+
+def pair_chunks(lengths: torch.Tensor, pairs: int = 400_000) -> list[slice]:
+    """Consecutive sentence slices holding at most ``pairs`` padded pairs per head (at least one sentence each).
+
+    Bounds the memory of scoring ``(B, H, N, N)`` at a time: a batch of long
+    inputs gets a few sentences per slice, a batch of short ones many.
+    """
+    lengths = torch.as_tensor(lengths)
+    out, start = [], 0
+    while start < len(lengths):
+        stop = start + 1
+        while stop < len(lengths) and (stop + 1 - start) * int(lengths[start:stop + 1].max()) ** 2 <= pairs:
+            stop += 1
+        out.append(slice(start, stop))
+        start = stop
+    return out
+
+
+def score_curves(predictor: Any, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor,
+                 gold: torch.Tensor, tokens: Sequence[Sequence[str]] | None = None, causal: bool = False,
+                 pairs: int = 400_000) -> list[HeadCurve]:
+    """Per-head curves of a fitted scorer (``predictor.scores``, e.g. a learned predictor) on padded data.
+
+    ``queries``/``keys`` ``(B, H, N, r)`` as the predictor takes them, ``gold``
+    ``(B, H, N, N)`` bool; scored in :func:`pair_chunks` (the curves do not
+    depend on the chunking: each sentence's scores are its own).
+    """
+    acc = CurveAccumulator(queries.shape[1])
+    with torch.no_grad():
+        for sl in pair_chunks(lengths, pairs):
+            n = max(int(lengths[sl].max()), 1)
+            z = predictor.scores(queries[sl, :, :n], keys[sl, :, :n], lengths[sl], causal=causal,
+                                 tokens=None if tokens is None else tokens[sl])
+            acc.add(z, gold[sl, :, :n, :n], lengths[sl], causal)
+    return acc.curves()
 
 
 def recall_at_sparsity(curves: Sequence[HeadCurve], sparsity: float,

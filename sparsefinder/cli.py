@@ -151,9 +151,10 @@ def cmd_sweep(args) -> int:
         for note in notes:
             print(f"note: {note}")
     # The learned predictors' token priors read each sentence's token strings (already in the store).
-    from sparsefinder.predictors.learned import LEARNED, TokenContext
+    from sparsefinder.predictors import REGISTRY
+    from sparsefinder.predictors.learned import TokenContext
 
-    if methods is None or set(LEARNED) & set(methods):
+    if methods is None or any(m in REGISTRY and "tokens" in REGISTRY[m].context_keys for m in methods):
         if context is None:
             context = TokenContext()
         else:

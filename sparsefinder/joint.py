@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sparsefinder.graphs import valid_pair_mask
+from sparsefinder.graphs import AttentionGraph, valid_pair_mask
 from sparsefinder.predictors.learned import Stacked, token_hashes
-from sparsefinder.projections import Projections, derive_seed, project
+from sparsefinder.projections import Projections, derive_seed, listwise_loss, project
 from sparsefinder.store import ExtractionStore
 
 
@@ -93,8 +93,8 @@ def train_stacked_projections(
         with torch.no_grad():
             head = Stacked().fit(_projected(params0, batch.queries, "q"), _projected(params0, batch.keys, "k"),
                                  batch.lengths, gold=batch.gold, tokens=batch.tokens)
-        params, losses = _joint_layer(params0, head, batch, layer, steps, batch_size, lr, lr_head, keep, seed,
-                                      progress)
+        params, losses = train_layer(params0, head, batch, layer, steps, batch_size, lr, lr_head, keep, seed,
+                                     progress=progress)
         out.set_layer(layer, params)
         history["layers"][str(layer)] = {"first_loss": losses[0] if losses else None,
                                          "last_loss": losses[-1] if losses else None,
@@ -109,11 +109,21 @@ def train_stacked_projections(
     return out, history
 
 
-def _joint_layer(params0: dict[str, torch.Tensor], head: Stacked, batch: Any, layer: int, steps: int,
-                 batch_size: int, lr: float, lr_head: float, keep: float, seed: int, progress: bool
-                 ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Adam on one layer's projection weights and logistic weights; the mean loss of every 50 steps."""
-    weights = {k: v.clone().float().requires_grad_(k.startswith("weight")) for k, v in params0.items()}
+def train_layer(params0: dict[str, torch.Tensor], head: Stacked, batch: Any, layer: int, steps: int,
+                batch_size: int, lr: float, lr_head: float, keep: float, seed: int, progress: bool = False,
+                freeze_bias: bool = True, listwise_weight: float = 0.0, stacked_weight: float = 1.0
+                ) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Adam on one layer's projection and logistic weights; the new projection and the mean loss of every 50 steps.
+
+    ``params0``: the layer's projection (:meth:`Projections.layer_parameters`);
+    ``head``: ``Stacked`` fitted on it; ``batch``: the layer's padded training
+    data (a :class:`~sparsefinder.store.LayerBatch`). The loss is
+    ``stacked_weight`` × the stacked BCE + ``listwise_weight`` ×
+    :func:`~sparsefinder.projections.listwise_loss` (the experiments of
+    ``bench/stacked_projection.py``; the product uses 1 and 0 with the bias frozen).
+    """
+    weights = {k: v.clone().float().requires_grad_(k.startswith("weight") or not freeze_bias)
+               for k, v in params0.items()}
     w_head = head.weight_.clone().float().requires_grad_(True)
     trained = [v for v in weights.values() if v.requires_grad]
     # The logistic weights act on standardised features, O(1); projection entries are ~0.1: two rates.
@@ -137,8 +147,11 @@ def _joint_layer(params0: dict[str, torch.Tensor], head: Stacked, batch: Any, la
         valid = valid_pair_mask(lengths, n, causal)[:, 0]
         take = valid & (torch.rand(valid.shape, generator=gen) < keep)
         z = head.logits(qp, kp, lengths, hashes[sel, :n], causal, weight=w_head)  # (B, H, n, n)
-        y = batch.gold.edges[sel][:, :, :n, :n].permute(1, 0, 2, 3)[:, take].float()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z.permute(1, 0, 2, 3)[:, take], y)
+        edges = batch.gold.edges[sel][:, :, :n, :n]
+        y = edges.permute(1, 0, 2, 3)[:, take].float()
+        loss = stacked_weight * torch.nn.functional.binary_cross_entropy_with_logits(z.permute(1, 0, 2, 3)[:, take], y)
+        if listwise_weight > 0:
+            loss = loss + listwise_weight * listwise_loss(qp, kp, AttentionGraph(edges, lengths, causal))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*trained, w_head], 1.0)

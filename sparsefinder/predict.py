@@ -75,7 +75,7 @@ def predictable_methods(projections: Any = None, fitted: Mapping | None = None) 
 def fitted_predictor(fitted: Mapping, method: str, params: str | Mapping[str, Any] | None, layer: int):
     """``fitted[method][params][layer]``, with ``params`` matched by its canonical JSON (:func:`params_key`).
 
-    Files from the CLI sweep are keyed canonically; other writers (``bench/predictors.py``) use
+    Files from the CLI sweep and the bench are keyed canonically; a hand-made or older file may use
     ``json.dumps`` spacing, which names the same grid point. Raises ``KeyError`` when there is none.
     """
     by_params = fitted[method]

@@ -453,3 +453,30 @@ def test_stacked_without_row_rank_drops_one_feature_and_checks_its_state():
         get_predictor("stacked").load_state_dict(pred.state_dict())
     with pytest.raises(ValueError, match="row_rank"):
         get_predictor("stacked", row_rank="no").fit(q, k, lengths, gold=gold, tokens=tokens)
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=12), pairs=st.integers(1, 5000))
+def test_pair_chunks_cover_every_sentence_within_the_budget(lengths, pairs):
+    from sparsefinder.calibrate import pair_chunks
+
+    lt = torch.tensor(lengths)
+    chunks = pair_chunks(lt, pairs)
+    assert [i for sl in chunks for i in range(sl.start, sl.stop)] == list(range(len(lengths)))
+    for sl in chunks:
+        size = (sl.stop - sl.start) * int(lt[sl].max()) ** 2
+        assert size <= pairs or sl.stop - sl.start == 1
+
+
+def test_score_curves_do_not_depend_on_the_chunking():
+    from sparsefinder.calibrate import score_curves
+
+    pred, (q, k, lengths, gold, tokens) = fit("stacked")
+    acc = CurveAccumulator(2)
+    acc.add(pred.scores(q, k, lengths, tokens=tokens), gold.edges, lengths)
+    whole = acc.curves()
+    for pairs in (1, 50, 10_000):
+        chunked = score_curves(pred, q, k, lengths, gold.edges, tokens, pairs=pairs)
+        for a, b in zip(whole, chunked, strict=True):
+            grid = np.linspace(0, 1, 11)
+            assert np.allclose(a.recall_at_density(grid), b.recall_at_density(grid), atol=1e-12)
