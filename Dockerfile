@@ -15,7 +15,7 @@ ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=
     TOKENIZERS_PARALLELISM=false VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 
 # CUDA bases are plain Ubuntu images: they need Python and venv first. A C compiler builds the
-# fast exact 1.5-entmax CPU kernel (sparsefinder/entmax15_fast.py); without one the torch path runs.
+# fast exact 1.5-entmax CPU kernel (sparsefinder/kernels/entmax15.py); without one the torch path runs.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && if ! command -v python3 >/dev/null; then \
         apt-get install -y --no-install-recommends python3 python3-venv python3-pip; \
@@ -35,12 +35,12 @@ COPY .streamlit ./.streamlit
 COPY data ./data
 RUN pip install --no-deps -e . \
     # Fail the build now, not at the first visitor, if the baked-in model or adapter is broken.
-    && python -c "from sparsefinder.model import load_model; load_model('minilm-entmax15', device='cpu')"
+    && python -c "from sparsefinder.model.entmax_model import load_model; load_model('minilm-entmax15', device='cpu')"
 
 RUN useradd --create-home sparsefinder && chown -R sparsefinder /app
 USER sparsefinder
 # Build the entmax kernel into the user's cache now, not at the first visitor.
-RUN python -c "from sparsefinder.entmax15_fast import kernel_available; assert kernel_available()"
+RUN python -c "from sparsefinder.kernels.entmax15 import kernel_available; assert kernel_available()"
 EXPOSE 8501
 HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8501/_stcore/health')"
 CMD ["streamlit", "run", "app/streamlit_app.py", "--server.address=0.0.0.0", "--server.port=8501", \

@@ -1,6 +1,6 @@
 """Cached resources and view state shared by the dashboard's pages.
 
-- :func:`get_model` — one :class:`~sparsefinder.model.EntmaxModel` per registered
+- :func:`get_model` — one :class:`~sparsefinder.model.entmax_model.EntmaxModel` per registered
   model name, shared by every session (``st.cache_resource``). Only names from
   ``data/models.json`` are ever loaded; never a path from the URL or a widget.
 - :func:`analyse` / :func:`head_probabilities` — small, picklable per-text
@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from sparsefinder.corpus import split_sentences
+from sparsefinder.corpora.readers import split_sentences
 from sparsefinder.graphs import AttentionGraph
-from sparsefinder.model import EntmaxModel, Extraction, load_model
-from sparsefinder.registry import ModelSpec, default_model_name, load_registry
+from sparsefinder.model.catalogue import ModelSpec, default_model_name, load_registry
+from sparsefinder.model.entmax_model import EntmaxModel, Extraction, load_model
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
 #: Most sentences analysed in one batch (protects the shared server's memory).
@@ -120,7 +120,7 @@ def _load(name: str, version: str) -> LoadOutcome:
     """Load a registered model. Errors that depend only on files on disk are cached
     (keyed by ``version``, which changes when the adapter files change); anything
     else is raised and therefore retried on the next run."""
-    from sparsefinder.adapter import AdapterMismatchError
+    from sparsefinder.model.adapter import AdapterMismatchError
 
     if name not in registry():
         return LoadOutcome(None, f"unknown model {name!r}")
@@ -478,7 +478,7 @@ def _sweep(paths: tuple[str, ...], versions: tuple[str, ...]):
     """The first table, then the rows of the others whose methods it does not have (``versions`` key the cache)."""
     import pandas as pd
 
-    from sparsefinder.sweep import load_sweep
+    from sparsefinder.evaluation.sweep import load_sweep
 
     frame = load_sweep(paths[0])
     extra = [load_sweep(p) for p in paths[1:]]
@@ -501,7 +501,7 @@ def sweep_table(name: str):
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _curves(path: str, version: str):
-    from sparsefinder.approximate import load_curves
+    from sparsefinder.evaluation.approximate import load_curves
 
     return load_curves(path)
 
@@ -516,14 +516,14 @@ def curves_table(name: str):
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _projections(name: str, path: str, version: str, model_version_: str):
-    from sparsefinder.projections import Projections
+    from sparsefinder.training.projections import Projections
 
     return Projections.load(path, model=require_model(name))
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _fitted(path: str, version: str):
-    from sparsefinder.fitted_io import load_fitted
+    from sparsefinder.evaluation.fitted import load_fitted
 
     return load_fitted(path)
 
@@ -547,7 +547,7 @@ def get_fitted(name: str, result: ActiveResult | None = None):
 def learned_fitted(name: str, result: ActiveResult | None = None) -> tuple[object | None, str | None]:
     """``(fitted, problem)``: the result's learned predictors ``fitted[method][params][layer]``, or None and
     why they are unusable (``problem`` is None too when the result declares none)."""
-    from sparsefinder.fitted_io import FittedFileError
+    from sparsefinder.evaluation.fitted import FittedFileError
 
     path = (result or active_result(name)).learned_fitted
     if path is None:
@@ -588,8 +588,8 @@ def method_artifacts(name: str, method: str, result: ActiveResult | None = None)
 
 def unsupported(name: str, method: str, result: ActiveResult | None = None) -> str | None:
     """Why ``method`` cannot be drawn on new text with the result's artifacts (None when it can)."""
-    from sparsefinder.predict import unsupported_reason
     from sparsefinder.predictors import REGISTRY
+    from sparsefinder.predictors.methods import unsupported_reason
 
     result = result or active_result(name)
     reason = unsupported_reason(method, *method_artifacts(name, method, result))
@@ -603,14 +603,14 @@ def unsupported(name: str, method: str, result: ActiveResult | None = None) -> s
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _corpus_texts(store: str, version: str) -> tuple[str, ...]:
-    from sparsefinder.store import ExtractionStore
+    from sparsefinder.corpora.store import ExtractionStore
 
     return tuple(ExtractionStore.open(store).texts())
 
 
 @st.cache_data(show_spinner=False, max_entries=2)
 def _default_texts() -> tuple[str, ...]:
-    from sparsefinder.corpus import default_corpus
+    from sparsefinder.corpora.readers import default_corpus
 
     return tuple(default_corpus(split="validation").texts())
 
@@ -645,7 +645,7 @@ def head_prediction(
     fitted predictors used); the cache is keyed by it, not by the unhashed ``_result``.
     """
     from sparsefinder.metrics import graph_metrics
-    from sparsefinder.predict import predict_layer
+    from sparsefinder.predictors.methods import predict_layer
 
     ex = extraction(model_name, version, alpha, text_key, (_text,))
     projections, fitted = method_artifacts(model_name, method, _result)
@@ -686,7 +686,7 @@ def batch_prediction(
 ) -> BatchPrediction:
     """``method`` ``params`` on every layer of the batch ``_texts``, against the gold graphs of the same run."""
     from sparsefinder.metrics import graph_metrics
-    from sparsefinder.predict import predict_layer
+    from sparsefinder.predictors.methods import predict_layer
 
     ex = extraction(model_name, version, alpha, texts_hash, _texts)
     projections, fitted = method_artifacts(model_name, method, _result)
@@ -708,8 +708,8 @@ NO_METHOD = "(gold only)"
 
 def params_options(method: str, frame=None) -> list[str]:
     """The method's configurations: those in the sweep table, else its own grid."""
-    from sparsefinder.predict import params_key
     from sparsefinder.predictors import REGISTRY
+    from sparsefinder.predictors.methods import params_key
 
     if frame is not None and method in set(frame["method"]):
         return sorted(frame.loc[frame["method"] == method, "params"].unique().tolist())
@@ -719,8 +719,8 @@ def params_options(method: str, frame=None) -> list[str]:
 def available_methods(name: str, result: ActiveResult | None = None) -> list[str]:
     """Registered methods the dashboard can run on new text with the active artifacts (the learned
     predictors' included, when their fitted state is there), in registry order."""
-    from sparsefinder.predict import predictable_methods
     from sparsefinder.predictors import REGISTRY
+    from sparsefinder.predictors.methods import predictable_methods
 
     result = result or active_result(name)
     fitted = get_fitted(name, result)
@@ -820,7 +820,7 @@ def result_dir(model_name: str, name: str) -> Path:
 
 @dataclass(frozen=True)
 class ParsedUpload:
-    """An uploaded corpus read by :func:`sparsefinder.corpus.read_corpus`, or why it could not be read."""
+    """An uploaded corpus read by :func:`sparsefinder.corpora.readers.read_corpus`, or why it could not be read."""
 
     corpus: object | None
     stats: dict | None
@@ -829,7 +829,7 @@ class ParsedUpload:
 
 def parse_upload(data: bytes, filename: str, column: str = "text") -> ParsedUpload:
     """Read an uploaded file (txt, csv, tsv, conllu) of at most ``MAX_BYTES``; errors are returned, not raised."""
-    from sparsefinder.corpus import MAX_BYTES, CorpusError, corpus_stats, read_corpus, read_csv
+    from sparsefinder.corpora.readers import MAX_BYTES, CorpusError, corpus_stats, read_corpus, read_csv
 
     if len(data) > MAX_BYTES:
         return ParsedUpload(None, None, f"{filename}: {len(data):,} bytes, more than the limit of {MAX_BYTES:,}")

@@ -28,9 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from sparsefinder.corpora.store import ExtractionStore  # noqa: E402
 from sparsefinder.predictors import get_predictor  # noqa: E402
-from sparsefinder.projections import Projections  # noqa: E402
-from sparsefinder.store import ExtractionStore  # noqa: E402
+from sparsefinder.training.projections import Projections  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:

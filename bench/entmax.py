@@ -1,4 +1,4 @@
-"""Time exact 1.5-entmax (:func:`sparsefinder.entmax15_fast.entmax15_fast`) against
+"""Time exact 1.5-entmax (:func:`sparsefinder.kernels.entmax15.entmax15_fast`) against
 :func:`entmax.entmax15` (full sort) and :func:`torch.softmax`, in one run.
 
 What is timed, per ``n``, on the same float32 scores ``s = q @ k.T / 8`` with seeded
@@ -35,7 +35,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 import torch  # noqa: E402
 from entmax import entmax15  # noqa: E402
 
-from sparsefinder import entmax15_fast as ef  # noqa: E402
+from sparsefinder.kernels import entmax15 as ef  # noqa: E402
 
 
 def best_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

@@ -28,12 +28,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from sparsefinder.adapter import ADAPTER_FILE, MANIFEST_FILE  # noqa: E402
-from sparsefinder.corpus import default_corpus  # noqa: E402
-from sparsefinder.extract import DEFAULT_SHARD_SIZE, extract_corpus  # noqa: E402
-from sparsefinder.model import EntmaxModel, load_model  # noqa: E402
-from sparsefinder.registry import default_model_name, get_spec  # noqa: E402
-from sparsefinder.store import ExtractionStore  # noqa: E402
+from sparsefinder.corpora.extract import DEFAULT_SHARD_SIZE, extract_corpus  # noqa: E402
+from sparsefinder.corpora.readers import default_corpus  # noqa: E402
+from sparsefinder.corpora.store import ExtractionStore  # noqa: E402
+from sparsefinder.model.adapter import ADAPTER_FILE, MANIFEST_FILE  # noqa: E402
+from sparsefinder.model.catalogue import default_model_name, get_spec  # noqa: E402
+from sparsefinder.model.entmax_model import EntmaxModel, load_model  # noqa: E402
 
 FALLBACK_MODEL = "minilm-entmax15-untuned"
 

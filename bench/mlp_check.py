@@ -4,7 +4,7 @@ Fits both on the training store with the r = 8 listwise projections, scores
 every valid pair of the validation store, and prints the validation recall
 (mean over heads of the per-sentence macro recall) at matched mean sparsity
 with per-head budgets allocated on the training curves
-(:func:`sparsefinder.calibrate.allocate_budgets`), over all heads of the layers
+(:func:`sparsefinder.predictors.learned.calibration.allocate_budgets`), over all heads of the layers
 together, plus the training recall at the same densities and fit times.
 
     .venv/bin/python bench/mlp_check.py [--layers 0,3] [--levels 0.7,0.8] [--threads 1]
@@ -27,11 +27,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sparsefinder.calibrate import allocate_budgets, recall_at_sparsity, score_curves  # noqa: E402
+from sparsefinder.corpora.store import ExtractionStore  # noqa: E402
 from sparsefinder.predictors import get_predictor  # noqa: E402
-from sparsefinder.predictors.learned import GRID_POINTS  # noqa: E402
-from sparsefinder.projections import Projections  # noqa: E402
-from sparsefinder.store import ExtractionStore  # noqa: E402
+from sparsefinder.predictors.learned.calibration import allocate_budgets, recall_at_sparsity, score_curves  # noqa: E402
+from sparsefinder.predictors.learned.core import GRID_POINTS  # noqa: E402
+from sparsefinder.training.projections import Projections  # noqa: E402
 
 
 def main() -> int:

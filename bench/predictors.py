@@ -4,12 +4,12 @@
    ``--val``; make them with ``sparsefinder extract``), the paper's r = 4
    margin-loss projections (``--paper-projections``, the shipped ones) and r = 8
    listwise projections (``--projections``; trained on ``--train`` with
-   :func:`sparsefinder.projections.train_projections` and saved there when missing).
-2. Per layer, fits every learned predictor (:mod:`sparsefinder.predictors.learned`)
+   :func:`sparsefinder.training.projections.train_projections` and saved there when missing).
+2. Per layer, fits every learned predictor (:mod:`sparsefinder.predictors.learned.core`)
    on the training split, and a reference that thresholds the *true* scores
    q·k per head; scores every valid pair of the validation split with each.
 3. Prints recall (mean over heads of the per-sentence macro recall) at matched
-   mean sparsity 0.7 and 0.8 (:mod:`sparsefinder.calibrate`): with one threshold
+   mean sparsity 0.7 and 0.8 (:mod:`sparsefinder.predictors.learned.calibration`): with one threshold
    for every head (distances only), one budget for every head (each head
    calibrated to the sparsity), and per-head budgets allocated on the training
    curves; and the paper's fixed threshold grid (interpolated; "—" when the
@@ -41,18 +41,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sparsefinder.calibrate import (  # noqa: E402
+from sparsefinder.corpora.store import ExtractionStore  # noqa: E402
+from sparsefinder.predictors import get_predictor  # noqa: E402
+from sparsefinder.predictors.learned.calibration import (  # noqa: E402
     HeadCurve,
     allocate_budgets,
     recall_at_global_threshold,
     recall_at_sparsity,
     score_curves,
 )
-from sparsefinder.predict import params_key  # noqa: E402
-from sparsefinder.predictors import get_predictor  # noqa: E402
-from sparsefinder.predictors.learned import GRID_POINTS, _BudgetPredictor  # noqa: E402
-from sparsefinder.projections import Projections, projection_manifest, train_projections  # noqa: E402
-from sparsefinder.store import ExtractionStore  # noqa: E402
+from sparsefinder.predictors.learned.core import GRID_POINTS, _BudgetPredictor  # noqa: E402
+from sparsefinder.predictors.methods import params_key  # noqa: E402
+from sparsefinder.training.projections import Projections, projection_manifest, train_projections  # noqa: E402
 
 LEVELS = (0.7, 0.8)
 PAPER_GRID = [0.5 * i for i in range(1, 11)]  # SPEC §4: t in {0.5, 1.0, ..., 5.0}
@@ -219,7 +219,7 @@ def main() -> int:
     ap.add_argument("--train-sentences", type=int, default=None, help="first N training sentences (default all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lengths", default="128,512")
-    ap.add_argument("--save-fitted", default=None, help="save the fitted learned predictors (sparsefinder.fitted_io)")
+    ap.add_argument("--save-fitted", default=None, help="save the fitted learned predictors (evaluation.fitted)")
     ap.add_argument("--json", default=None, help="write every figure to this JSON file")
     ap.add_argument("--extra-projections", default=None,
                     help="comma-separated projection dirs: adds distance rows (one threshold, per head) for each")
@@ -369,7 +369,7 @@ def main() -> int:
     print(f"\ntotal bench time {time.perf_counter() - t_start:.0f}s", flush=True)
 
     if args.save_fitted:
-        from sparsefinder.fitted_io import save_fitted
+        from sparsefinder.evaluation.fitted import save_fitted
 
         save_fitted(fitted, args.save_fitted, info={"train": args.train, "projections": args.projections,
                                                     "layers": layers, "sentences": len(train_idx)})

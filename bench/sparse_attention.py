@@ -3,9 +3,9 @@
 Methods, each on the same q, k, v:
 
 - ``dense entmax15``: ``entmax.entmax15(q k^T / sqrt(d)) v`` (full sort; the reference output);
-- ``dense entmax15_fast``: the same with :func:`sparsefinder.entmax15_fast.entmax15_fast` (top-k, exact);
+- ``dense entmax15_fast``: the same with :func:`sparsefinder.kernels.entmax15.entmax15_fast` (top-k, exact);
 - ``dense softmax (SDPA)``: ``torch.nn.functional.scaled_dot_product_attention`` (the dense floor);
-- ``clustered entmax15``: :func:`sparsefinder.sparse_attention.clustered_entmax_attention` on the
+- ``clustered entmax15``: :func:`sparsefinder.kernels.sparse_attention.clustered_entmax_attention` on the
   predicted graph (same cluster, or within the window), never forming the n x n matrix.
 
 Inputs:
@@ -78,13 +78,13 @@ def run_method(method: str, inp: dict) -> torch.Tensor:
 
             probs = entmax15(scores, dim=-1)
         else:
-            from sparsefinder.entmax15_fast import entmax15_fast
+            from sparsefinder.kernels.entmax15 import entmax15_fast
 
             probs = entmax15_fast(scores)
         del scores
         return torch.matmul(probs, v)
     if method == "clustered entmax15":
-        from sparsefinder.sparse_attention import clustered_entmax_attention
+        from sparsefinder.kernels.sparse_attention import clustered_entmax_attention
 
         return clustered_entmax_attention(q, k, v, inp["q_clusters"], inp["k_clusters"], window=inp["window"],
                                           scaling=scale)
@@ -154,8 +154,8 @@ def worker(args: argparse.Namespace) -> None:
 
 def recall_counts(inp: dict) -> dict:
     """|G ∩ Ĝ| and |G| over all queries and heads, one (batch, head) at a time (bounded memory)."""
-    from sparsefinder.entmax15_fast import entmax15_fast
-    from sparsefinder.sparse_attention import predicted_graph
+    from sparsefinder.kernels.entmax15 import entmax15_fast
+    from sparsefinder.kernels.sparse_attention import predicted_graph
 
     q, k = inp["q"], inp["k"]
     scale = q.shape[-1] ** -0.5
@@ -194,12 +194,12 @@ def mixture_inputs(n: int, heads: int, d: int, components: int, window: int, see
 
 def real_inputs(n_clusters: int, window: int) -> tuple[dict, int]:
     """q, k, v of every layer of the default model on ~512 tokens of validation text (layers as the batch)."""
-    from sparsefinder.corpus import default_corpus
-    from sparsefinder.fitted_io import load_fitted
-    from sparsefinder.model import TruncationWarning, load_model
-    from sparsefinder.predictors.sparsefinder import top_centroids
-    from sparsefinder.projections import Projections
-    from sparsefinder.sweep import canonical_params
+    from sparsefinder.corpora.readers import default_corpus
+    from sparsefinder.evaluation.fitted import load_fitted
+    from sparsefinder.evaluation.sweep import canonical_params
+    from sparsefinder.model.entmax_model import TruncationWarning, load_model
+    from sparsefinder.predictors.paper import top_centroids
+    from sparsefinder.training.projections import Projections
 
     model = load_model("minilm-entmax15", device="cpu")
     texts = default_corpus("validation").texts()

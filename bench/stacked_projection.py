@@ -1,13 +1,13 @@
 r"""Experiment: train the projection through the stacked model's loss (does it beat listwise + frozen?).
 
-The product trains the r = 8 projection alone (:func:`sparsefinder.projections.listwise_loss`),
-freezes it, then fits :class:`~sparsefinder.predictors.learned.Stacked` (a
+The product trains the r = 8 projection alone (:func:`sparsefinder.training.projections.listwise_loss`),
+freezes it, then fits :class:`~sparsefinder.predictors.learned.core.Stacked` (a
 per-head logistic model over features of the projected :math:`q', k'`) by
 Newton's method. Here, per layer:
 
 1. **Baseline**: ``Stacked`` fitted on the listwise-r8 projected training
    queries/keys (with tokens), scored on every validation pair.
-2. **Joint** (:func:`sparsefinder.joint.train_layer`, as ``train --loss stacked``):
+2. **Joint** (:func:`sparsefinder.training.stacked.train_layer`, as ``train --loss stacked``):
    start from the listwise-r8 weights :math:`W_h, b_h` and the
    baseline's logistic weights :math:`w_h` (standardisation :math:`\mu_h,
    \sigma_h` frozen), and minimise with Adam
@@ -17,7 +17,7 @@ Newton's method. Here, per layer:
        \mathrm{BCE}\bigl(z_{hij}(W_h, b_h, w_h),\ y_{hij}\bigr)
        + \lambda\, \mathcal{L}_{\text{listwise}}(W, b),
 
-   :math:`z` the stacked logit (:meth:`~sparsefinder.predictors.learned.Stacked.logits` of the projected
+   :math:`z` the stacked logit (:meth:`~sparsefinder.predictors.learned.core.Stacked.logits` of the projected
    vectors: ``neg_dist``, ``rel_dist`` (row minimum over valid keys, a
    subgradient through ``amin``), ``key_norm`` and ``query_norm`` carry
    gradients into :math:`W, b`; ``log_rank``, the priors and flags are
@@ -50,24 +50,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sparsefinder.calibrate import (  # noqa: E402
+from sparsefinder.corpora.store import ExtractionStore, LayerBatch  # noqa: E402
+from sparsefinder.graphs import valid_pair_mask  # noqa: E402
+from sparsefinder.predictors.learned.calibration import (  # noqa: E402
     HeadCurve,
     allocate_budgets,
     pair_chunks,
     recall_at_sparsity,
     score_curves,
 )
-from sparsefinder.graphs import valid_pair_mask  # noqa: E402
-from sparsefinder.joint import train_layer  # noqa: E402
-from sparsefinder.predictors.learned import (  # noqa: E402
+from sparsefinder.predictors.learned.core import (  # noqa: E402
     GRID_POINTS,
     DistanceBudget,
     Stacked,
     _BudgetPredictor,
     token_hashes,
 )
-from sparsefinder.projections import Projections, project  # noqa: E402
-from sparsefinder.store import ExtractionStore, LayerBatch  # noqa: E402
+from sparsefinder.training.projections import Projections, project  # noqa: E402
+from sparsefinder.training.stacked import train_layer  # noqa: E402
 
 LEVELS = (0.7, 0.8)
 

@@ -8,7 +8,7 @@
    (default: the default training split, extracted into the cache like the
    validation split when ``--store`` is not given; with ``--store`` but no
    ``--train-store``, the swept store itself, which is fine for timing only).
-4. Times :func:`sparsefinder.sweep.run_sweep` over the full default grid, every
+4. Times :func:`sparsefinder.evaluation.sweep.run_sweep` over the full default grid, every
    layer and head, every sentence.
 5. Times the straightforward implementation on ``--subset`` sentences spread
    evenly over the length distribution: for each sentence, layer and configuration, project that
@@ -39,10 +39,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sparsefinder.metrics import RATIO_COLUMNS, graph_metrics  # noqa: E402
-from sparsefinder.predictors import REGISTRY, get_predictor  # noqa: E402
-from sparsefinder.store import ExtractionStore, StoreError  # noqa: E402
-from sparsefinder.sweep import (  # noqa: E402
+from sparsefinder.corpora.store import ExtractionStore, StoreError  # noqa: E402
+from sparsefinder.evaluation.sweep import (  # noqa: E402
     best_recall_table,
     canonical_params,
     default_grids,
@@ -50,15 +48,17 @@ from sparsefinder.sweep import (  # noqa: E402
     run_sweep,
     save_sweep,
 )
+from sparsefinder.metrics import RATIO_COLUMNS, graph_metrics  # noqa: E402
+from sparsefinder.predictors import REGISTRY, get_predictor  # noqa: E402
 
 FALLBACK_MODEL = "minilm-entmax15-untuned"
 
 
 def load_default_model(device: str = "cpu"):
     """The registry's default model, or the untuned one when the default's adapter files are not there."""
-    from sparsefinder.adapter import ADAPTER_FILE, MANIFEST_FILE
-    from sparsefinder.model import load_model
-    from sparsefinder.registry import default_model_name, get_spec
+    from sparsefinder.model.adapter import ADAPTER_FILE, MANIFEST_FILE
+    from sparsefinder.model.catalogue import default_model_name, get_spec
+    from sparsefinder.model.entmax_model import load_model
 
     name = default_model_name()
     adapter = get_spec(name).resolve_adapter()
@@ -73,8 +73,8 @@ def open_or_extract(path: str | None, progress: bool, split: str = "validation")
     """``path``, or the default corpus's ``split`` extracted with the default model into the cache (reused)."""
     if path:
         return ExtractionStore.open(path)
-    from sparsefinder.corpus import cache_dir, default_corpus
-    from sparsefinder.extract import extract_corpus
+    from sparsefinder.corpora.extract import extract_corpus
+    from sparsefinder.corpora.readers import cache_dir, default_corpus
 
     model = load_default_model()
     out = cache_dir() / "bench" / f"{model.name}-{split}-store"
@@ -95,7 +95,7 @@ def open_or_extract(path: str | None, progress: bool, split: str = "validation")
 
 
 def load_or_train_projections(path: str | None, store: ExtractionStore, quick: int, progress: bool):
-    from sparsefinder.projections import Projections, train_projections
+    from sparsefinder.training.projections import Projections, train_projections
 
     if path:
         return Projections.load(path, store=store), f"loaded from {path}"

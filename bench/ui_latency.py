@@ -48,7 +48,7 @@ GOALS_MS = {"short": 300.0, "long": 1000.0}
 
 def long_text(model, target: int = 400) -> str:
     """Default-corpus sentences joined until the text has ``target`` ± a few tokens."""
-    from sparsefinder.corpus import default_corpus
+    from sparsefinder.corpora.readers import default_corpus
 
     parts: list[str] = []
     for sentence in default_corpus(split="validation").texts():
@@ -147,8 +147,8 @@ def main() -> int:
 
     from playwright.sync_api import sync_playwright
 
-    from sparsefinder.model import load_model
-    from sparsefinder.registry import default_model_name
+    from sparsefinder.model.catalogue import default_model_name
+    from sparsefinder.model.entmax_model import load_model
 
     model = load_model(default_model_name())
     texts = {"short": SHORT, "long": long_text(model)}

@@ -12,8 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sparsefinder.plots import pareto_figure
-from sparsefinder.sweep import load_sweep, pareto_front
+from sparsefinder.plots.heatmaps import pareto_figure
+from sparsefinder.evaluation.sweep import load_sweep, pareto_front
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

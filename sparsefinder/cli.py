@@ -21,7 +21,7 @@ def _alpha(value: str) -> float:
 
 
 def _load_corpus(args):
-    from sparsefinder import corpus
+    from sparsefinder.corpora import readers as corpus
 
     if args.corpus == "default":
         return corpus.default_corpus(split=None if args.split == "all" else args.split, seed=args.seed)
@@ -30,7 +30,7 @@ def _load_corpus(args):
 
 
 def cmd_models(args) -> int:
-    from sparsefinder.registry import default_model_name, load_registry
+    from sparsefinder.model.catalogue import default_model_name, load_registry
 
     default = default_model_name()
     for name, spec in load_registry().items():
@@ -40,7 +40,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_gold(args) -> int:
-    from sparsefinder.model import load_model
+    from sparsefinder.model.entmax_model import load_model
 
     text = args.text if args.text is not None else sys.stdin.read()
     texts = [t for t in (text.splitlines() if args.lines else [text]) if t.strip()]
@@ -66,8 +66,8 @@ def cmd_gold(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from sparsefinder.extract import extract_corpus
-    from sparsefinder.model import load_model
+    from sparsefinder.corpora.extract import extract_corpus
+    from sparsefinder.model.entmax_model import load_model
 
     corpus = _load_corpus(args)
     texts = corpus.texts()[: args.limit] if args.limit else corpus.texts()
@@ -83,8 +83,8 @@ def cmd_extract(args) -> int:
 def cmd_train(args) -> int:
     import numpy as np
 
-    from sparsefinder.projections import projection_manifest, train_projections
-    from sparsefinder.store import ExtractionStore
+    from sparsefinder.corpora.store import ExtractionStore
+    from sparsefinder.training.projections import projection_manifest, train_projections
 
     store = ExtractionStore.open(args.store)
     if args.loss == "stacked":
@@ -107,8 +107,8 @@ def cmd_train(args) -> int:
 
 
 def _train_stacked(args, store) -> int:
-    from sparsefinder.joint import train_stacked_projections
-    from sparsefinder.projections import Projections, projection_manifest
+    from sparsefinder.training.projections import Projections, projection_manifest
+    from sparsefinder.training.stacked import train_stacked_projections
 
     if not args.init:
         raise SystemExit("--loss stacked fine-tunes existing projections: give --init DIR (e.g. listwise ones)")
@@ -122,10 +122,10 @@ def _train_stacked(args, store) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from sparsefinder.fitted_io import load_fitted, save_fitted
-    from sparsefinder.projections import Projections
-    from sparsefinder.store import ExtractionStore
-    from sparsefinder.sweep import best_recall_table, fit_predictors, pareto_front, run_sweep, save_sweep
+    from sparsefinder.corpora.store import ExtractionStore
+    from sparsefinder.evaluation.fitted import load_fitted, save_fitted
+    from sparsefinder.evaluation.sweep import best_recall_table, fit_predictors, pareto_front, run_sweep, save_sweep
+    from sparsefinder.training.projections import Projections
 
     store = ExtractionStore.open(args.store)
     projections = Projections.load(args.projections, store=store) if args.projections else None
@@ -145,20 +145,20 @@ def cmd_sweep(args) -> int:
     # when one of them can run, since spaCy and the model take seconds to load.
     want = {"syntax", "lexical"} if methods is None else {"syntax", "lexical"} & set(methods)
     if args.context == "spacy" and want:
-        from sparsefinder.annotate import sweep_context
+        from sparsefinder.corpora.annotate import sweep_context
 
         context, notes = sweep_context(store, syntax="syntax" in want, lexical="lexical" in want)
         for note in notes:
             print(f"note: {note}")
     # The learned predictors' token priors read each sentence's token strings (already in the store).
     from sparsefinder.predictors import REGISTRY
-    from sparsefinder.predictors.learned import TokenContext
+    from sparsefinder.predictors.learned.core import TokenContext
 
     if methods is None or any(m in REGISTRY and "tokens" in REGISTRY[m].context_keys for m in methods):
         if context is None:
             context = TokenContext()
         else:
-            from sparsefinder.annotate import CombinedContext
+            from sparsefinder.corpora.annotate import CombinedContext
 
             context = CombinedContext(context, TokenContext())
     frame = run_sweep(store, projections, methods=methods, fitted=fitted, batch_size=args.batch_size,
@@ -179,11 +179,11 @@ def cmd_sweep(args) -> int:
 def cmd_interpret(args) -> int:
     import time
 
-    from sparsefinder.corpus import read_conllu
-    from sparsefinder.fitted_io import load_fitted
-    from sparsefinder.interpret import head_summary, interpret_store
-    from sparsefinder.projections import Projections
-    from sparsefinder.store import ExtractionStore
+    from sparsefinder.corpora.readers import read_conllu
+    from sparsefinder.corpora.store import ExtractionStore
+    from sparsefinder.evaluation.fitted import load_fitted
+    from sparsefinder.evaluation.interpret import head_summary, interpret_store
+    from sparsefinder.training.projections import Projections
 
     store = ExtractionStore.open(args.store)
     projections = Projections.load(args.projections, store=store)
@@ -213,9 +213,9 @@ def cmd_interpret(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from sparsefinder import corpus as corpus_mod
-    from sparsefinder.distill import DistillConfig, distill
-    from sparsefinder.registry import get_spec
+    from sparsefinder.corpora import readers as corpus_mod
+    from sparsefinder.model.catalogue import get_spec
+    from sparsefinder.model.distill import DistillConfig, distill
 
     spec = get_spec(args.base)
     train = corpus_mod.default_corpus("train", seed=args.seed)
@@ -243,7 +243,7 @@ def _corpus_texts_model(args):
     """``curves``/``windows``: torch threads set, the corpus, its first ``--limit`` texts, the model."""
     import torch
 
-    from sparsefinder.model import load_model
+    from sparsefinder.model.entmax_model import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -254,15 +254,15 @@ def _corpus_texts_model(args):
 
 def cmd_curves(args) -> int:
 
-    from sparsefinder import approximate as ap
-    from sparsefinder.approx_plots import sparsity_accuracy_figure
+    from sparsefinder.evaluation import approximate as ap
+    from sparsefinder.plots.curves import sparsity_accuracy_figure
 
     corpus, texts, model = _corpus_texts_model(args)
     projections, fitted = _curve_artifacts(args, model)
     if args.methods:
         methods = [m for m in args.methods.split(",") if m]
     else:  # the defaults that can run with this model's artifacts
-        from sparsefinder.predict import unsupported_reason
+        from sparsefinder.predictors.methods import unsupported_reason
 
         methods = []
         for m in ap.DEFAULT_METHODS:
@@ -273,7 +273,7 @@ def cmd_curves(args) -> int:
                 methods.append(m)
     learned = {}
     if args.windows:
-        from sparsefinder.neighbour import learned_methods
+        from sparsefinder.evaluation.windows import learned_methods
 
         learned = learned_methods(args.windows.split(","))
         methods += list(learned)
@@ -294,7 +294,7 @@ def cmd_curves(args) -> int:
     plot = Path(args.plot) if args.plot else Path(args.out).with_suffix(".html")
     fig.write_html(str(plot), include_plotlyjs=True)
     if args.png:
-        from sparsefinder.approx_plots import write_png
+        from sparsefinder.plots.curves import write_png
 
         try:
             write_png(fig, args.png, html=plot)
@@ -313,7 +313,7 @@ def cmd_curves(args) -> int:
 
 def cmd_windows(args) -> int:
 
-    from sparsefinder.neighbour import WindowConfig, mean_width, save_windows, train_windows, windows_key
+    from sparsefinder.evaluation.windows import WindowConfig, mean_width, save_windows, train_windows, windows_key
 
     corpus, texts, model = _corpus_texts_model(args)
     runs = {}
@@ -336,9 +336,9 @@ def cmd_windows(args) -> int:
 
 def _curve_artifacts(args, model):
     """Projections and fitted predictors: given on the command line, else the registered model's shipped ones."""
-    from sparsefinder.fitted_io import load_fitted
-    from sparsefinder.projections import Projections
-    from sparsefinder.registry import load_registry
+    from sparsefinder.evaluation.fitted import load_fitted
+    from sparsefinder.model.catalogue import load_registry
+    from sparsefinder.training.projections import Projections
 
     spec = load_registry().get(args.model)
     proj_dir = args.projections or (spec.artifact("projections") if spec else None)
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     if getattr(args, "model", "unset") is None:
-        from sparsefinder.registry import default_model_name
+        from sparsefinder.model.catalogue import default_model_name
 
         args.model = default_model_name()
     try:

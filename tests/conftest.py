@@ -87,6 +87,6 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def untuned_model():
     """The default architecture with entmax swapped in and no adapter (CPU)."""
-    from sparsefinder.model import load_model
+    from sparsefinder.model.entmax_model import load_model
 
     return load_model("minilm-entmax15-untuned", device="cpu")

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from sparsefinder.cli import main
-from sparsefinder.model import load_model
-from sparsefinder.store import ExtractionStore
+from sparsefinder.corpora.store import ExtractionStore
+from sparsefinder.model.entmax_model import load_model
 
 
 def test_models_lists_the_registry(capsys):
@@ -50,7 +50,7 @@ def test_errors_are_clear_and_nonzero(tmp_path, capsys):
 
 
 def test_train_saves_projections_for_the_store(tmp_path, tiny_model_dir):
-    from sparsefinder.projections import Projections
+    from sparsefinder.training.projections import Projections
 
     corpus = tmp_path / "sents.txt"
     corpus.write_text("\n".join(f"sentence {i} has some words in it" for i in range(12)), encoding="utf-8")
@@ -67,8 +67,8 @@ def test_train_saves_projections_for_the_store(tmp_path, tiny_model_dir):
 def test_sweep_fits_saves_and_reloads_predictors(tmp_path, tiny_model_dir, capsys):
     import pandas as pd
 
-    from sparsefinder.fitted_io import FittedFileError, load_fitted
-    from sparsefinder.sweep import load_sweep
+    from sparsefinder.evaluation.fitted import FittedFileError, load_fitted
+    from sparsefinder.evaluation.sweep import load_sweep
 
     corpus = tmp_path / "sents.txt"
     corpus.write_text("\n".join(f"the {i} cats sat on {i % 3} mats today" for i in range(10)), encoding="utf-8")

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from sparsefinder.entmax_fast import entmax
 from sparsefinder.graphs import AttentionGraph
+from sparsefinder.kernels.entmax import entmax
 from sparsefinder.metrics import (
     COUNT_COLUMNS,
     FRAME_COLUMNS,

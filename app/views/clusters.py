@@ -9,8 +9,8 @@ import pandas as pd
 import streamlit as st
 
 from app import state
-from sparsefinder import interpret as itp
-from sparsefinder.interpret_plots import cluster_pos_heatmap, distance_figure, head_grid_heatmap, pca_scatter
+from sparsefinder.evaluation import interpret as itp
+from sparsefinder.plots.clusters import cluster_pos_heatmap, distance_figure, head_grid_heatmap, pca_scatter
 
 ss = st.session_state
 SCOPE = "clusters_scope"
@@ -43,7 +43,7 @@ def load_tables(path: str, version: str) -> itp.InterpretTables:
 def compute_store_tables(model_name: str, store: str, version: str, artifacts: str, out: str,
                          _result: state.ActiveResult) -> itp.InterpretTables:
     """Tables of a saved result's corpus (spaCy tags), written beside it so later sessions just read them."""
-    from sparsefinder.store import ExtractionStore
+    from sparsefinder.corpora.store import ExtractionStore
 
     tables = itp.interpret_store(ExtractionStore.open(store), state.get_projections(model_name, _result),
                                  state.get_fitted(model_name, _result))
@@ -68,7 +68,7 @@ def text_sentences(model_name: str, version: str, alpha: str, texts_hash: str, t
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _annotate(texts_hash: str, _texts: tuple[str, ...]):
-    from sparsefinder.annotate import annotate
+    from sparsefinder.corpora.annotate import annotate
 
     return annotate(list(_texts))
 
@@ -80,7 +80,7 @@ def text_tags(texts_hash: str, texts: tuple[str, ...], ex) -> list[list[str]]:
 def corpus_sample(name: str, result: state.ActiveResult) -> tuple[list, list[list[str]]]:
     """The first :data:`SCATTER_SENTENCES` sentences of the active corpus, with their tags."""
     if result.store is not None:
-        from sparsefinder.store import ExtractionStore
+        from sparsefinder.corpora.store import ExtractionStore
 
         store = ExtractionStore.open(result.store)
         sentences = [store.sentence(i) for i in range(min(SCATTER_SENTENCES, len(store)))]
@@ -95,7 +95,7 @@ def corpus_sample(name: str, result: state.ActiveResult) -> tuple[list, list[lis
 
 @st.cache_data(show_spinner=False, max_entries=1)
 def _default_sample() -> list[str]:
-    from sparsefinder.corpus import default_corpus
+    from sparsefinder.corpora.readers import default_corpus
 
     return default_corpus(split="validation").texts()[:SCATTER_SENTENCES]
 

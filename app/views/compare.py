@@ -6,9 +6,9 @@ import pandas as pd
 import streamlit as st
 
 from app import state
-from sparsefinder.predict import outcome_heatmap
+from sparsefinder.evaluation.sweep import best_recall_at
 from sparsefinder.predictors import REGISTRY
-from sparsefinder.sweep import best_recall_at
+from sparsefinder.predictors.methods import outcome_heatmap
 
 ss = st.session_state
 RATIOS = ("recall", "precision", "sparsity", "exact")

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from app import state
-from sparsefinder.corpus import MAX_BYTES, CorpusError, corpus_stats, default_corpus
+from sparsefinder.corpora.readers import MAX_BYTES, CorpusError, corpus_stats, default_corpus
 
 ss = st.session_state
 SOURCES = ("default corpus (validation split)", "upload a file")
@@ -67,7 +67,7 @@ def show_stats(corpus, stats) -> None:
 
 
 def run_extract(name: str, corpus, out) -> None:
-    from sparsefinder.extract import extract_corpus
+    from sparsefinder.corpora.extract import extract_corpus
 
     outcome = state.get_model(name)
     if outcome.model is None:
@@ -93,8 +93,8 @@ def run_extract(name: str, corpus, out) -> None:
 def run_projections(out) -> None:
     import numpy as np
 
-    from sparsefinder.projections import projection_manifest, train_projections
-    from sparsefinder.store import ExtractionStore
+    from sparsefinder.corpora.store import ExtractionStore
+    from sparsefinder.training.projections import projection_manifest, train_projections
 
     with st.status("Training projections…", expanded=True) as status:
         store = ExtractionStore.open(out / "store")
@@ -108,11 +108,11 @@ def run_projections(out) -> None:
 
 
 def run_sweep_ui(out) -> None:
-    from sparsefinder.fitted_io import save_fitted
-    from sparsefinder.predictors.learned import TokenContext
-    from sparsefinder.projections import Projections
-    from sparsefinder.store import ExtractionStore
-    from sparsefinder.sweep import fit_predictors, run_sweep, save_sweep
+    from sparsefinder.corpora.store import ExtractionStore
+    from sparsefinder.evaluation.fitted import save_fitted
+    from sparsefinder.evaluation.sweep import fit_predictors, run_sweep, save_sweep
+    from sparsefinder.predictors.learned.core import TokenContext
+    from sparsefinder.training.projections import Projections
 
     with st.status("Sweeping…", expanded=True) as status:
         store = ExtractionStore.open(out / "store")

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app import state
-from sparsefinder.plots import attention_heatmap, block_size, sparsity_heatmap
+from sparsefinder.plots.heatmaps import attention_heatmap, block_size, sparsity_heatmap
 
 ss = st.session_state
 GOLD, RECALL = "gold sparsity", "method recall"

@@ -6,10 +6,10 @@ import pandas as pd
 import streamlit as st
 
 from app import state
-from sparsefinder.plots import pareto_figure
-from sparsefinder.predict import outcome_heatmap
+from sparsefinder.evaluation.sweep import best_recall_table, pareto_front
+from sparsefinder.plots.heatmaps import pareto_figure
 from sparsefinder.predictors import REGISTRY
-from sparsefinder.sweep import best_recall_table, pareto_front
+from sparsefinder.predictors.methods import outcome_heatmap
 
 ss = st.session_state
 FRONT_COLUMNS = ["method", "params", "sparsity", "recall", "precision", "exact"]
@@ -107,7 +107,7 @@ CURVE_X = ("sparsity", "model_sparsity")
 
 def show_curves(name: str) -> None:
     """Sparsity–accuracy at test time: the end task of the model run on predicted graphs (SPEC §5)."""
-    from sparsefinder.approx_plots import METRIC_LABELS, sparsity_accuracy_figure
+    from sparsefinder.plots.curves import METRIC_LABELS, sparsity_accuracy_figure
 
     st.subheader("Sparsity–accuracy at test time")
     st.caption(

@@ -37,7 +37,7 @@ from sparsefinder.predictors.base import (
     window_mask,
 )
 from sparsefinder.predictors.clustering import make_generator, normalise, pool_tokens, spherical_kmeans_step
-from sparsefinder.predictors.sparsefinder import shared_group_edges
+from sparsefinder.predictors.paper import shared_group_edges
 
 
 def _empty(q: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Data floor: corpus readers, annotations (spaCy), extraction and the memory-mapped store."""

@@ -1,0 +1,1 @@
+"""Evaluation floor: the sweep, Pareto fronts, test-time approximation, learned windows, interpretation."""

@@ -1,0 +1,623 @@
+r"""Sparse approximation at test time: run the model on predicted graphs and measure the end task.
+
+SPEC §5. Every attention call of a chosen subset of layers runs entmax
+*restricted* to a predicted graph :math:`\hat G` (scores outside it get the
+mask value, so their probability is exactly zero):
+
+.. math:: \tilde p_i = \alpha\text{-entmax}\big(s_i + \text{mask}_{\hat G_i}\big),
+
+and the approximated activations flow on to later layers, so errors compound.
+The predictor reads each layer's *live* queries and keys (those of the
+approximated run), exactly as a sparse kernel would. A query whose predicted
+row is empty attends to nothing (zero attention output; see
+:func:`sparsefinder.model.attention.restrict_support`).
+
+Per restricted layer we record, over valid pairs only (SPEC §2):
+
+- ``sparsity`` :math:`1 - |\hat G| / |V|` of the graph actually used;
+- ``recall`` :math:`|G \cap \hat G| / |G|` and ``exact`` (share of queries whose
+  gold row is covered) against the *gold graph of the same scores*
+  :math:`G = \operatorname{supp}\,\alpha\text{-entmax}(s)`, i.e. of the layer's
+  own inputs in this run: where :math:`G_i \subseteq \hat G_i` the layer's output
+  for query ``i`` is exact (sparse consistency);
+- ``empty_rows``: share of real queries whose predicted row is empty.
+
+Each is per (sentence, layer, head), then the mean over sentences, then over
+heads and restricted layers. ``model_sparsity`` counts unrestricted layers as
+dense: ``sparsity × |restricted layers| / L``.
+
+The end task, against the exact (unrestricted) entmax model on the same input:
+
+- embedding fidelity: cosine of the mean-pooled last hidden states per
+  sentence, :math:`\cos(\tilde e_s, e_s)` (``cos_mean``, ``cos_min``);
+- retrieval stability: share of sentences whose nearest neighbour among the
+  *other* sentences (cosine) is the same under the approximated embeddings as
+  under the exact ones (:func:`retrieval_stability`);
+- for a model with a masked-LM head: masked-LM loss (mean cross-entropy over
+  masked tokens) and accuracy on a seeded 15 % masking of the texts
+  (:func:`mask_tokens`); exact and approximated runs see the same masked input.
+
+:func:`sparsity_accuracy_curve` runs a method over its grid (and layer
+subsets, e.g. ``"all"`` against ``"later"`` as in Breaking BERT) and returns one
+row per configuration, with the exact model (``method="exact"``, sparsity 0) and
+the gold oracle (``method="gold"``: the gold graph itself, exact outputs at the
+gold sparsity) as reference points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from sparsefinder.graphs import AttentionGraph
+from sparsefinder.kernels.entmax import entmax
+from sparsefinder.metrics import graph_metrics
+from sparsefinder.model import attention
+from sparsefinder.predictors import REGISTRY, Predictor, get_predictor
+from sparsefinder.predictors.methods import SUPPLIED, params_key, parse_params, predict_layer, unsupported_reason
+
+MASK_RATE = 0.15
+"""Share of each text's real, non-special tokens replaced by the mask token for the masked-LM metrics."""
+
+CURVE_COLUMNS: tuple[str, ...] = (
+    "method", "params", "layers", "sparsity", "model_sparsity", "recall", "exact", "empty_rows",
+    "cos_mean", "cos_min", "retrieval", "mlm_loss", "mlm_accuracy", "sentences", "seconds",
+)
+"""Columns of :func:`sparsity_accuracy_curve`'s table, in order."""
+
+METRICS: tuple[str, ...] = ("cos_mean", "cos_min", "retrieval", "mlm_loss", "mlm_accuracy")
+"""End-task metrics (the y axis of a sparsity–accuracy curve)."""
+
+#: A layer's graph from its live inputs: ``(layer, q, k, batch) -> (B, H, N, N)`` bool edges.
+GraphFn = Callable[[int, torch.Tensor, torch.Tensor, "Batch"], torch.Tensor]
+
+
+def GOLD(layer: int, q: torch.Tensor, k: torch.Tensor, batch: Batch) -> torch.Tensor:  # noqa: N802
+    """The oracle :data:`GraphFn`: :func:`run_approximation` restricts each layer to the gold graph of its own
+    live scores (so the outputs are exact, at the gold sparsity). Not callable on its own."""
+    raise TypeError("GOLD is a marker for run_approximation, not a graph function")
+
+
+# ---------------------------------------------------------------------- layer subsets
+
+
+def parse_layers(spec: str | Iterable[int] | None, num_layers: int) -> tuple[int, ...]:
+    """Layers to restrict: ``"all"``, ``"later"`` (the second half, ``L//2 .. L-1``),
+    ``"earlier"`` (the first half), ``"3,4,5"``, ``"3-5"``, ``"none"``, or a list of ints.
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip() == "all"):
+        return tuple(range(num_layers))
+    if isinstance(spec, str):
+        s = spec.strip()
+        if s == "none":
+            return ()
+        if s == "later":
+            return tuple(range(num_layers // 2, num_layers))
+        if s == "earlier":
+            return tuple(range(num_layers // 2))
+        out: list[int] = []
+        try:
+            for part in s.split(","):
+                if "-" in part.strip()[1:]:
+                    a, b = part.split("-", 1)
+                    out.extend(range(int(a), int(b) + 1))
+                else:
+                    out.append(int(part))
+        except ValueError:
+            raise ValueError(f"layers must be 'all', 'later', 'earlier', 'none' or like '3,4' / '3-5', "
+                             f"got {spec!r}") from None
+        layers = out
+    else:
+        layers = [int(x) for x in spec]
+    bad = [x for x in layers if not 0 <= x < num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} outside the model's 0 .. {num_layers - 1}")
+    return tuple(sorted(set(layers)))
+
+
+def layers_label(spec: str | Iterable[int] | None, num_layers: int) -> str:
+    """The table's ``layers`` value: a named subset as given, else ``"3,4,5"``."""
+    if spec is None:
+        return "all"
+    if isinstance(spec, str) and spec.strip() in ("all", "later", "earlier", "none"):
+        return spec.strip()
+    return ",".join(map(str, parse_layers(spec, num_layers)))
+
+
+# ---------------------------------------------------------------------- masking for the MLM metrics
+
+
+def mask_tokens(
+    input_ids: torch.Tensor, lengths: torch.Tensor, special: torch.Tensor, mask_id: int,
+    sentence_ids: Sequence[int], seed: int = 0, rate: float = MASK_RATE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded masking: ``(masked_ids, positions)``, both ``(B, N)``.
+
+    Sentence ``s`` (its id, not its batch position) masks
+    :math:`\\max(1, \\operatorname{round}(rate \\cdot m))` of its ``m`` real
+    non-special tokens, chosen without replacement by ``default_rng([seed, s])``,
+    so a sentence is masked the same way in any batch and in every run.
+    """
+    if not 0 < rate <= 1:
+        raise ValueError(f"mask rate must lie in (0, 1], got {rate}")
+    masked = input_ids.clone()
+    positions = torch.zeros_like(input_ids, dtype=torch.bool)
+    for b, sid in enumerate(sentence_ids):
+        n = int(lengths[b])
+        cand = np.flatnonzero(~special[b, :n].cpu().numpy().astype(bool))
+        if cand.size == 0:
+            continue
+        count = max(1, int(round(rate * cand.size)))
+        pick = np.random.default_rng([int(seed), int(sid)]).choice(cand, size=count, replace=False)
+        positions[b, torch.from_numpy(np.sort(pick))] = True
+    masked[positions] = int(mask_id)
+    return masked, positions
+
+
+# ---------------------------------------------------------------------- end-task metrics
+
+
+def embedding_cosines(exact: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+    """``(S,)`` cosine of each sentence's approximated embedding to its exact one."""
+    if exact.shape != approx.shape:
+        raise ValueError(f"embedding shapes differ: {tuple(exact.shape)} vs {tuple(approx.shape)}")
+    return torch.nn.functional.cosine_similarity(exact.double(), approx.double(), dim=-1)
+
+
+def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
+    """``(S,)`` index of each sentence's nearest other sentence by cosine (ties: the lowest index)."""
+    if embeddings.shape[0] < 2:
+        raise ValueError("nearest neighbours need at least two sentences")
+    unit = torch.nn.functional.normalize(embeddings.double(), dim=-1)
+    sim = unit @ unit.T
+    sim.fill_diagonal_(-math.inf)
+    return sim.argmax(dim=-1)
+
+
+def retrieval_stability(exact: torch.Tensor, approx: torch.Tensor) -> float:
+    """Share of sentences whose nearest neighbour among the others is unchanged by the approximation."""
+    if exact.shape != approx.shape:
+        raise ValueError(f"embedding shapes differ: {tuple(exact.shape)} vs {tuple(approx.shape)}")
+    return float((nearest_neighbours(exact) == nearest_neighbours(approx)).double().mean())
+
+
+# ---------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """One padded batch of the texts, prepared once and reused by every configuration."""
+
+    inputs: dict[str, torch.Tensor]
+    lengths: torch.Tensor
+    sentence_ids: torch.Tensor
+    mlm_positions: torch.Tensor | None
+    mlm_targets: torch.Tensor | None
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+def is_masked_lm(model) -> bool:
+    """Whether ``model`` (an :class:`~sparsefinder.model.entmax_model.EntmaxModel`) has a masked-LM head."""
+    return type(model.model).__name__.endswith("ForMaskedLM")
+
+
+def prepare_batches(
+    model, texts: Sequence[str], batch_size: int = 32, seed: int = 0, masked_lm: bool | None = None,
+    syntax: bool = False, lexical: bool = False,
+) -> list[Batch]:
+    """Tokenise ``texts`` into batches of similar length (less padding); sentence ids are positions in ``texts``.
+
+    With ``masked_lm`` (default: the model has an MLM head) the inputs are masked
+    by :func:`mask_tokens`. ``syntax``/``lexical`` add the syntax and lexical
+    masks' context (spaCy parse aligned to tokens; input embeddings).
+    """
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no texts to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    masked_lm = is_masked_lm(model) if masked_lm is None else masked_lm
+    mask_id = model.tokenizer.mask_token_id
+    if masked_lm and mask_id is None:
+        raise ValueError("the model's tokenizer has no mask token, so masked-LM metrics cannot be computed")
+    enc_all, _ = model.tokenize(texts)
+    order = np.argsort(enc_all["attention_mask"].sum(1).numpy(), kind="stable")
+    words = None
+    if syntax:
+        from sparsefinder.corpora.annotate import annotate
+
+        words = annotate(texts)
+    embed = model.model.get_input_embeddings().weight.detach().cpu() if lexical else None
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        ids = order[start:start + batch_size].tolist()
+        enc, _ = model.tokenize([texts[i] for i in ids])
+        lengths = enc["attention_mask"].sum(1).cpu()
+        inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        positions = targets = None
+        if masked_lm:
+            targets = inputs["input_ids"].clone()
+            inputs["input_ids"], positions = mask_tokens(
+                inputs["input_ids"], lengths, enc["special_tokens_mask"], mask_id, ids, seed=seed)
+        context: dict[str, Any] = {}
+        if words is not None:
+            from sparsefinder.corpora.annotate import align_tokens
+
+            heads, word_ids = [], []
+            for b, i in enumerate(ids):
+                n = int(lengths[b])
+                offsets = [tuple(map(int, o)) for o in enc["offset_mapping"][b, :n].tolist()]
+                special = [bool(s) for s in enc["special_tokens_mask"][b, :n].tolist()]
+                word_ids.append(align_tokens(offsets, special, [w.span for w in words[i]]))
+                heads.append([int(w.head) for w in words[i]])
+            context.update(word_heads=heads, word_ids=word_ids)
+        if embed is not None:
+            context["embeddings"] = embed[enc["input_ids"]]  # the unmasked tokens' embeddings
+        batches.append(Batch(
+            inputs={k: v.to(model.device) for k, v in inputs.items()}, lengths=lengths,
+            sentence_ids=torch.tensor(ids, dtype=torch.long), mlm_positions=positions, mlm_targets=targets,
+            context=context,
+        ))
+    return batches
+
+
+# ---------------------------------------------------------------------- predicted graphs of a method
+
+
+@dataclass
+class _Live:
+    """The minimal extraction :func:`~sparsefinder.predictors.methods.predict_layer` reads: one layer's live q, k."""
+
+    queries: dict[int, torch.Tensor]
+    keys: dict[int, torch.Tensor]
+    lengths: torch.Tensor
+    causal: bool
+
+
+def method_graphs(
+    method: str, params: str | Mapping[str, Any] | None = None, projections: Any = None,
+    fitted: Mapping | None = None, predictors: Mapping[int, Predictor] | None = None, causal: bool = False,
+) -> GraphFn:
+    """The :data:`GraphFn` of a configuration.
+
+    ``predictors`` (``{layer: fitted Predictor}``) runs those predictors on the
+    raw queries/keys (e.g. :class:`sparsefinder.evaluation.windows.LearnedWindowPredictor`);
+    otherwise ``method`` is a registered predictor run as
+    :func:`~sparsefinder.predictors.methods.predict_layer` runs it (projections and fitted
+    state as the dashboard uses them); syntax and lexical take their context
+    from the batch (:func:`prepare_batches` with ``syntax``/``lexical``).
+    """
+    if predictors is not None:
+        def run_given(layer: int, q: torch.Tensor, k: torch.Tensor, batch: Batch) -> torch.Tensor:
+            if layer not in predictors:
+                raise ValueError(f"no {method} predictor for layer {layer}")
+            return predictors[layer].predict(q.float(), k.float(), batch.lengths.to(q.device),
+                                             causal=causal).edges
+        return run_given
+    if method not in REGISTRY:
+        raise KeyError(f"unknown predictor {method!r}; known: {list(REGISTRY)}")
+    cls = REGISTRY[method]
+    extra = set(cls.context_keys) - SUPPLIED
+    if not extra:
+        reason = unsupported_reason(method, projections, fitted)
+        if reason is not None:
+            raise ValueError(f"cannot run {method}: {reason}")
+
+        def run_registered(layer: int, q: torch.Tensor, k: torch.Tensor, batch: Batch) -> torch.Tensor:
+            live = _Live({layer: q}, {layer: k}, batch.lengths.to(q.device), causal)
+            return predict_layer(live, layer, method, params, projections, fitted,
+                                 sentence_ids=batch.sentence_ids).edges
+        return run_registered
+    pred = get_predictor(method, **parse_params(params))
+
+    def run_context(layer: int, q: torch.Tensor, k: torch.Tensor, batch: Batch) -> torch.Tensor:
+        missing = extra - set(batch.context)
+        if missing:
+            raise ValueError(f"{method} needs context {sorted(missing)}: prepare the batches with it")
+        ctx = {c: batch.context[c] for c in cls.context_keys if c in batch.context}
+        if "sentence_ids" in cls.context_keys:
+            ctx["sentence_ids"] = batch.sentence_ids
+        return pred.predict(q.float(), k.float(), batch.lengths.to(q.device), causal=causal, **ctx).edges
+    return run_context
+
+
+# ---------------------------------------------------------------------- one run
+
+
+@dataclass
+class RunResult:
+    """What one (approximated or exact) pass over the batches produced, in the order of ``texts``.
+
+    ``embeddings``: ``(S, D)`` mean-pooled last hidden states; ``mlm_*``:
+    per-sentence sums of cross-entropy, correct predictions and masked tokens
+    (None without an MLM head); ``graph``: ``{name: (S, L, H)}`` float64 per
+    restricted layer (NaN elsewhere) for ``sparsity``, ``recall``, ``exact``,
+    ``empty_rows`` and ``gold_sparsity`` (of the same scores).
+    """
+
+    embeddings: torch.Tensor
+    mlm_loss: torch.Tensor | None
+    mlm_correct: torch.Tensor | None
+    mlm_count: torch.Tensor | None
+    graph: dict[str, np.ndarray]
+    layers: tuple[int, ...]
+    seconds: float
+
+
+GRAPH_STATS = ("sparsity", "recall", "exact", "empty_rows", "gold_sparsity")
+
+
+def run_approximation(
+    model, batches: Sequence[Batch], graphs: GraphFn | None, layers: Sequence[int] = (),
+    progress: bool = False, desc: str | None = None,
+) -> RunResult:
+    """Run ``model`` on ``batches`` with entmax of ``layers`` restricted to ``graphs`` (None: exact run).
+
+    Thread-safe: the restriction lives in a context variable of the calling thread.
+    """
+    t0 = time.perf_counter()
+    layers = tuple(sorted(set(int(x) for x in layers))) if graphs is not None else ()
+    num_sent = sum(len(b.sentence_ids) for b in batches)
+    L, H = model.num_layers, model.num_heads
+    stats = {s: np.full((num_sent, L, H), np.nan) for s in GRAPH_STATS}
+    emb_rows: dict[int, torch.Tensor] = {}
+    mlm = is_masked_lm(model) and batches[0].mlm_positions is not None
+    mlm_loss = torch.zeros(num_sent, dtype=torch.float64) if mlm else None
+    mlm_correct = torch.zeros(num_sent, dtype=torch.float64) if mlm else None
+    mlm_count = torch.zeros(num_sent, dtype=torch.float64) if mlm else None
+    restricted = set(layers)
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        sids = batch.sentence_ids.numpy()
+        lengths = batch.lengths
+
+        def hook(layer: int, query: torch.Tensor, key: torch.Tensor, scores: torch.Tensor,
+                 batch: Batch = batch, sids: np.ndarray = sids, lengths: torch.Tensor = lengths):
+            if layer not in restricted:
+                return None
+            alpha = attention.module_alpha(model.attention_modules[layer])
+            gold = AttentionGraph(entmax(scores.detach(), alpha) > 0, lengths.to(scores.device), model.causal)
+            if graphs is GOLD:
+                pred = gold
+            else:
+                edges = graphs(layer, query.detach().float(), key.detach().float(), batch).to(scores.device)
+                n = scores.shape[-1]
+                pred = AttentionGraph(edges.expand(scores.shape[0], scores.shape[1], n, n),
+                                      lengths.to(edges.device), model.causal)
+            m = graph_metrics(gold, pred)
+            real_q = pred.valid_queries()[:, 0, :, None]  # (B, N, 1)
+            empty = (~pred.edges.any(dim=-1) & real_q[..., 0][:, None]).sum(-1).double()
+            for name, value in (("sparsity", m["sparsity"]), ("recall", m["recall"]), ("exact", m["exact"]),
+                                ("empty_rows", empty / lengths.clamp(min=1)[:, None].double()),
+                                ("gold_sparsity", m["gold_sparsity"])):
+                stats[name][sids, layer] = value.detach().cpu().numpy()
+            # Padding queries keep every key (the model's own mask hides padding keys), so their
+            # outputs equal the exact run's; only real queries are restricted.
+            return pred.edges | ~real_q[:, None]
+
+        with torch.inference_mode():
+            if graphs is not None:
+                with attention.restrict_support(hook):
+                    out = model.model(**batch.inputs, output_hidden_states=mlm)
+            else:
+                out = model.model(**batch.inputs, output_hidden_states=mlm)
+        hidden = out.hidden_states[-1] if mlm else out.last_hidden_state
+        mask = batch.inputs["attention_mask"].to(hidden.dtype)[..., None]
+        pooled = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().cpu()
+        for b, s in enumerate(sids.tolist()):
+            emb_rows[s] = pooled[b]
+        if mlm:
+            logits = out.logits.float().cpu()
+            pos = batch.mlm_positions
+            ce = torch.nn.functional.cross_entropy(logits[pos], batch.mlm_targets[pos], reduction="none").double()
+            hit = (logits[pos].argmax(-1) == batch.mlm_targets[pos]).double()
+            row = torch.nonzero(pos)[:, 0]
+            sid_t = torch.as_tensor(sids)[row]
+            mlm_loss.index_add_(0, sid_t, ce)
+            mlm_correct.index_add_(0, sid_t, hit)
+            mlm_count.index_add_(0, sid_t, torch.ones_like(ce))
+    embeddings = torch.stack([emb_rows[s] for s in range(num_sent)])
+    return RunResult(embeddings, mlm_loss, mlm_correct, mlm_count, stats, layers, time.perf_counter() - t0)
+
+
+def _layer_mean(values: np.ndarray, layers: Sequence[int]) -> float:
+    """Mean over sentences (ignoring NaN: empty gold rows, empty sentences), then over heads and layers."""
+    if not layers:
+        return float("nan")
+    sub = values[:, list(layers)]
+    with warnings.catch_warnings():  # all-NaN columns (no gold edge anywhere) are expected
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_head = np.nanmean(sub, axis=0)
+    return float(np.nanmean(per_head)) if np.isfinite(per_head).any() else float("nan")
+
+
+def summarise_run(run: RunResult, reference: RunResult, num_layers: int) -> dict[str, float]:
+    """One curve row's numbers: graph statistics of ``run`` and its end-task metrics against ``reference``."""
+    cos = embedding_cosines(reference.embeddings, run.embeddings)
+    row = {
+        "sparsity": _layer_mean(run.graph["sparsity"], run.layers) if run.layers else 0.0,
+        "recall": _layer_mean(run.graph["recall"], run.layers) if run.layers else 1.0,
+        "exact": _layer_mean(run.graph["exact"], run.layers) if run.layers else 1.0,
+        "empty_rows": _layer_mean(run.graph["empty_rows"], run.layers) if run.layers else 0.0,
+        "cos_mean": float(cos.mean()),
+        "cos_min": float(cos.min()),
+        "retrieval": retrieval_stability(reference.embeddings, run.embeddings)
+        if len(cos) >= 2 else float("nan"),
+        "mlm_loss": float("nan"),
+        "mlm_accuracy": float("nan"),
+        "sentences": int(len(cos)),
+        "seconds": float(run.seconds),
+    }
+    row["model_sparsity"] = row["sparsity"] * len(run.layers) / num_layers
+    if run.mlm_loss is not None:
+        count = float(run.mlm_count.sum())
+        row["mlm_loss"] = float(run.mlm_loss.sum()) / max(count, 1.0)
+        row["mlm_accuracy"] = float(run.mlm_correct.sum()) / max(count, 1.0)
+    return row
+
+
+# ---------------------------------------------------------------------- curves
+
+
+def sparsity_accuracy_curve(
+    model,
+    texts: Sequence[str],
+    methods: str | Sequence[str],
+    grids: Mapping[str, Sequence[Mapping[str, Any]]] | Sequence[Mapping[str, Any]] | None = None,
+    layers: Sequence[str | Sequence[int]] = ("all",),
+    projections: Any = None,
+    fitted: Mapping | None = None,
+    learned: Mapping[str, Mapping[str, Mapping[int, Predictor]]] | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    references: bool = True,
+    progress: bool = False,
+    batches: Sequence[Batch] | None = None,
+) -> pd.DataFrame:
+    """Sparsity against end-task accuracy of every configuration on ``texts`` (module docstring).
+
+    ``methods``: registered predictor names; ``grids``: a list of grid points
+    (one method) or ``{method: [point, ...]}`` (default: each method's own
+    :meth:`~sparsefinder.predictors.base.Predictor.grid`); ``layers``: layer
+    subsets (:func:`parse_layers`), each run separately; ``learned``:
+    ``{method: {params: {layer: Predictor}}}`` of already fitted predictors run
+    as given (e.g. learned windows), each on the layer subset it was learned for;
+    ``references``: add the ``exact`` and ``gold`` rows. Returns
+    :data:`CURVE_COLUMNS` (``params`` as canonical JSON), provenance in
+    ``frame.attrs["curves"]``.
+    """
+    t0 = time.perf_counter()
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    if grids is None:
+        grids = {}
+    elif not isinstance(grids, Mapping):
+        if len(methods) != 1:
+            raise ValueError("a list of grid points needs exactly one method; give {method: points} otherwise")
+        grids = {methods[0]: list(grids)}
+    learned = dict(learned or {})
+    for m in methods:
+        if m not in REGISTRY and m not in learned:
+            raise KeyError(f"unknown predictor {m!r}; known: {list(REGISTRY)} and learned {list(learned)}")
+    L = model.num_layers
+    subsets = [(layers_label(s, L), parse_layers(s, L)) for s in layers]
+    if batches is None:
+        need = {c for m in methods if m in REGISTRY for c in REGISTRY[m].context_keys}
+        batches = prepare_batches(model, texts, batch_size, seed, syntax="word_heads" in need,
+                                  lexical="embeddings" in need)
+    configs: list[tuple[str, str, str, tuple[int, ...], GraphFn]] = []
+    for m in methods:
+        if m in learned:
+            for key, by_layer in learned[m].items():
+                for label, subset in subsets:
+                    if set(subset) != set(by_layer):
+                        continue  # learned jointly for another set of layers
+                    configs.append((m, params_key(key), label, subset,
+                                    method_graphs(m, predictors=by_layer, causal=model.causal)))
+            continue
+        points = grids.get(m, REGISTRY[m].grid())
+        for point in points:
+            fn = method_graphs(m, point, projections, fitted, causal=model.causal)
+            for label, subset in subsets:
+                configs.append((m, params_key(point), label, subset, fn))
+    reference = run_approximation(model, batches, None, progress=progress, desc="exact")
+    rows = []
+    if references:
+        rows.append({"method": "exact", "params": "{}", "layers": "none",
+                     **summarise_run(reference, reference, L)})
+        for label, subset in subsets:
+            run = run_approximation(model, batches, GOLD, subset, progress=progress,
+                                    desc=f"gold {label}")
+            rows.append({"method": "gold", "params": "{}", "layers": label, **summarise_run(run, reference, L)})
+    bar = tqdm(configs, desc="configurations", disable=not progress)
+    for m, key, label, subset, fn in bar:
+        bar.set_postfix_str(f"{m} {key} {label}")
+        run = run_approximation(model, batches, fn, subset)
+        rows.append({"method": m, "params": key, "layers": label, **summarise_run(run, reference, L)})
+    frame = pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
+    frame.attrs["curves"] = {
+        "model": model.name, "num_layers": L, "num_heads": model.num_heads, "sentences": len(texts),
+        "masked_lm": reference.mlm_loss is not None, "mask_rate": MASK_RATE, "seed": seed,
+        "layers": {label: list(subset) for label, subset in subsets}, "seconds": time.perf_counter() - t0,
+    }
+    return frame
+
+
+# ---------------------------------------------------------------------- persistence
+
+
+def save_curves(frame: pd.DataFrame, path, manifest: Mapping[str, Any] | None = None):
+    """Write the table as Parquet and a JSON sidecar (``frame.attrs["curves"]`` plus ``manifest``)."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(path, index=False)
+    info = {**frame.attrs.get("curves", {}), **dict(manifest or {})}
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def load_curves(path) -> pd.DataFrame:
+    """Inverse of :func:`save_curves` (provenance back in ``attrs["curves"]``)."""
+    from pathlib import Path
+
+    path = Path(path)
+    frame = pd.read_parquet(path)
+    missing = set(CURVE_COLUMNS) - set(frame.columns)
+    if missing:
+        raise ValueError(f"{path} is not a curves table: it lacks {sorted(missing)}")
+    side = path.with_suffix(".json")
+    if side.is_file():
+        frame.attrs["curves"] = json.loads(side.read_text(encoding="utf-8"))
+    return frame
+
+
+# ---------------------------------------------------------------------- grids
+
+DEFAULT_METHODS: tuple[str, ...] = ("distance", "kmeans", "bucketing", "position", "random", "syntax")
+"""The CLI's default methods: the Sparsefinder predictors and Breaking BERT's fixed masks."""
+
+
+def thin_grid(points: Sequence[Mapping[str, Any]], k: int | None) -> list[dict[str, Any]]:
+    """At most ``k`` grid points, evenly spaced over ``points`` (first and last kept); all when ``k`` is None."""
+    points = [dict(p) for p in points]
+    if k is None or k >= len(points):
+        return points
+    if k < 1:
+        raise ValueError(f"points per method must be >= 1, got {k}")
+    if k == 1:
+        return [points[len(points) // 2]]
+    idx = sorted({int(round(x)) for x in np.linspace(0, len(points) - 1, k)})
+    return [points[i] for i in idx]
+
+
+def best_at(frame: pd.DataFrame, metric: str = "cos_mean", levels: Sequence[float] = (0.5, 0.7, 0.78),
+            x: str = "sparsity", higher_is_better: bool = True) -> pd.DataFrame:
+    """Per (method, layers): the best ``metric`` among configurations with ``x`` ≥ each level (NaN: none that sparse).
+
+    A configuration within 5e-4 below a level counts as reaching it (masks built to a target
+    sparsity round each sentence's edge count). Reference rows (exact, gold) are left out.
+    """
+    rows = frame[~frame["method"].isin(("exact", "gold")) & frame[metric].notna()]
+    out = {}
+    for (method, layers), group in rows.groupby(["method", "layers"], sort=False):
+        cells = {}
+        for level in levels:
+            ok = group[group[x] >= level - 5e-4]
+            if ok.empty:
+                cells[f"{x} >= {level:g}"] = float("nan")
+            else:
+                cells[f"{x} >= {level:g}"] = float(ok[metric].max() if higher_is_better else ok[metric].min())
+        out[(method, layers)] = cells
+    table = pd.DataFrame.from_dict(out, orient="index")
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["method", "layers"])
+    return table

@@ -1,0 +1,1 @@
+"""Primitives: exact entmax kernels and truly sparse (clustered) entmax attention."""

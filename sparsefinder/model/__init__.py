@@ -1,0 +1,1 @@
+"""Data floor: entmax attention registered with transformers, the entmax model, catalogue, adapters, distillation."""

@@ -1,0 +1,177 @@
+"""Entmax attention plugged into transformers by registration.
+
+``register()`` adds an attention function named ``"entmax"`` to transformers'
+``AttentionInterface`` and the matching eager (additive float) mask to
+``AttentionMaskInterface``; a model loaded with ``attn_implementation="entmax"``
+then runs alpha-entmax in every self-attention layer, whatever its architecture.
+
+Capture is per call, not global: :func:`capture` sets a context variable that
+only the current thread (or asyncio task) sees, so sessions of one server that
+share a model each get their own queries, keys and probabilities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import eager_mask
+
+from sparsefinder.kernels.entmax import Alpha, entmax
+
+ATTN_IMPLEMENTATION = "entmax"
+
+# A support restriction hook: given (layer, query, key, scores) returns a bool keep-mask
+# (B, H, N, K), a float additive bias of that shape (a differentiable soft mask: log keep-weights),
+# or None (layer untouched). Used to run the model on a predicted graph (sparsefinder.evaluation.approximate)
+# and to train soft windows (sparsefinder.evaluation.windows).
+SupportFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass
+class AttentionRecord:
+    """What one attention call saw: ``(B, H, N, d)`` queries/keys, ``(B, H, N, N)`` probs."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    probs: torch.Tensor
+
+
+@dataclass
+class Capture:
+    """Collects one record per attention call, in call (= layer) order."""
+
+    keep_probs: bool = True
+    # Training (distillation) needs gradients through the captured probabilities.
+    detach: bool = True
+    records: list[AttentionRecord] = field(default_factory=list)
+
+
+_capture: ContextVar[Capture | None] = ContextVar("sparsefinder_capture", default=None)
+_support: ContextVar[SupportFn | None] = ContextVar("sparsefinder_support", default=None)
+_tagger: ContextVar[list | None] = ContextVar("sparsefinder_tagger", default=None)
+
+
+@contextlib.contextmanager
+def capture(keep_probs: bool = True, detach: bool = True) -> Iterator[Capture]:
+    """Record q, k and entmax probabilities of every attention call in this context."""
+    sink = Capture(keep_probs=keep_probs, detach=detach)
+    token = _capture.set(sink)
+    try:
+        yield sink
+    finally:
+        _capture.reset(token)
+
+
+@contextlib.contextmanager
+def restrict_support(fn: SupportFn) -> Iterator[None]:
+    """Run attention with ``fn(layer, query, key, scores)`` restricting the scores before entmax.
+
+    ``query``/``key`` are ``(B, H, N, d)`` as the attention function received them
+    (what a predictor reads); ``scores`` are ``(B, H, N, K)``, scaled and with the
+    model's additive mask. ``fn`` returns a bool keep mask (scores outside it get
+    the dtype's minimum, so entmax gives them exactly zero; a query row with no
+    kept key gets all-zero probabilities, i.e. a zero attention output), a float tensor added
+    to the scores (e.g. log keep-weights of a soft mask, through which gradients
+    flow), or None to leave the layer untouched. Per call through a context
+    variable: only the current thread (or asyncio task) is restricted.
+    """
+    token = _support.set(fn)
+    try:
+        yield
+    finally:
+        _support.reset(token)
+
+
+@contextlib.contextmanager
+def trace_modules() -> Iterator[list[tuple[torch.nn.Module, torch.Tensor | None]]]:
+    """Collect ``(module, attention_mask)`` of each attention call, in call order.
+
+    A model loader runs one tiny forward under this to learn which modules are
+    the attention layers (and in what order) and whether the mask is causal.
+    """
+    calls: list = []
+    token = _tagger.set(calls)
+    try:
+        yield calls
+    finally:
+        _tagger.reset(token)
+
+
+def module_alpha(module: torch.nn.Module) -> Alpha:
+    """The alpha a model loader attached to this attention module (1.5 if none)."""
+    return getattr(module, "entmax_alpha", 1.5)
+
+
+def entmax_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for transformers' eager attention with softmax replaced by alpha-entmax.
+
+    ``scaling`` is the model's own (usually ``d^{-1/2}``), applied exactly once.
+    The mask is the eager additive mask: 0 or the dtype's minimum (finite, so a
+    fully masked row does not crash entmax15).
+    """
+    tagger = _tagger.get()
+    if tagger is not None:
+        tagger.append((module, None if attention_mask is None else attention_mask.detach()))
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]].float()
+    restrict = _support.get()
+    empty_rows = None
+    if restrict is not None:
+        keep = restrict(getattr(module, "sparsefinder_layer", -1), query, key, scores)
+        if keep is not None:
+            if keep.dtype == torch.bool:
+                scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+                # A query with no kept key attends to nothing (zero output), as a sparse
+                # kernel would; entmax over an all-masked row would spread over every position.
+                empty_rows = ~keep.any(dim=-1, keepdim=True)
+            else:
+                # Clamped so that a masked score plus a large negative bias stays finite.
+                scores = (scores + keep.to(scores.dtype)).clamp(min=torch.finfo(scores.dtype).min)
+    probs = entmax(scores, module_alpha(module))
+    if empty_rows is not None and bool(empty_rows.any()):
+        probs = probs.masked_fill(empty_rows, 0.0)
+    sink = _capture.get()
+    if sink is not None:
+        kept = probs if sink.keep_probs else probs[:0]
+        if sink.detach:
+            sink.records.append(AttentionRecord(query.detach(), key.detach(), kept.detach()))
+        else:
+            sink.records.append(AttentionRecord(query, key, kept))
+    if dropout > 0.0 and module.training:
+        probs_used = torch.nn.functional.dropout(probs, p=dropout, training=True)
+    else:
+        probs_used = probs
+    out = torch.matmul(probs_used.to(value.dtype), value)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the ``"entmax"`` attention and mask functions with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    AttentionInterface.register(ATTN_IMPLEMENTATION, entmax_attention_forward)
+    # Without the mask function transformers builds no padding mask for an
+    # unknown implementation, and padding would silently be attended to.
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+    _registered = True

@@ -1,0 +1,294 @@
+"""Load an encoder (or decoder) with entmax attention and extract what it attends to.
+
+One :meth:`EntmaxModel.extract` call returns, per layer, the queries and keys of
+every head exactly as the attention function received them, the entmax
+probabilities, and the tokens with character offsets and word ids. The gold
+graph of a layer is the support of its probabilities (SPEC §1).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+from sparsefinder.graphs import AttentionGraph
+from sparsefinder.kernels.entmax import Alpha
+from sparsefinder.model import attention
+from sparsefinder.model.adapter import apply_adapter, weights_checksum
+from sparsefinder.model.catalogue import ModelSpec, get_spec
+
+TASKS = {"base": AutoModel, "masked-lm": AutoModelForMaskedLM}
+
+
+class TruncationWarning(UserWarning):
+    """An input was longer than the model's maximum length and was cut."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Extraction:
+    """Everything one forward saw, for a right-padded batch of B texts.
+
+    ``queries[l]``, ``keys[l]``: ``(B, H, N, d)``; ``probs[l]``: ``(B, H, N, N)``
+    float32 (empty when not kept); ``lengths``: real tokens per text.
+    """
+
+    texts: list[str]
+    tokens: list[list[str]]
+    offsets: list[list[tuple[int, int]]]
+    word_ids: list[list[int | None]]
+    special: list[list[bool]]
+    lengths: torch.Tensor
+    queries: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    probs: list[torch.Tensor]
+    hidden: torch.Tensor
+    causal: bool
+    truncated: list[bool]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.queries)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.queries[0].shape[1])
+
+    def padding_mask(self) -> torch.Tensor:
+        """``(B, N)`` True on real tokens."""
+        n = self.queries[0].shape[2]
+        return torch.arange(n)[None, :] < self.lengths[:, None]
+
+    def gold(self, layer: int) -> AttentionGraph:
+        """Gold graph of one layer: ``p_ij > 0``."""
+        if self.probs[layer].numel() == 0:
+            raise ValueError("probabilities were not kept in this extraction")
+        return AttentionGraph(self.probs[layer].cpu() > 0, self.lengths, self.causal)
+
+    def mean_pooled(self) -> torch.Tensor:
+        """Mean of the last hidden states over real tokens (sentence-transformers pooling)."""
+        mask = self.padding_mask().to(self.hidden.device, self.hidden.dtype)[..., None]
+        return (self.hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class EntmaxModel:
+    """A transformers model running alpha-entmax attention, shared safely across threads."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        name: str,
+        alpha: Alpha = 1.5,
+        device: torch.device | None = None,
+        adapter_manifest: dict | None = None,
+        base_checksum: str | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device or next(model.parameters()).device
+        self.adapter_manifest = adapter_manifest
+        self.base_checksum = base_checksum
+        # Rust tokenizers mutate their truncation/padding state per call.
+        self._tokenizer_lock = threading.Lock()
+        config = model.config
+        self.max_length = int(
+            min(
+                getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 512),
+                getattr(tokenizer, "model_max_length", 10**9) or 10**9,
+            )
+        )
+        self.attention_modules, self.causal = self._trace_attention()
+        self.num_layers = len(self.attention_modules)
+        self.num_heads = int(
+            getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or config.n_heads
+        )
+        self.set_alpha(alpha)
+
+    # -- setup -------------------------------------------------------------
+    def _trace_attention(self) -> tuple[list[torch.nn.Module], bool]:
+        enc = self.tokenizer(["a b c"], return_tensors="pt").to(self.device)
+        with torch.inference_mode(), attention.trace_modules() as calls:
+            self.model(**_model_inputs(enc))
+        if not calls:
+            raise RuntimeError(
+                f"model {self.name!r} made no call to the registered attention function; "
+                "its architecture does not use transformers' attention interface"
+            )
+        modules = [m for m, _ in calls]
+        for i, m in enumerate(modules):
+            m.sparsefinder_layer = i
+        _, mask = calls[0]
+        causal = bool(mask is not None and mask.shape[-1] > 1 and float(mask[0, 0, 0, 1]) < 0)
+        return modules, causal
+
+    def set_alpha(self, alpha: Alpha) -> None:
+        """Set alpha: a float, or a ``(layers, heads)`` tensor/list (per-head alpha)."""
+        if isinstance(alpha, list | tuple):
+            alpha = torch.tensor(alpha, dtype=torch.float32)
+        if isinstance(alpha, torch.Tensor) and alpha.numel() > 1:
+            if tuple(alpha.shape) != (self.num_layers, self.num_heads):
+                raise ValueError(
+                    f"per-head alpha must be (layers, heads) = ({self.num_layers}, {self.num_heads}), "
+                    f"got {tuple(alpha.shape)}"
+                )
+            if torch.any(alpha < 1):
+                raise ValueError("alpha must be >= 1")
+            for i, m in enumerate(self.attention_modules):
+                m.entmax_alpha = alpha[i].to(self.device).view(1, -1, 1, 1)
+        else:
+            a = float(alpha)
+            if a < 1:
+                raise ValueError(f"alpha must be >= 1, got {a}")
+            for m in self.attention_modules:
+                m.entmax_alpha = a
+        self.alpha = alpha
+
+    # -- tokenisation --------------------------------------------------------
+    def tokenize(self, texts: list[str]):
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise ValueError("no texts to analyse")
+        with self._tokenizer_lock:
+            full = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+            enc = self.tokenizer(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_offsets_mapping=True,
+                return_special_tokens_mask=True,
+                return_tensors="pt",
+            )
+        truncated = [len(ids) > self.max_length for ids in full]
+        if any(truncated):
+            warnings.warn(
+                f"{sum(truncated)} text(s) longer than the model's maximum of {self.max_length} tokens "
+                "were truncated",
+                TruncationWarning,
+                stacklevel=2,
+            )
+        return enc, truncated
+
+    # -- forward -------------------------------------------------------------
+    def extract(self, texts: list[str], keep_probs: bool = True) -> Extraction:
+        """Run the model on ``texts`` and capture every layer's q, k and entmax probs."""
+        enc, truncated = self.tokenize(texts)
+        inputs = _model_inputs(enc.to(self.device))
+        with torch.inference_mode(), attention.capture(keep_probs=keep_probs) as sink:
+            out = self.model(**inputs)
+        hidden = _last_hidden(out)
+        lengths = enc["attention_mask"].sum(1).cpu()
+        tokens, offsets, word_ids, special = [], [], [], []
+        for b in range(len(lengths)):
+            n = int(lengths[b])
+            tokens.append(self.tokenizer.convert_ids_to_tokens(enc["input_ids"][b, :n].tolist()))
+            offsets.append([tuple(map(int, o)) for o in enc["offset_mapping"][b, :n].tolist()])
+            word_ids.append(enc.word_ids(b)[:n])
+            special.append([bool(s) for s in enc["special_tokens_mask"][b, :n].tolist()])
+        records = sink.records
+        return Extraction(
+            texts=list(texts),
+            tokens=tokens,
+            offsets=offsets,
+            word_ids=word_ids,
+            special=special,
+            lengths=lengths,
+            queries=[r.queries.float().cpu() for r in records],
+            keys=[r.keys.float().cpu() for r in records],
+            probs=[r.probs.cpu() for r in records],
+            hidden=hidden.float().cpu(),
+            causal=self.causal,
+            truncated=truncated,
+        )
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """Mean-pooled last hidden states, without capturing attention."""
+        enc, _ = self.tokenize(texts)
+        inputs = _model_inputs(enc.to(self.device))
+        with torch.inference_mode():
+            hidden = _last_hidden(self.model(**inputs)).float()
+        mask = inputs["attention_mask"].to(hidden.dtype)[..., None]
+        return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()
+
+
+def _model_inputs(enc) -> dict:
+    keep = ("input_ids", "attention_mask", "token_type_ids")
+    return {k: v for k, v in enc.items() if k in keep}
+
+
+def _last_hidden(out) -> torch.Tensor:
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:  # task heads: take the final hidden states
+        hidden = out.hidden_states[-1] if getattr(out, "hidden_states", None) else out.logits
+    return hidden
+
+
+def load_hf(
+    path: Path | str,
+    attn_implementation: str = attention.ATTN_IMPLEMENTATION,
+    task: str = "base",
+    device: str | torch.device = "auto",
+) -> tuple[torch.nn.Module, object]:
+    """Load weights and tokenizer from a local directory (never from a hub)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; one of {sorted(TASKS)}")
+    attention.register()
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = TASKS[task].from_pretrained(
+        path, config=config, attn_implementation=attn_implementation, local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:  # GPT-2-style tokenizers have none
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return model.to(resolve_device(device)), tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    alpha: Alpha | None = None,
+    device: str | torch.device = "auto",
+    task: str | None = None,
+    use_adapter: bool = True,
+) -> EntmaxModel:
+    """Load a registered model by name, or a local model directory, with entmax attention."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        spec = ModelSpec(name=str(path), path=str(path.resolve()))
+    else:
+        spec = get_spec(name_or_path)
+    model_dir = spec.resolve_path()
+    model, tokenizer = load_hf(model_dir, task=task or spec.task, device=device)
+    manifest = None
+    checksum = None
+    adapter_dir = spec.resolve_adapter() if use_adapter else None
+    if adapter_dir is not None:
+        checksum = weights_checksum(model_dir)
+        manifest = apply_adapter(model, adapter_dir, checksum)
+    return EntmaxModel(
+        model,
+        tokenizer,
+        name=spec.name,
+        alpha=spec.alpha if alpha is None else alpha,
+        device=resolve_device(device),
+        adapter_manifest=manifest,
+        base_checksum=checksum,
+    )

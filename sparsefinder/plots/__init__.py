@@ -1,0 +1,1 @@
+"""Evaluation floor: every figure (Plotly)."""

@@ -1,0 +1,182 @@
+"""Predict one layer's attention graph for an extraction with a configuration from the sweep.
+
+The dashboard (and scripts) use :func:`predict_layer` to show what a sweep
+configuration (``method`` + canonical ``params`` JSON) predicts on new text:
+
+- methods on the ``"projected"`` input space (and ``"any"`` when projections
+  are given, as in the sweep) get the learned projections of the queries/keys;
+- methods that learn (k-means, blocks, Routing) use the shipped fitted
+  predictor of that configuration and layer;
+- the sweep-supplied context (``head_dim``, ``sentence_ids``) is filled in;
+  methods that need other context (syntax, lexical) raise
+  :class:`UnsupportedMethodError`.
+
+- :func:`outcome_heatmap` draws a head's predicted graph against gold: true
+  positives, false positives and false negatives in colour-blind-safe colours.
+
+No Streamlit here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+
+from sparsefinder.graphs import AttentionGraph
+from sparsefinder.plots.heatmaps import token_labels
+from sparsefinder.predictors import REGISTRY, get_predictor
+
+#: Context the helper can supply itself (``match`` is optional for random).
+SUPPLIED = frozenset({"head_dim", "sentence_ids", "match", "tokens"})
+
+
+class UnsupportedMethodError(ValueError):
+    """The method cannot be run here (missing projections, fitted state or context)."""
+
+
+def parse_params(params: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    if params is None:
+        return {}
+    if isinstance(params, str):
+        return dict(json.loads(params)) if params.strip() else {}
+    return dict(params)
+
+
+def params_key(params: str | Mapping[str, Any] | None) -> str:
+    """Canonical JSON of a grid point (the sweep table's and the fitted files' ``params``)."""
+    return json.dumps(parse_params(params), sort_keys=True, separators=(",", ":"))
+
+
+def unsupported_reason(method: str, projections: Any = None, fitted: Mapping | None = None) -> str | None:
+    """Why ``method`` cannot be predicted on new text with these artifacts, or None when it can."""
+    if method not in REGISTRY:
+        return f"unknown method {method!r}"
+    cls = REGISTRY[method]
+    missing = set(cls.context_keys) - SUPPLIED
+    if missing:
+        return f"{method} needs context {sorted(missing)} that the dashboard does not compute"
+    if cls.input_space == "projected" and projections is None:
+        return f"{method} needs the learned projections, and this model has none"
+    if cls.requires_fit and not (fitted and method in fitted):
+        return f"{method} must be fitted, and this model ships no fitted {method}"
+    return None
+
+
+def predictable_methods(projections: Any = None, fitted: Mapping | None = None) -> list[str]:
+    """Registered methods :func:`predict_layer` can run with these artifacts."""
+    return [m for m in REGISTRY if unsupported_reason(m, projections, fitted) is None]
+
+
+def fitted_predictor(fitted: Mapping, method: str, params: str | Mapping[str, Any] | None, layer: int):
+    """``fitted[method][params][layer]``, with ``params`` matched by its canonical JSON (:func:`params_key`).
+
+    Files from the CLI sweep and the bench are keyed canonically; a hand-made or older file may use
+    ``json.dumps`` spacing, which names the same grid point. Raises ``KeyError`` when there is none.
+    """
+    by_params = fitted[method]
+    key = params_key(params)
+    if key in by_params:
+        return by_params[key][int(layer)]
+    for k, by_layer in by_params.items():
+        if params_key(k) == key:
+            return by_layer[int(layer)]
+    raise KeyError(key)
+
+
+def predict_layer(
+    extraction,
+    layer: int,
+    method: str,
+    params: str | Mapping[str, Any] | None = None,
+    projections: Any = None,
+    fitted: Mapping | None = None,
+    sentence_ids: torch.Tensor | None = None,
+) -> AttentionGraph:
+    """The graph ``method`` with ``params`` predicts for every head of ``layer`` of ``extraction``.
+
+    ``extraction``: a :class:`~sparsefinder.model.entmax_model.Extraction` (queries/keys ``(B, H, N, d)``).
+    ``fitted``: ``fitted[method][params JSON][layer] -> Predictor`` (:func:`~.evaluation.fitted.load_fitted`).
+    ``sentence_ids`` (stochastic methods' per-sentence draws) default to ``0 .. B-1``.
+    """
+    reason = unsupported_reason(method, projections, fitted)
+    if reason is not None:
+        raise UnsupportedMethodError(reason)
+    cls = REGISTRY[method]
+    key = params_key(params)
+    if cls.requires_fit:
+        try:
+            pred = fitted_predictor(fitted, method, key, layer)
+        except KeyError as e:
+            raise UnsupportedMethodError(f"no fitted {method} {key} for layer {layer}") from e
+    else:
+        pred = get_predictor(method, **parse_params(params))
+    q = extraction.queries[layer].float()
+    k = extraction.keys[layer].float()
+    if cls.input_space == "projected" or (cls.input_space == "any" and projections is not None):
+        with torch.no_grad():
+            q = projections.project_queries(layer, q).float().contiguous()
+            k = projections.project_keys(layer, k).float().contiguous()
+    lengths = extraction.lengths
+    if sentence_ids is None:
+        sentence_ids = torch.arange(len(lengths))
+    context = {"head_dim": int(extraction.queries[layer].shape[-1]), "sentence_ids": sentence_ids}
+    tokens = getattr(extraction, "tokens", None)  # a live model run (sparsefinder.evaluation.approximate) has none
+    if tokens is not None:
+        context["tokens"] = [list(t) for t in tokens]
+    context = {c: v for c, v in context.items() if c in cls.context_keys}
+    with torch.no_grad():
+        return pred.predict(q, k, lengths, causal=extraction.causal, **context)
+
+
+# ---------------------------------------------------------------------- predicted vs gold heatmap
+#: Okabe–Ito colours (colour-blind safe): true positive, false positive, false negative; light grey for neither.
+OUTCOME_COLORS = {"TN": "#f0f0f0", "TP": "#0072B2", "FP": "#E69F00", "FN": "#CC79A7"}
+OUTCOMES = ("TN", "TP", "FP", "FN")
+
+
+def outcome_grid(gold: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """``(n, n)`` codes: 0 neither, 1 TP (gold and predicted), 2 FP (predicted only), 3 FN (gold only)."""
+    gold = np.asarray(gold, dtype=bool)
+    pred = np.asarray(pred, dtype=bool)
+    out = np.zeros(gold.shape, dtype=np.int8)
+    out[gold & pred] = 1
+    out[~gold & pred] = 2
+    out[gold & ~pred] = 3
+    return out
+
+
+def outcome_heatmap(gold: np.ndarray, pred: np.ndarray, tokens, title: str, height: int | None = None):
+    """Query × key heatmap of TP / FP / FN cells in :data:`OUTCOME_COLORS`, with a legend."""
+    codes = outcome_grid(gold, pred)
+    labels = token_labels(list(tokens))
+    n = len(labels)
+    step = 1 / len(OUTCOMES)
+    scale = []
+    for i, o in enumerate(OUTCOMES):
+        scale += [[i * step, OUTCOME_COLORS[o]], [(i + 1) * step, OUTCOME_COLORS[o]]]
+    names = np.array(["no edge", "TP (gold & predicted)", "FP (predicted only)", "FN (missed gold edge)"])
+    fig = go.Figure(
+        go.Heatmap(
+            z=codes, x=labels, y=labels, zmin=-0.5, zmax=len(OUTCOMES) - 0.5, colorscale=scale, showscale=False,
+            customdata=names[codes], xgap=1, ygap=1, name="outcome",
+            hovertemplate="query %{y} → key %{x}<br>%{customdata}<extra></extra>",
+        )
+    )
+    for o, name in zip(OUTCOMES[1:], names[1:], strict=True):  # legend entries
+        count = int((codes == OUTCOMES.index(o)).sum())
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"{name}: {count}",
+                                 marker=dict(color=OUTCOME_COLORS[o], size=12, symbol="square")))
+    fig.update_layout(
+        title=dict(text=title),
+        xaxis=dict(title="key", side="top", tickangle=-60, type="category"),
+        yaxis=dict(title="query", autorange="reversed", type="category"),
+        height=height or min(300 + 22 * n, 1400), plot_bgcolor="white",
+        legend=dict(orientation="h", yanchor="top", y=-0.02),
+        margin=dict(l=10, r=10, t=130, b=10),
+    )
+    return fig

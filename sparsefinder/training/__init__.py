@@ -1,0 +1,1 @@
+"""Learning floor: the projections (hinge and listwise losses) and training through the stacked loss."""
