@@ -116,8 +116,14 @@ def test_boundary_ties_are_recomputed(backend: str) -> None:
     # any rounding of tau puts them in or out: such rows must go to entmax15 itself.
     row = torch.tensor([2.0] * 2 + [1.5] * 8 + [1.0] * 23 + [0.0] * 40)
     x = torch.stack([row, row.flip(0), torch.linspace(-3, 3, 73)])
-    out = _check(x, 32, backend)
-    assert int((out[0] > 0).sum()) == 10
+    # float32: the contract is the support of ``entmax15`` computed on this machine, which on some
+    # CPUs (AVX-512 BLAS paths) gives the 23 boundary entries tiny positive values.
+    _check(x, 32, backend)
+    # Exact arithmetic is checked where it holds: in float64 every quantity here is a short dyadic
+    # number, so tau = -.5 exactly and the support is the 10 entries above it on every CPU.
+    exact = entmax15_fast(x.double(), k=32, backend="torch")
+    assert torch.equal(exact > 0, entmax15(x.double(), dim=-1) > 0)
+    assert int((exact[0] > 0).sum()) == 10
     if backend == "kernel":
         _, flagged = ef._kernel_forward(x.contiguous())
         assert flagged is not None and flagged.tolist() == [True, True, False]

@@ -72,33 +72,42 @@ def test_zero_steps_is_exactly_stacked():
 
 
 def test_fit_mlp_matches_autograd_adam():
-    """The hand-written gradient: the same Adam trajectory as autograd on the written-out loss."""
+    """The hand-written gradient: the same Adam trajectory as autograd on the written-out loss.
+
+    Compared in float64: Adam divides by sqrt(v), so where a gradient is near zero a float32 rounding
+    difference (which depends on the CPU's vector width) moves a parameter by up to lr. In float64 both
+    trajectories agree to ~1e-12 on any CPU; 1e-9 leaves room for 25 steps of accumulated rounding.
+    """
     rng = np.random.default_rng(2)
     x = torch.from_numpy(rng.normal(size=(3, 300, 4)))
     y = torch.from_numpy(rng.random((3, 300)) < 0.3).double()
     wt = torch.from_numpy(rng.random((3, 300)) < 0.8).double()
     lin = _fit_logistic(x, y, weight=wt)
     steps, lr, l2, M = 25, 0.05, 1e-2, 5
-    got = fit_mlp(x, y, wt, lin, M, steps, lr, l2, torch.Generator().manual_seed(4))
-    w1 = (torch.randn(3, 4, M, generator=torch.Generator().manual_seed(4), dtype=torch.float64) / 2.0).float()
-    params = [lin[:, :4].float().clone(), lin[:, 4].float().clone(), w1, torch.zeros(3, M), torch.zeros(3, M)]
+    got = fit_mlp(x, y, wt, lin, M, steps, lr, l2, torch.Generator().manual_seed(4), dtype=torch.float64)
+    w1 = torch.randn(3, 4, M, generator=torch.Generator().manual_seed(4), dtype=torch.float64) / 2.0
+    zeros = torch.zeros(3, M, dtype=torch.float64)
+    params = [lin[:, :4].double().clone(), lin[:, 4].double().clone(), w1, zeros.clone(), zeros.clone()]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS)
-    xf, yf, wf = x.float(), y.float(), wt.float()
     for t in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * t / steps))
         opt.zero_grad()
         a, c, u, b1, v = params
-        z = (xf * a[:, None]).sum(-1) + c[:, None] + (torch.tanh(xf @ u + b1[:, None]) * v[:, None]).sum(-1)
-        ce = torch.nn.functional.binary_cross_entropy_with_logits(z, yf, reduction="none")
-        loss = (ce * wf).sum(1) / wf.sum(1) + l2 * (a.pow(2).sum(1) + u.pow(2).sum((1, 2)) + v.pow(2).sum(1))
+        z = (x * a[:, None]).sum(-1) + c[:, None] + (torch.tanh(x @ u + b1[:, None]) * v[:, None]).sum(-1)
+        ce = torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")
+        loss = (ce * wt).sum(1) / wt.sum(1) + l2 * (a.pow(2).sum(1) + u.pow(2).sum((1, 2)) + v.pow(2).sum(1))
         loss.sum().backward()
         opt.step()
     want = [torch.cat([params[0], params[1][:, None]], 1), params[2], params[3], params[4]]
     for g_, w_ in zip(got, want, strict=True):
-        torch.testing.assert_close(g_, w_.detach(), rtol=1e-4, atol=1e-5)
+        assert g_.dtype == torch.float64
+        torch.testing.assert_close(g_, w_.detach(), rtol=1e-9, atol=1e-9)
+    # The predictor's own float32 path starts from the same point and stays finite.
+    got32 = fit_mlp(x, y, wt, lin, M, steps, lr, l2, torch.Generator().manual_seed(4))
+    assert all(g_.dtype == torch.float32 and torch.isfinite(g_).all() for g_ in got32)
 
 
 def xor_data(seed: int = 0):

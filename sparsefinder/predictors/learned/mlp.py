@@ -56,12 +56,13 @@ ADAM_BETAS = (0.9, 0.999)
 
 
 def fit_mlp(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, linear: torch.Tensor, hidden: int,
-            steps: int, lr: float, l2: float, generator: torch.Generator
+            steps: int, lr: float, l2: float, generator: torch.Generator, dtype: torch.dtype = torch.float32,
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Per-head MLPs with a linear skip on standardised ``x`` ``(H, P, F)``, labels ``y`` ``(H, P)``.
 
     ``linear`` ``(H, F + 1)``: the skip's initial weights (bias last). Returns
-    float32 ``(skip (H, F + 1), w1 (H, F, M), b1 (H, M), w2 (H, M))``
+    ``(skip (H, F + 1), w1 (H, F, M), b1 (H, M), w2 (H, M))`` in ``dtype`` (float32 for the
+    predictor; float64 lets a test compare trajectories without float32 rounding)
     (module docstring). ``weight`` ``(H, P)`` weights each pair's loss (default 1).
 
     The gradient is written out (batched matmuls and in-place updates of one
@@ -71,16 +72,16 @@ def fit_mlp(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, linea
     H, P, F = x.shape
     M = hidden
     # U ~ N(0, 1/F): pre-activations of unit variance on standardised features (tanh not saturated).
-    w1 = (torch.randn(H, F, M, generator=generator, dtype=torch.float64) / math.sqrt(max(F, 1))).float()
-    b1 = torch.zeros(H, M)
-    w2 = torch.zeros(H, M)  # starts as the logistic model exactly
-    lin = linear[:, :F].float().clone()
-    bias = linear[:, F].float().clone()
+    w1 = (torch.randn(H, F, M, generator=generator, dtype=torch.float64) / math.sqrt(max(F, 1))).to(dtype)
+    b1 = torch.zeros(H, M, dtype=dtype)
+    w2 = torch.zeros(H, M, dtype=dtype)  # starts as the logistic model exactly
+    lin = linear[:, :F].to(dtype).clone()
+    bias = linear[:, F].to(dtype).clone()
     if steps > 0 and P > 0:
-        xf = x.float().contiguous()
+        xf = x.to(dtype).contiguous()
         xt = xf.transpose(1, 2).contiguous()  # (H, F, P)
-        yf = y.float()
-        wt = torch.ones(H, P) if weight is None else weight.float()
+        yf = y.to(dtype)
+        wt = torch.ones(H, P, dtype=dtype) if weight is None else weight.to(dtype)
         wt = wt / wt.sum(1, keepdim=True).clamp(min=1.0)  # weighted mean per head
         # No torch.use_deterministic_algorithms here: it is process-global, and the app fits on one
         # thread while others predict; these CPU ops (bmm, elementwise, Adam) are deterministic anyway.
