@@ -7,8 +7,8 @@ import streamlit as st
 
 from app import state
 from sparsefinder.evaluation.sweep import best_recall_at
+from sparsefinder.plots.heatmaps import outcome_heatmap
 from sparsefinder.predictors import REGISTRY
-from sparsefinder.predictors.methods import outcome_heatmap
 
 ss = st.session_state
 RATIOS = ("recall", "precision", "sparsity", "exact")

@@ -7,9 +7,8 @@ import streamlit as st
 
 from app import state
 from sparsefinder.evaluation.sweep import best_recall_table, pareto_front
-from sparsefinder.plots.heatmaps import pareto_figure
+from sparsefinder.plots.heatmaps import outcome_heatmap, pareto_figure
 from sparsefinder.predictors import REGISTRY
-from sparsefinder.predictors.methods import outcome_heatmap
 
 ss = st.session_state
 FRONT_COLUMNS = ["method", "params", "sparsity", "recall", "precision", "exact"]

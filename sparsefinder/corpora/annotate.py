@@ -30,7 +30,6 @@ model can be loaded).
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sparsefinder.corpora.readers import SPACY_MODEL, Corpus, Sentence
+from sparsefinder.corpora.readers import Corpus, Sentence
+from sparsefinder.corpora.spacy_model import load_spacy
 
 if TYPE_CHECKING:  # heavy imports (torch models) only for type checking
     from sparsefinder.corpora.store import ExtractionStore, LayerBatch, StoredSentence
@@ -84,12 +84,9 @@ class WordAnnotation:
 # --------------------------------------------------------------------------- word annotations
 
 
-@functools.lru_cache(maxsize=1)
 def _nlp() -> Any:
     """The spaCy tagger + parser (loaded once: loading takes seconds). Call only under ``_NLP_LOCK``."""
-    import spacy
-
-    return spacy.load(SPACY_MODEL, exclude=list(_SPACY_EXCLUDE))
+    return load_spacy(_SPACY_EXCLUDE)
 
 
 def _doc_words(doc: Any) -> list[WordAnnotation]:

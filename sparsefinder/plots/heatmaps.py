@@ -80,8 +80,10 @@ def sparsity_heatmap(
 
 #: Largest heatmap side drawn cell by cell; longer inputs are drawn as blocks of tokens.
 MAX_SIDE = 96
-#: Okabe–Ito colours of the predicted-graph overlay (colour-blind safe).
-OVERLAY_COLORS = {"TP": "#0072B2", "FP": "#E69F00", "FN": "#CC79A7"}
+#: Okabe–Ito colours (colour-blind safe) of every predicted-vs-gold drawing: true positive,
+#: false positive, false negative; light grey for neither.
+OUTCOME_COLORS = {"TN": "#f0f0f0", "TP": "#0072B2", "FP": "#E69F00", "FN": "#CC79A7"}
+OUTCOMES = ("TN", "TP", "FP", "FN")
 
 
 def block_size(n: int, max_side: int = MAX_SIDE) -> int:
@@ -212,7 +214,7 @@ def _add_overlay(
     gap = max(1.0, round(cell * 0.3))
     scale = []
     for i, o in enumerate(("TP", "FP", "FN")):
-        scale += [[i / 3, OVERLAY_COLORS[o]], [(i + 1) / 3, OVERLAY_COLORS[o]]]
+        scale += [[i / 3, OUTCOME_COLORS[o]], [(i + 1) / 3, OUTCOME_COLORS[o]]]
     names = np.array(["TP (gold & predicted)", "FP (predicted only)", "FN (missed gold edge)"])
     # The marks sit on top and take the hover, so their text repeats p (and a block's counts).
     label = names[np.nan_to_num(code).astype(int)].astype(object)
@@ -231,7 +233,7 @@ def _add_overlay(
     ))
     # The key goes into the title, not into legend-only scatter traces: those would add an SVG
     # scatter layer and a legend to every redraw of the heatmap in the browser.
-    key = " ".join(f'<span style="color:{OVERLAY_COLORS[o]}">■</span> {name}: {counts[o]}'
+    key = " ".join(f'<span style="color:{OUTCOME_COLORS[o]}">■</span> {name}: {counts[o]}'
                    for o, name in zip(("TP", "FP", "FN"), names, strict=True))
     fig.layout.meta = {"overlay_counts": counts}
     return key
@@ -277,5 +279,58 @@ def pareto_figure(
         title=title or f"{y.capitalize()} against {x} (mean over heads)", template="plotly_white",
         xaxis=dict(title=x, range=[0, 1.02]), yaxis=dict(title=y, range=[0, 1.02]),
         legend=dict(title="method"), width=900, height=600,
+    )
+    return fig
+
+
+# ---------------------------------------------------------------------- predicted vs gold heatmap
+
+
+def outcome_grid(gold: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """``(n, n)`` codes: 0 neither, 1 TP (gold and predicted), 2 FP (predicted only), 3 FN (gold only)."""
+    gold = np.asarray(gold, dtype=bool)
+    pred = np.asarray(pred, dtype=bool)
+    out = np.zeros(gold.shape, dtype=np.int8)
+    out[gold & pred] = 1
+    out[~gold & pred] = 2
+    out[gold & ~pred] = 3
+    return out
+
+
+def outcome_heatmap(gold: np.ndarray, pred: np.ndarray, tokens, title: str, height: int | None = None):
+    """Query × key heatmap of TP / FP / FN cells in :data:`OUTCOME_COLORS`, with a legend.
+
+    Above :data:`MAX_SIDE` tokens the grid is drawn as blocks of :func:`block_size`
+    tokens, each in the colour of its worst outcome (FN over FP over TP); the
+    legend still counts single cells.
+    """
+    cells = outcome_grid(gold, pred)
+    size = block_size(cells.shape[0])
+    codes = cells if size == 1 else block_reduce(cells, size, "max").astype(np.int8)
+    labels = token_labels(list(tokens)) if size == 1 else block_labels(list(tokens), size)
+    n = len(labels)
+    step = 1 / len(OUTCOMES)
+    scale = []
+    for i, o in enumerate(OUTCOMES):
+        scale += [[i * step, OUTCOME_COLORS[o]], [(i + 1) * step, OUTCOME_COLORS[o]]]
+    names = np.array(["no edge", "TP (gold & predicted)", "FP (predicted only)", "FN (missed gold edge)"])
+    fig = go.Figure(
+        go.Heatmap(
+            z=codes, x=labels, y=labels, zmin=-0.5, zmax=len(OUTCOMES) - 0.5, colorscale=scale, showscale=False,
+            customdata=names[codes], xgap=1, ygap=1, name="outcome",
+            hovertemplate="query %{y} → key %{x}<br>%{customdata}<extra></extra>",
+        )
+    )
+    for o, name in zip(OUTCOMES[1:], names[1:], strict=True):  # legend entries
+        count = int((cells == OUTCOMES.index(o)).sum())
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"{name}: {count}",
+                                 marker=dict(color=OUTCOME_COLORS[o], size=12, symbol="square")))
+    fig.update_layout(
+        title=dict(text=title),
+        xaxis=dict(title="key", side="top", tickangle=-60, type="category"),
+        yaxis=dict(title="query", autorange="reversed", type="category"),
+        height=height or min(300 + 22 * n, 1400), plot_bgcolor="white",
+        legend=dict(orientation="h", yanchor="top", y=-0.02),
+        margin=dict(l=10, r=10, t=130, b=10),
     )
     return fig

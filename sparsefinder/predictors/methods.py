@@ -11,9 +11,6 @@ configuration (``method`` + canonical ``params`` JSON) predicts on new text:
   methods that need other context (syntax, lexical) raise
   :class:`UnsupportedMethodError`.
 
-- :func:`outcome_heatmap` draws a head's predicted graph against gold: true
-  positives, false positives and false negatives in colour-blind-safe colours.
-
 No Streamlit here.
 """
 
@@ -23,12 +20,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-import plotly.graph_objects as go
 import torch
 
 from sparsefinder.graphs import AttentionGraph
-from sparsefinder.plots.heatmaps import token_labels
 from sparsefinder.predictors import REGISTRY, get_predictor
 
 #: Context the helper can supply itself (``match`` is optional for random).
@@ -131,52 +125,3 @@ def predict_layer(
     context = {c: v for c, v in context.items() if c in cls.context_keys}
     with torch.no_grad():
         return pred.predict(q, k, lengths, causal=extraction.causal, **context)
-
-
-# ---------------------------------------------------------------------- predicted vs gold heatmap
-#: Okabe–Ito colours (colour-blind safe): true positive, false positive, false negative; light grey for neither.
-OUTCOME_COLORS = {"TN": "#f0f0f0", "TP": "#0072B2", "FP": "#E69F00", "FN": "#CC79A7"}
-OUTCOMES = ("TN", "TP", "FP", "FN")
-
-
-def outcome_grid(gold: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """``(n, n)`` codes: 0 neither, 1 TP (gold and predicted), 2 FP (predicted only), 3 FN (gold only)."""
-    gold = np.asarray(gold, dtype=bool)
-    pred = np.asarray(pred, dtype=bool)
-    out = np.zeros(gold.shape, dtype=np.int8)
-    out[gold & pred] = 1
-    out[~gold & pred] = 2
-    out[gold & ~pred] = 3
-    return out
-
-
-def outcome_heatmap(gold: np.ndarray, pred: np.ndarray, tokens, title: str, height: int | None = None):
-    """Query × key heatmap of TP / FP / FN cells in :data:`OUTCOME_COLORS`, with a legend."""
-    codes = outcome_grid(gold, pred)
-    labels = token_labels(list(tokens))
-    n = len(labels)
-    step = 1 / len(OUTCOMES)
-    scale = []
-    for i, o in enumerate(OUTCOMES):
-        scale += [[i * step, OUTCOME_COLORS[o]], [(i + 1) * step, OUTCOME_COLORS[o]]]
-    names = np.array(["no edge", "TP (gold & predicted)", "FP (predicted only)", "FN (missed gold edge)"])
-    fig = go.Figure(
-        go.Heatmap(
-            z=codes, x=labels, y=labels, zmin=-0.5, zmax=len(OUTCOMES) - 0.5, colorscale=scale, showscale=False,
-            customdata=names[codes], xgap=1, ygap=1, name="outcome",
-            hovertemplate="query %{y} → key %{x}<br>%{customdata}<extra></extra>",
-        )
-    )
-    for o, name in zip(OUTCOMES[1:], names[1:], strict=True):  # legend entries
-        count = int((codes == OUTCOMES.index(o)).sum())
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"{name}: {count}",
-                                 marker=dict(color=OUTCOME_COLORS[o], size=12, symbol="square")))
-    fig.update_layout(
-        title=dict(text=title),
-        xaxis=dict(title="key", side="top", tickangle=-60, type="category"),
-        yaxis=dict(title="query", autorange="reversed", type="category"),
-        height=height or min(300 + 22 * n, 1400), plot_bgcolor="white",
-        legend=dict(orientation="h", yanchor="top", y=-0.02),
-        margin=dict(l=10, r=10, t=130, b=10),
-    )
-    return fig
