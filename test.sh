@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh --dev
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-.venv/bin/ruff check sparsefinder app tests bench
+.venv/bin/ruff check sparsefinder app tests bench experiments
 .venv/bin/python -m pytest -q "$@"

@@ -15,22 +15,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
-
-# Run as a script, this folder is sys.path[0], where bench/entmax.py would shadow the entmax package.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from sparsefinder.corpora.store import ExtractionStore  # noqa: E402
-from sparsefinder.predictors import get_predictor  # noqa: E402
-from sparsefinder.training.projections import Projections  # noqa: E402
+from sparsefinder.corpora.store import ExtractionStore
+from sparsefinder.predictors import get_predictor
+from sparsefinder.training.projections import Projections
 
 
 def median_ms(fn, repeats: int) -> float:

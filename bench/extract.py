@@ -18,22 +18,18 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this folder is sys.path[0], where bench/entmax.py would shadow the entmax package.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
-from sparsefinder.corpora.extract import DEFAULT_SHARD_SIZE, extract_corpus  # noqa: E402
-from sparsefinder.corpora.readers import default_corpus  # noqa: E402
-from sparsefinder.corpora.store import ExtractionStore  # noqa: E402
-from sparsefinder.model.adapter import ADAPTER_FILE, MANIFEST_FILE  # noqa: E402
-from sparsefinder.model.catalogue import default_model_name, get_spec  # noqa: E402
-from sparsefinder.model.entmax_model import EntmaxModel, load_model  # noqa: E402
+from sparsefinder.corpora.extract import DEFAULT_SHARD_SIZE, extract_corpus
+from sparsefinder.corpora.readers import default_corpus
+from sparsefinder.corpora.store import ExtractionStore
+from sparsefinder.model.adapter import ADAPTER_FILE, MANIFEST_FILE
+from sparsefinder.model.catalogue import default_model_name, get_spec
+from sparsefinder.model.entmax_model import EntmaxModel, load_model
 
 FALLBACK_MODEL = "minilm-entmax15-untuned"
 

@@ -28,31 +28,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-# Run as a script, this folder is sys.path[0], where bench/entmax.py would shadow the entmax package.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from sparsefinder.corpora.store import ExtractionStore  # noqa: E402
-from sparsefinder.predictors import get_predictor  # noqa: E402
-from sparsefinder.predictors.learned.calibration import (  # noqa: E402
+from sparsefinder.corpora.store import ExtractionStore
+from sparsefinder.predictors import get_predictor
+from sparsefinder.predictors.learned.calibration import (
     HeadCurve,
     allocate_budgets,
     recall_at_global_threshold,
     recall_at_sparsity,
     score_curves,
 )
-from sparsefinder.predictors.learned.core import GRID_POINTS, _BudgetPredictor  # noqa: E402
-from sparsefinder.predictors.methods import params_key  # noqa: E402
-from sparsefinder.training.projections import Projections, projection_manifest, train_projections  # noqa: E402
+from sparsefinder.predictors.learned.core import GRID_POINTS, _BudgetPredictor
+from sparsefinder.predictors.methods import params_key
+from sparsefinder.training.projections import Projections, projection_manifest, train_projections
 
 LEVELS = (0.7, 0.8)
 PAPER_GRID = [0.5 * i for i in range(1, 11)]  # SPEC §4: t in {0.5, 1.0, ..., 5.0}

@@ -49,15 +49,11 @@ import time
 import warnings
 from pathlib import Path
 
-# Run as a script, this file's folder is sys.path[0] and bench/entmax.py would shadow the entmax package.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("dense entmax15", "dense entmax15_fast", "dense softmax (SDPA)", "clustered entmax15")

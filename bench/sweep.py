@@ -26,21 +26,16 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
-
-# Run as a script, this folder is sys.path[0], where bench/entmax.py would shadow the entmax package.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from sparsefinder.corpora.store import ExtractionStore, StoreError  # noqa: E402
-from sparsefinder.evaluation.sweep import (  # noqa: E402
+from sparsefinder.corpora.store import ExtractionStore, StoreError
+from sparsefinder.evaluation.sweep import (
     best_recall_table,
     canonical_params,
     default_grids,
@@ -48,8 +43,8 @@ from sparsefinder.evaluation.sweep import (  # noqa: E402
     run_sweep,
     save_sweep,
 )
-from sparsefinder.metrics import RATIO_COLUMNS, graph_metrics  # noqa: E402
-from sparsefinder.predictors import REGISTRY, get_predictor  # noqa: E402
+from sparsefinder.metrics import RATIO_COLUMNS, graph_metrics
+from sparsefinder.predictors import REGISTRY, get_predictor
 
 FALLBACK_MODEL = "minilm-entmax15-untuned"
 

@@ -7,7 +7,7 @@ r"""alpha-entmax over the last dimension, computed in float32.
 ``alpha = 1.5`` has an exact solution; we compute it without a sort
 (:func:`sparsefinder.kernels.entmax15.entmax15_fast`: a compiled sort-free kernel for
 float32 CPU tensors, a partial top-k otherwise; same supports as :func:`entmax.entmax15`,
-probabilities within 1e-6; see ``bench/entmax.py`` for its speed);
+probabilities within 1e-6; see ``bench/entmax_speed.py`` for its speed);
 other values, and per-head alpha tensors, use bisection on :math:`\tau`
 (:func:`entmax.entmax_bisect`). ``alpha = 1`` is softmax.
 """

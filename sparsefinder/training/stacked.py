@@ -120,7 +120,7 @@ def train_layer(params0: dict[str, torch.Tensor], head: Stacked, batch: Any, lay
     data (a :class:`~sparsefinder.corpora.store.LayerBatch`). The loss is
     ``stacked_weight`` × the stacked BCE + ``listwise_weight`` ×
     :func:`~sparsefinder.training.projections.listwise_loss` (the experiments of
-    ``bench/stacked_projection.py``; the product uses 1 and 0 with the bias frozen).
+    ``experiments/stacked_projection.py``; the product uses 1 and 0 with the bias frozen).
     """
     weights = {k: v.clone().float().requires_grad_(k.startswith("weight") or not freeze_bias)
                for k, v in params0.items()}

@@ -17,7 +17,7 @@ Also checks that ``fast`` agrees with ``entmax15`` (same supports, max abs diffe
 each is from the float64 solution, and counts the rows the kernel handed back to ``entmax15``
 (an entry too close to the threshold).
 
-    .venv/bin/python bench/entmax.py [--n 128 512 2048] [--repeats 7] [--threads N]
+    .venv/bin/python bench/entmax_speed.py [--n 128 512 2048] [--repeats 7] [--threads N]
 """
 
 from __future__ import annotations
@@ -26,16 +26,11 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-# Run as a script, this file's folder is sys.path[0] and this file would shadow the entmax package.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+import torch
+from entmax import entmax15
 
-import torch  # noqa: E402
-from entmax import entmax15  # noqa: E402
-
-from sparsefinder.kernels import entmax15 as ef  # noqa: E402
+from sparsefinder.kernels import entmax15 as ef
 
 
 def best_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

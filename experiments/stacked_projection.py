@@ -30,7 +30,8 @@ Newton's method. Here, per layer:
    for ``distance_budget`` on both projections, the side effect on the other
    predictors that share the projection artifact.
 
-    .venv/bin/python bench/stacked_projection.py [--layers 0,3] [--steps 300] [--listwise-weight 0.0] [--freeze-bias]
+    .venv/bin/python experiments/stacked_projection.py \
+        [--layers 0,3] [--steps 300] [--listwise-weight 0.0] [--freeze-bias]
 """
 
 from __future__ import annotations
@@ -39,35 +40,30 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
-
-# Run as a script, this folder is sys.path[0], where bench/entmax.py would shadow the entmax package.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from sparsefinder.corpora.store import ExtractionStore, LayerBatch  # noqa: E402
-from sparsefinder.graphs import valid_pair_mask  # noqa: E402
-from sparsefinder.predictors.learned.calibration import (  # noqa: E402
+from sparsefinder.corpora.store import ExtractionStore, LayerBatch
+from sparsefinder.graphs import valid_pair_mask
+from sparsefinder.predictors.learned.calibration import (
     HeadCurve,
     allocate_budgets,
     pair_chunks,
     recall_at_sparsity,
     score_curves,
 )
-from sparsefinder.predictors.learned.core import (  # noqa: E402
+from sparsefinder.predictors.learned.core import (
     GRID_POINTS,
     DistanceBudget,
     Stacked,
     _BudgetPredictor,
     token_hashes,
 )
-from sparsefinder.training.projections import Projections, project  # noqa: E402
-from sparsefinder.training.stacked import train_layer  # noqa: E402
+from sparsefinder.training.projections import Projections, project
+from sparsefinder.training.stacked import train_layer
 
 LEVELS = (0.7, 0.8)
 

@@ -7,31 +7,25 @@ with per-head budgets allocated on the training curves
 (:func:`sparsefinder.predictors.learned.calibration.allocate_budgets`), over all heads of the layers
 together, plus the training recall at the same densities and fit times.
 
-    .venv/bin/python bench/mlp_check.py [--layers 0,3] [--levels 0.7,0.8] [--threads 1]
+    .venv/bin/python experiments/mlp_check.py [--layers 0,3] [--levels 0.7,0.8] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
-
-# Run as a script, this folder is sys.path[0], where bench/entmax.py would shadow the entmax package.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from sparsefinder.corpora.store import ExtractionStore  # noqa: E402
-from sparsefinder.predictors import get_predictor  # noqa: E402
-from sparsefinder.predictors.learned.calibration import allocate_budgets, recall_at_sparsity, score_curves  # noqa: E402
-from sparsefinder.predictors.learned.core import GRID_POINTS  # noqa: E402
-from sparsefinder.training.projections import Projections  # noqa: E402
+from sparsefinder.corpora.store import ExtractionStore
+from sparsefinder.predictors import get_predictor
+from sparsefinder.predictors.learned.calibration import allocate_budgets, recall_at_sparsity, score_curves
+from sparsefinder.predictors.learned.core import GRID_POINTS
+from sparsefinder.training.projections import Projections
 
 
 def main() -> int:
