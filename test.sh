@@ -5,4 +5,6 @@ cd "$(dirname "$0")"
 scripts/setup.sh --dev
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check sparsefinder app tests bench experiments
+# Strict: a broken link or a docstring reference that no longer resolves fails the run.
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict -q
 .venv/bin/python -m pytest -q "$@"

@@ -50,7 +50,7 @@ from sparsefinder.predictors.methods import params_key
 from sparsefinder.training.projections import Projections, projection_manifest, train_projections
 
 LEVELS = (0.7, 0.8)
-PAPER_GRID = [0.5 * i for i in range(1, 11)]  # SPEC §4: t in {0.5, 1.0, ..., 5.0}
+PAPER_GRID = [0.5 * i for i in range(1, 11)]  # docs/method.md §4: t in {0.5, 1.0, ..., 5.0}
 
 
 class TrueScores(_BudgetPredictor):

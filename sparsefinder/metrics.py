@@ -1,4 +1,4 @@
-r"""Metrics of a predicted attention graph against the gold entmax graph (SPEC §2).
+r"""Metrics of a predicted attention graph against the gold entmax graph (docs/method.md §2).
 
 For one sentence ``b`` and head ``h`` let :math:`V` be its valid pairs (both
 positions real and, for a causal model, :math:`j \le i`; :math:`|V| = n^2`, or
@@ -274,7 +274,7 @@ def aggregate(
     different settings are never averaged together. ``by=("layer", "head")``:
     per head; ``by=("layer",)``: per layer; ``by=()``: overall.
 
-    Macro (default, SPEC §2): first the mean over the group's rows of each
+    Macro (default, docs/method.md §2): first the mean over the group's rows of each
     sentence (for a per-layer group, the mean over heads), then the mean over
     sentences:
 

@@ -38,7 +38,7 @@ def valid_pairs_of(length: int, n: int, causal: bool) -> list[tuple[int, int]]:
 
 
 def brute_metrics(gold_raw, pred_raw, lengths, causal, cost=None) -> dict[str, np.ndarray]:
-    """The SPEC §2 metrics with explicit loops; raw edges may include padding and the future."""
+    """The docs/method.md §2 metrics with explicit loops; raw edges may include padding and the future."""
     gold_raw, pred_raw = np.asarray(gold_raw), np.asarray(pred_raw)
     b_, h_, n, _ = gold_raw.shape
     out = {c: np.zeros((b_, h_)) for c in RATIO_COLUMNS + COUNT_COLUMNS}
@@ -522,7 +522,7 @@ def test_gold_sparsity_grid_matches_loops(causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_entmax_gold_graph_and_sparse_consistency(causal):
-    """Entmax restricted to a prediction that covers a gold row reproduces that row exactly (SPEC §2)."""
+    """Entmax restricted to a prediction that covers a gold row reproduces that row exactly (docs/method.md §2)."""
     gen = torch.Generator().manual_seed(0)
     b_, h_, n = 3, 2, 9
     lengths = torch.tensor([9, 5, 2])

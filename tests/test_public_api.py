@@ -30,7 +30,7 @@ def test_import_is_lazy():
 
 
 def test_docstring_example_runs(tiny_model_dir):
-    """The example of the package docstring, on a tiny random model instead of the catalogue one."""
+    """The example of the package docstring and the README, on a tiny random model instead of the catalogue one."""
     model = sf.load_model(str(tiny_model_dir("bert")))
     ex = model.extract(["The quick brown fox jumps over the lazy dog."])
     gold = ex.gold(layer=1)
@@ -38,3 +38,5 @@ def test_docstring_example_runs(tiny_model_dir):
     m = sf.graph_metrics(gold, pred)
     assert isinstance(gold, sf.AttentionGraph) and isinstance(pred, sf.AttentionGraph)
     assert 0.0 <= float(m["recall"].mean()) <= 1.0
+    assert gold.sparsity().shape == (1, ex.num_heads)
+    assert "window" in sf.list_predictors() and "stacked" in sf.list_predictors()

@@ -105,7 +105,7 @@ CURVE_X = ("sparsity", "model_sparsity")
 
 
 def show_curves(name: str) -> None:
-    """Sparsity–accuracy at test time: the end task of the model run on predicted graphs (SPEC §5)."""
+    """Sparsity–accuracy at test time: the end task of the model run on predicted graphs (docs/method.md §5)."""
     from sparsefinder.plots.curves import METRIC_LABELS, sparsity_accuracy_figure
 
     st.subheader("Sparsity–accuracy at test time")

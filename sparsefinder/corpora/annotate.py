@@ -1,7 +1,7 @@
 r"""Word annotations (POS, dependency trees) aligned to subword tokens, and sweep context from them.
 
-The interpretability views (SPEC §6: POS tags per cluster) and the syntax mask
-of Breaking BERT (SPEC §7) need word-level linguistics the model does not
+The interpretability views (docs/method.md §6: POS tags per cluster) and the syntax mask
+of Breaking BERT (docs/method.md §7) need word-level linguistics the model does not
 give: a part-of-speech tag and a dependency head for every *word*. They come
 from spaCy for raw text (:func:`annotate`) or from the file for CoNLL-U input
 (:func:`conllu_annotations`), as :class:`WordAnnotation` lists with character

@@ -3,7 +3,7 @@
 Every experiment runs on a list of sentences. Users bring their own as plain
 text (one sentence per line), CSV/TSV (one column holds the sentences) or
 CoNLL-U (gold words, UPOS tags and dependency trees, which the POS-per-cluster
-view and the syntax masks of Breaking BERT use; SPEC §6-7). The web UI receives
+view and the syntax masks of Breaking BERT use; docs/method.md §6-7). The web UI receives
 uploads as bytes, so every reader takes a path *or* raw bytes plus a name.
 
 Readers are strict: input must be UTF-8, malformed lines are rejected with a
@@ -620,7 +620,7 @@ def default_corpus(split: str | None = None, seed: int = 0) -> Corpus:
     Validation is :data:`VALIDATION_SIZE` sentences drawn by a permutation from
     ``numpy.random.default_rng(seed)``, train is the rest; both keep corpus
     order. Projections are trained on one split and evaluated on the other
-    (SPEC §3), so the split must be reproducible from the seed alone.
+    (docs/method.md §3), so the split must be reproducible from the seed alone.
     """
     if split not in (None, "train", "validation"):
         raise ValueError(f"split must be 'train', 'validation' or None, not {split!r}")

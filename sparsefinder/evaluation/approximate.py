@@ -1,6 +1,6 @@
 r"""Sparse approximation at test time: run the model on predicted graphs and measure the end task.
 
-SPEC §5. Every attention call of a chosen subset of layers runs entmax
+docs/method.md §5. Every attention call of a chosen subset of layers runs entmax
 *restricted* to a predicted graph :math:`\hat G` (scores outside it get the
 mask value, so their probability is exactly zero):
 
@@ -12,7 +12,7 @@ approximated run), exactly as a sparse kernel would. A query whose predicted
 row is empty attends to nothing (zero attention output; see
 :func:`sparsefinder.model.attention.restrict_support`).
 
-Per restricted layer we record, over valid pairs only (SPEC §2):
+Per restricted layer we record, over valid pairs only (docs/method.md §2):
 
 - ``sparsity`` :math:`1 - |\hat G| / |V|` of the graph actually used;
 - ``recall`` :math:`|G \cap \hat G| / |G|` and ``exact`` (share of queries whose

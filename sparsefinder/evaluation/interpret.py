@@ -1,4 +1,4 @@
-r"""Interpretability of k-means heads: POS tags per cluster, gold-edge distances and POS pairs (SPEC §6).
+r"""Interpretability of k-means heads: POS tags per cluster, gold-edge distances and POS pairs (docs/method.md §6).
 
 For one layer and head with fitted centroids :math:`\mu_1, \ldots, \mu_C` (the
 k-means predictor's, in the learned projected space), every real token gets a

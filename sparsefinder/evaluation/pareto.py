@@ -23,10 +23,10 @@ def summarise(frame: pd.DataFrame, by: Sequence[str] = ("method",)) -> pd.DataFr
     """Mean over heads (and layers, sentences) per configuration and ``by`` group.
 
     Input: an aggregated sweep table, or a per-sentence one (then first the
-    macro mean over sentences per layer and head, SPEC §2). ``by`` may name
+    macro mean over sentences per layer and head, docs/method.md §2). ``by`` may name
     ``layer`` and ``head`` to keep that resolution. With every head scored on
     the same sentences, the mean over heads of the per-head macro means is the
-    SPEC's overall mean. Output: the configuration columns, ``by``, the ratio
+    the method reference's overall mean. Output: the configuration columns, ``by``, the ratio
     means, ``heads`` (rows averaged) and the summed counts.
     """
     if "sentence" in frame.columns:

@@ -3,7 +3,7 @@ r"""The sweep engine: every predictor over its grid, every layer and head, on a 
 :func:`run_sweep` streams an :class:`~sparsefinder.corpora.store.ExtractionStore` one
 padded batch of sentences (with all its layers) at a time, so memory holds one
 batch, never the corpus, and scores every configuration (method × grid point) against the gold entmax
-graph with the metrics of :mod:`sparsefinder.metrics` (SPEC §2). The result is
+graph with the metrics of :mod:`sparsefinder.metrics` (docs/method.md §2). The result is
 a tidy :class:`pandas.DataFrame` (:data:`SWEEP_COLUMNS`), one row per
 (method, params, layer, head):
 

@@ -8,7 +8,7 @@ with ``top_t = 1``; ``-1`` = in no cluster) and a window ``w``, the predicted gr
     \hat G = \{(i, j) : c(q_i) = c(k_j) \ge 0\} \;\cup\; \{(i, j) : |i - j| \le \lfloor w/2 \rfloor\}
 
 minus padding keys (and, when causal, minus :math:`j > i`). The output is dense
-entmax attention restricted to :math:`\hat G` (SPEC §5):
+entmax attention restricted to :math:`\hat G` (docs/method.md §5):
 
 .. math::
     s_{ij} = \gamma\, q_i \cdot k_j, \qquad

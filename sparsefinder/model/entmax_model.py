@@ -3,7 +3,7 @@
 One :meth:`EntmaxModel.extract` call returns, per layer, the queries and keys of
 every head exactly as the attention function received them, the entmax
 probabilities, and the tokens with character offsets and word ids. The gold
-graph of a layer is the support of its probabilities (SPEC §1).
+graph of a layer is the support of its probabilities (docs/method.md §1).
 """
 
 from __future__ import annotations

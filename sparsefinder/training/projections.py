@@ -1,4 +1,4 @@
-r"""Learned low-dimensional projections of queries and keys (Sparsefinder, SPEC §3).
+r"""Learned low-dimensional projections of queries and keys (Sparsefinder, docs/method.md §3).
 
 Per layer :math:`\ell` and head :math:`h` a linear map :math:`\mathbb{R}^d \to \mathbb{R}^r`
 (r = 4 by default) sends queries and keys to a space where a query lies close
@@ -201,7 +201,7 @@ def margin_loss(
     margin: float = DEFAULT_MARGIN,
     negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    r"""The margin loss of SPEC §3 over a padded batch of projected queries/keys ``(B, H, N, r)``.
+    r"""The margin loss of docs/method.md §3 over a padded batch of projected queries/keys ``(B, H, N, r)``.
 
     With :math:`D_{ij} = \|q'_i - k'_j\|^2`, gold keys :math:`P_i` and sampled
     negatives :math:`N_i` (:func:`sample_negatives`, or ``negatives`` if given),

@@ -60,7 +60,7 @@ def brute_force(q, k, v, qc, kc, window, alpha, scaling=None, pad=None, causal=F
 
 
 def dense_masked(q, k, v, graph, alpha, scaling=None):
-    """Dense attention with the scores outside ``graph`` at the dtype's minimum (SPEC §5); empty rows give 0."""
+    """Dense attention with the scores outside ``graph`` at the dtype's minimum (method §5); empty rows give 0."""
     scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
     s = (q @ k.transpose(-1, -2)) * scaling
     s = s.masked_fill(~graph, NEG).masked_fill(~graph.any(-1, keepdim=True), 0.0)

@@ -25,7 +25,7 @@ def random_case(seed: int, B: int, H: int, N: int, r: int, causal: bool, density
 
 
 def loop_listwise(qp: torch.Tensor, kp: torch.Tensor, gold: AttentionGraph) -> float:
-    """SPEC-style loop: per sentence and head, Σ over real queries with gold keys of the row's cross-entropy."""
+    """Reference loop: per sentence and head, Σ over real queries with gold keys of the row's cross-entropy."""
     B, H, N, r = qp.shape
     total = 0.0
     for b in range(B):

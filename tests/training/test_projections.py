@@ -90,7 +90,7 @@ def saved(trained, bert_store, tmp_path_factory) -> Path:
 
 def loop_loss(qp: torch.Tensor, kp: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, lengths: torch.Tensor,
               margin: float = 1.0) -> float:
-    """SPEC §3 written out with Python loops and float64 scalars."""
+    """docs/method.md §3 written out with Python loops and float64 scalars."""
     B, H, N, r = qp.shape
     total = 0.0
     for b in range(B):

@@ -3,7 +3,7 @@ r"""Recall at matched sparsity: per-head thresholds on a pair score, calibrated 
 A *scorer* gives every valid pair :math:`(i, j)` of a sentence a real score
 :math:`z_{ij}` (higher: more likely a gold edge). Keeping the pairs with
 :math:`z_{ij} \ge t_h` in head :math:`h` gives a graph; the project's metrics
-are *macro* means over sentences (SPEC §2), so with :math:`S` sentences,
+are *macro* means over sentences (docs/method.md §2), so with :math:`S` sentences,
 :math:`V_s` valid pairs and :math:`G_s` gold edges in sentence :math:`s`,
 
 .. math::
