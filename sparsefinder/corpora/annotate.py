@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sparsefinder.corpora.context import ContextProvider, EmbeddingContext
 from sparsefinder.corpora.readers import Corpus, Sentence
 from sparsefinder.corpora.spacy_model import load_spacy
 
 if TYPE_CHECKING:  # heavy imports (torch models) only for type checking
     from sparsefinder.corpora.store import ExtractionStore, LayerBatch, StoredSentence
-    from sparsefinder.evaluation.sweep import ContextProvider, EmbeddingContext
     from sparsefinder.model.entmax_model import EntmaxModel, Extraction
 
 SPECIAL = "SPECIAL"
@@ -303,7 +303,6 @@ def lexical_context(store: ExtractionStore, model: EntmaxModel, check: bool = Tr
     (:meth:`~sparsefinder.corpora.store.ExtractionStore.check_model`): another
     vocabulary's embeddings would index the wrong rows.
     """
-    from sparsefinder.evaluation.sweep import EmbeddingContext
 
     if check:
         store.check_model(model)

@@ -89,7 +89,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -97,7 +97,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsefinder import __version__
-from sparsefinder.corpora.store import ExtractionStore, LayerBatch, StoredBatch
+from sparsefinder.corpora.context import ContextProvider, EmbeddingContext  # noqa: F401 (public here too)
+from sparsefinder.corpora.store import ExtractionStore, StoredBatch
 
 # Summaries and Pareto fronts live in sparsefinder.evaluation.pareto; re-exported for callers of this module.
 from sparsefinder.evaluation.pareto import (  # noqa: F401
@@ -214,39 +215,6 @@ class _Config:
         if self.fitted is None:
             return self.predictor
         return self.fitted[layer]
-
-
-# ---------------------------------------------------------------------- context providers
-
-
-@runtime_checkable
-class ContextProvider(Protocol):
-    """Per-batch context for predictors that need data the store lacks: ``keys`` it provides, and a call."""
-
-    keys: tuple[str, ...]
-
-    def __call__(self, batch: LayerBatch) -> Mapping[str, Any]: ...
-
-
-class EmbeddingContext:
-    """``embeddings`` for the lexical mask: the model's input embedding of each stored token.
-
-    ``weight`` is the ``(vocabulary, e)`` input embedding matrix (e.g.
-    ``model.model.get_input_embeddings().weight``); token ids come from the store.
-    """
-
-    keys: tuple[str, ...] = ("embeddings",)
-
-    def __init__(self, store: ExtractionStore, weight: torch.Tensor) -> None:
-        self.store = store
-        self.weight = weight.detach().cpu()
-
-    def __call__(self, batch: LayerBatch) -> dict[str, Any]:
-        rows = []
-        for i in batch.indices.tolist():
-            ids = torch.tensor(self.store.sentence(int(i)).input_ids, dtype=torch.long)
-            rows.append(self.weight[ids])
-        return {"embeddings": rows}
 
 
 # ---------------------------------------------------------------------- projections and inputs
