@@ -35,14 +35,8 @@ import numpy as np
 import torch
 
 from sparsefinder.corpora.store import ExtractionStore, StoreError
-from sparsefinder.evaluation.sweep import (
-    best_recall_table,
-    canonical_params,
-    default_grids,
-    fit_predictors,
-    run_sweep,
-    save_sweep,
-)
+from sparsefinder.evaluation.pareto import best_recall_table
+from sparsefinder.evaluation.sweep import canonical_params, default_grids, fit_predictors, run_sweep, save_sweep
 from sparsefinder.metrics import RATIO_COLUMNS, graph_metrics
 from sparsefinder.predictors import REGISTRY, get_predictor
 

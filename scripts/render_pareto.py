@@ -12,8 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sparsefinder.evaluation.pareto import pareto_front
+from sparsefinder.evaluation.sweep import load_sweep
 from sparsefinder.plots.heatmaps import pareto_figure
-from sparsefinder.evaluation.sweep import load_sweep, pareto_front
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -124,7 +124,8 @@ def _train_stacked(args, store) -> int:
 def cmd_sweep(args) -> int:
     from sparsefinder.corpora.store import ExtractionStore
     from sparsefinder.evaluation.fitted import load_fitted, save_fitted
-    from sparsefinder.evaluation.sweep import best_recall_table, fit_predictors, pareto_front, run_sweep, save_sweep
+    from sparsefinder.evaluation.pareto import best_recall_table, pareto_front
+    from sparsefinder.evaluation.sweep import fit_predictors, run_sweep, save_sweep
     from sparsefinder.training.projections import Projections
 
     store = ExtractionStore.open(args.store)

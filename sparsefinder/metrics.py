@@ -46,6 +46,9 @@ import torch
 
 from sparsefinder.graphs import AttentionGraph, num_valid_pairs
 
+CONFIG_COLUMNS: tuple[str, ...] = ("method", "family", "params")
+"""The columns that name a predictor configuration in sweep and curve tables."""
+
 RATIO_COLUMNS: tuple[str, ...] = ("recall", "precision", "sparsity", "gold_sparsity", "exact", "efficiency")
 # ``cost`` is a float (a kernel's cost may be fractional, e.g. n²·r/d); the rest are integer counts.
 COUNT_COLUMNS: tuple[str, ...] = (

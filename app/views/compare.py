@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app import state
-from sparsefinder.evaluation.sweep import best_recall_at
+from sparsefinder.evaluation.pareto import best_recall_at
 from sparsefinder.plots.heatmaps import outcome_heatmap
 from sparsefinder.predictors import REGISTRY
 

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app import state
-from sparsefinder.evaluation.sweep import best_recall_table, pareto_front
+from sparsefinder.evaluation.pareto import best_recall_table, pareto_front
 from sparsefinder.plots.heatmaps import outcome_heatmap, pareto_figure
 from sparsefinder.predictors import REGISTRY
 

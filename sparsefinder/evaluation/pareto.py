@@ -13,10 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from sparsefinder.metrics import COUNT_COLUMNS, RATIO_COLUMNS
+from sparsefinder.metrics import CONFIG_COLUMNS, COUNT_COLUMNS, RATIO_COLUMNS
 from sparsefinder.predictors import REGISTRY
-
-CONFIG_COLUMNS: tuple[str, ...] = ("method", "family", "params")
 
 
 def summarise(frame: pd.DataFrame, by: Sequence[str] = ("method",)) -> pd.DataFrame:

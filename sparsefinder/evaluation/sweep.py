@@ -99,19 +99,8 @@ from tqdm.auto import tqdm
 from sparsefinder import __version__
 from sparsefinder.corpora.context import ContextProvider, EmbeddingContext  # noqa: F401 (public here too)
 from sparsefinder.corpora.store import ExtractionStore, StoredBatch
-
-# Summaries and Pareto fronts live in sparsefinder.evaluation.pareto; re-exported for callers of this module.
-from sparsefinder.evaluation.pareto import (  # noqa: F401
-    CONFIG_COLUMNS,
-    SPARSITY_EPS,
-    best_recall_at,
-    best_recall_table,
-    front_mask,
-    pareto_front,
-    summarise,
-)
 from sparsefinder.graphs import AttentionGraph, num_valid_pairs, valid_pair_mask
-from sparsefinder.metrics import COUNT_COLUMNS, RATIO_COLUMNS, _torch_ratios
+from sparsefinder.metrics import CONFIG_COLUMNS, COUNT_COLUMNS, RATIO_COLUMNS, _torch_ratios
 from sparsefinder.predictors import REGISTRY, Predictor, get_predictor
 from sparsefinder.predictors.base import (
     check_sentence_ids,

@@ -251,7 +251,7 @@ def pareto_figure(
 ) -> go.Figure:
     """Recall against sparsity, one trace per method, frontier points joined and drawn larger.
 
-    ``summary`` is :func:`sparsefinder.evaluation.sweep.pareto_front` output: one row per
+    ``summary`` is :func:`sparsefinder.evaluation.pareto.pareto_front` output: one row per
     configuration (means over heads) with ``method``, ``params``, ``x``, ``y``
     and the boolean ``front`` column.
     """

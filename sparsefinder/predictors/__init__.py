@@ -10,7 +10,7 @@ and :func:`get_predictor` see them all::
     graph, cost = pred.predict_with_cost(q_proj, k_proj, lengths)
 
 Modules: :mod:`.base` (protocol, registry, shared window/global helpers),
-:mod:`.sparsefinder` (distance, bucketing, k-means, blocks), :mod:`.baselines`
+:mod:`.paper` (distance, bucketing, k-means, blocks), :mod:`.baselines`
 (window, BigBird, Longformer, Reformer, Routing, strided), :mod:`.patterns`
 (Breaking BERT's syntax, lexical, position, random), :mod:`.learned`
 (per-head budgets: calibrated distance, top-k, priors, stacked, global band), :mod:`.learned_mlp`
@@ -19,10 +19,11 @@ Modules: :mod:`.base` (protocol, registry, shared window/global helpers),
 """
 
 # Import order is registration order, which every method list (CLI, app, sweep) shows: keep it by hand.
-from sparsefinder.predictors import baselines  # noqa: I001
+from sparsefinder.predictors import paper  # noqa: I001
+from sparsefinder.predictors import baselines
 from sparsefinder.predictors.learned import core as learned
 from sparsefinder.predictors.learned import mlp as learned_mlp
-from sparsefinder.predictors import paper, patterns
+from sparsefinder.predictors import patterns
 from sparsefinder.predictors.base import (
     REGISTRY,
     NotFittedError,

@@ -433,3 +433,31 @@ def check_sentence_ids(sentence_ids: Any, batch: int) -> Sequence[int] | None:
 
 def even_grid(name: str, start: int, stop: int, step: int = 2) -> list[dict[str, Any]]:
     return [{name: v} for v in range(start, stop + 1, step)]
+
+
+def shared_group_edges(q_member: torch.Tensor, k_member: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N, N)``: query and key share at least one group, from ``(B, H, G, N)`` memberships."""
+    # A float matmul counts shared groups exactly (counts ≤ G are small integers).
+    return torch.einsum("bhgi,bhgj->bhij", q_member.float(), k_member.float()) > 0
+
+
+class BandPredictor(Predictor):
+    r"""A band around the diagonal, :math:`\{(i, j) : |i - j| \le \lfloor w/2 \rfloor\}`, and nothing else.
+
+    The band is the shared ``window`` pattern that every predictor ORs in, so the
+    method's own edges are empty. Subclasses name it and choose its grid
+    (``window`` of the baselines, ``position`` of the Breaking BERT masks).
+    """
+
+    def __init__(self, window: int = 3, global_tokens: bool = False) -> None:
+        self.window = window
+        self.global_tokens = global_tokens
+
+    @classmethod
+    def grid(cls) -> list[dict[str, Any]]:
+        """:math:`w \\in \\{0, 1, 3, 5, \\ldots, 27\\}`."""
+        return [{"window": 0}] + even_grid("window", 1, 27)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
+        batch, _, n = q.shape[:3]
+        return torch.zeros(batch, 1, n, n, dtype=torch.bool, device=q.device), None

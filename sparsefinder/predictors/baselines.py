@@ -21,6 +21,7 @@ import torch
 
 from sparsefinder.graphs import AttentionGraph
 from sparsefinder.predictors.base import (
+    BandPredictor,
     CoreResult,
     Predictor,
     check_int,
@@ -33,23 +34,17 @@ from sparsefinder.predictors.base import (
     real_tokens,
     register,
     sentence_rng,
+    shared_group_edges,
     star_mask,
     window_mask,
 )
 from sparsefinder.predictors.clustering import make_generator, normalise, pool_tokens, spherical_kmeans_step
-from sparsefinder.predictors.paper import shared_group_edges
-
-
-def _empty(q: torch.Tensor) -> torch.Tensor:
-    batch, _, n = q.shape[:3]
-    return torch.zeros(batch, 1, n, n, dtype=torch.bool, device=q.device)
-
 
 # ---------------------------------------------------------------------- window
 
 
 @register
-class WindowPredictor(Predictor):
+class WindowPredictor(BandPredictor):
     r"""A band around the diagonal: :math:`\hat G = \{(i, j) : |i - j| \le \lfloor w/2 \rfloor\}`.
 
     ``w = 0`` is the empty graph (the grid's sparsity-1 end point); ``w = 1``
@@ -58,19 +53,6 @@ class WindowPredictor(Predictor):
 
     name: ClassVar[str] = "window"
     family: ClassVar[str] = "baseline"
-
-    def __init__(self, window: int = 3, global_tokens: bool = False) -> None:
-        self.window = window
-        self.global_tokens = global_tokens
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`w \\in \\{0, 1, 3, 5, \\ldots, 27\\}`."""
-        return [{"window": 0}] + even_grid("window", 1, 27)
-
-    def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
-        # The band itself is the shared window pattern OR-ed in by the base class.
-        return _empty(q), None
 
 
 # ---------------------------------------------------------------------- BigBird

@@ -2,7 +2,7 @@ r"""Batched, seeded clustering over heads: k-means (k-means++ and Lloyd) and onl
 
 All functions take points of every head at once, ``(H, P, D)``, and return
 ``(H, C, D)`` centroids; randomness comes only from the ``torch.Generator``
-passed in. Shared by the k-means and blocks predictors (:mod:`.sparsefinder`)
+passed in. Shared by the k-means and blocks predictors (:mod:`.paper`)
 and the Routing Transformer baseline (:mod:`.baselines`).
 """
 

@@ -33,6 +33,7 @@ from sparsefinder.predictors.base import (
     grouped_cost,
     real_tokens,
     register,
+    shared_group_edges,
     sq_dists,
 )
 from sparsefinder.predictors.clustering import fit_kmeans, make_generator, pool_tokens
@@ -189,12 +190,6 @@ def centroid_membership(x: torch.Tensor, centroids: torch.Tensor, top_t: int, le
     member.scatter_(-1, idx, True)
     member &= real_tokens(lengths, n)[:, None, :, None]
     return member.transpose(-1, -2)
-
-
-def shared_group_edges(q_member: torch.Tensor, k_member: torch.Tensor) -> torch.Tensor:
-    """``(B, H, N, N)``: query and key share at least one group, from ``(B, H, G, N)`` memberships."""
-    # A float matmul counts shared groups exactly (counts ≤ G are small integers).
-    return torch.einsum("bhgi,bhgj->bhij", q_member.float(), k_member.float()) > 0
 
 
 @register

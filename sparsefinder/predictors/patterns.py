@@ -22,6 +22,7 @@ import torch
 
 from sparsefinder.graphs import AttentionGraph, num_valid_pairs, valid_pair_mask
 from sparsefinder.predictors.base import (
+    BandPredictor,
     CoreResult,
     Predictor,
     check_int,
@@ -30,7 +31,6 @@ from sparsefinder.predictors.base import (
     register,
     sentence_rng,
 )
-from sparsefinder.predictors.baselines import WindowPredictor
 
 SIMILARITY_DECIMALS = 9
 """Lexical similarities are rounded to this many decimals before ranking."""
@@ -235,7 +235,7 @@ class LexicalPredictor(Predictor):
 
 
 @register
-class PositionPredictor(WindowPredictor):
+class PositionPredictor(BandPredictor):
     r"""Breaking BERT's position mask: neighbours within a window, :math:`|i - j| \le \lfloor w/2 \rfloor`.
 
     The same graph as :class:`~sparsefinder.predictors.baselines.WindowPredictor`,
@@ -248,7 +248,7 @@ class PositionPredictor(WindowPredictor):
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`w \\in \\{1, 3, \\ldots, 27\\}`."""
-        return [g for g in WindowPredictor.grid() if g["window"] > 0]
+        return [g for g in BandPredictor.grid() if g["window"] > 0]
 
 
 # ---------------------------------------------------------------------- random

@@ -444,7 +444,7 @@ def pareto_app(lib, **params) -> AppTest:
 
 
 def test_pareto_default_state(lib, sweep_frame):
-    from sparsefinder.evaluation.sweep import pareto_front
+    from sparsefinder.evaluation.pareto import pareto_front
 
     at = pareto_app(lib)
     specs = [s for s in plotly_specs(at) if "Recall against sparsity" in s["layout"]["title"]["text"]]
@@ -497,7 +497,7 @@ def test_pareto_config_metrics_match_library_and_update(lib, sweep_frame):
 
 
 def test_pareto_per_head_resolution(lib, sweep_frame):
-    from sparsefinder.evaluation.sweep import pareto_front
+    from sparsefinder.evaluation.pareto import pareto_front
 
     at = pareto_app(lib)
     at.radio(key="_w_pareto_resolution").set_value("per head").run()
@@ -546,7 +546,7 @@ def _check_compare_table(at: AppTest, lib, sweep_frame, text: str = DEFAULT_TEXT
 
 
 def test_compare_default_and_switches(lib, sweep_frame):
-    from sparsefinder.evaluation.sweep import best_recall_at
+    from sparsefinder.evaluation.pareto import best_recall_at
 
     at = compare_app(lib)
     table = _check_compare_table(at, lib, sweep_frame)

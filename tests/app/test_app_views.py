@@ -155,7 +155,8 @@ def test_figure_downloads_are_standalone_html(lib):  # noqa: F811
 def test_saved_result_is_used_by_the_other_pages(lib, monkeypatch, tmp_path):  # noqa: F811
     from sparsefinder.corpora.store import ExtractionStore
     from sparsefinder.evaluation.fitted import load_fitted
-    from sparsefinder.evaluation.sweep import load_sweep, pareto_front
+    from sparsefinder.evaluation.pareto import pareto_front
+    from sparsefinder.evaluation.sweep import load_sweep
 
     monkeypatch.setenv("SPARSEFINDER_RUNS", str(tmp_path / "runs"))
     at = make_app(lib.name)

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from sparsefinder.evaluation.fitted import load_fitted
-from sparsefinder.evaluation.sweep import SWEEP_COLUMNS, best_recall_table, load_sweep, pareto_front
+from sparsefinder.evaluation.pareto import best_recall_table, pareto_front
+from sparsefinder.evaluation.sweep import SWEEP_COLUMNS, load_sweep
 from sparsefinder.model.catalogue import default_model_name, get_spec
 from sparsefinder.training.projections import Projections
 

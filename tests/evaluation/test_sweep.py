@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from sparsefinder.corpora.extract import extract_corpus
 from sparsefinder.corpora.store import ExtractionStore, LayerBatch
+from sparsefinder.evaluation.pareto import best_recall_at, best_recall_table, front_mask, pareto_front
 from sparsefinder.evaluation.sweep import (
     SENTENCE_COLUMNS,
     SWEEP_COLUMNS,
@@ -24,13 +25,9 @@ from sparsefinder.evaluation.sweep import (
     _codes_share,
     _pack_ids,
     _pack_members,
-    best_recall_at,
-    best_recall_table,
     canonical_params,
     fit_predictors,
-    front_mask,
     load_sweep,
-    pareto_front,
     run_sweep,
     save_sweep,
 )
