@@ -25,6 +25,11 @@ def valid_pair_mask(lengths: torch.Tensor, n: int, causal: bool = False) -> torc
     return valid[:, None]
 
 
+def real_tokens(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """``(B, N)`` True on real (non-padding) positions (the rows of :func:`valid_query_mask`)."""
+    return torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]
+
+
 def valid_query_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
     """Boolean ``(B, 1, n)`` mask of the real (non-padding) queries."""
     pos = torch.arange(n, device=lengths.device)

@@ -99,7 +99,7 @@ from tqdm.auto import tqdm
 from sparsefinder import __version__
 from sparsefinder.corpora.context import ContextProvider, EmbeddingContext  # noqa: F401 (public here too)
 from sparsefinder.corpora.store import ExtractionStore, StoredBatch
-from sparsefinder.graphs import AttentionGraph, num_valid_pairs, valid_pair_mask
+from sparsefinder.graphs import AttentionGraph, num_valid_pairs, real_tokens, valid_pair_mask
 from sparsefinder.metrics import CONFIG_COLUMNS, COUNT_COLUMNS, RATIO_COLUMNS, _torch_ratios
 from sparsefinder.predictors import REGISTRY, Predictor, get_predictor
 from sparsefinder.predictors.base import (
@@ -107,14 +107,12 @@ from sparsefinder.predictors.base import (
     edge_positions,
     global_token_mask,
     grouped_cost,
-    real_tokens,
     sentence_rng,
     shared_pattern,
-    sq_dists,
     window_mask,
 )
 from sparsefinder.predictors.baselines import lsh_buckets
-from sparsefinder.predictors.clustering import normalise
+from sparsefinder.predictors.clustering import normalise, sq_dists
 from sparsefinder.predictors.paper import (
     block_lengths,
     block_vectors,

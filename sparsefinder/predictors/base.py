@@ -334,11 +334,6 @@ def check_inputs(
     return q, k, lengths
 
 
-def real_tokens(lengths: torch.Tensor, n: int) -> torch.Tensor:
-    """``(B, N)`` True on real (non-padding) positions."""
-    return torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]
-
-
 def window_mask(n: int, window: int, device: torch.device | str | None = None) -> torch.Tensor:
     r"""``(N, N)`` band :math:`|i - j| \le \lfloor w/2 \rfloor`; empty for ``window == 0``."""
     if window <= 0:
@@ -389,19 +384,6 @@ def grouped_cost(q_member: torch.Tensor, k_member: torch.Tensor, causal: bool) -
     if causal:
         return (qm * km.cumsum(dim=-1)).sum(dim=(-1, -2)).double()
     return (qm.sum(dim=-1) * km.sum(dim=-1)).sum(dim=-1).double()
-
-
-def sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    r"""``(..., P, C)`` squared distances :math:`\sum_e (a_{pe} - b_{ce})^2` of ``(..., P, D)`` and ``(..., C, D)``.
-
-    Summed one dimension at a time in order, not through
-    :math:`\|a\|^2 + \|b\|^2 - 2a\cdot b`: the result is then exactly a loop's,
-    so thresholds and nearest neighbours do not flip on rounding.
-    """
-    out = torch.zeros(*a.shape[:-1], b.shape[-2], dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
-    for e in range(a.shape[-1]):
-        out += (a[..., :, None, e] - b[..., None, :, e]) ** 2
-    return out
 
 
 def sentence_rng(seed: int, b: int, n: int, sentence_ids: Sequence[int] | torch.Tensor | None) -> np.random.Generator:

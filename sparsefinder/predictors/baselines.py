@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from sparsefinder.graphs import AttentionGraph
+from sparsefinder.graphs import AttentionGraph, real_tokens
 from sparsefinder.predictors.base import (
     BandPredictor,
     CoreResult,
@@ -31,7 +31,6 @@ from sparsefinder.predictors.base import (
     even_grid,
     global_token_mask,
     grouped_cost,
-    real_tokens,
     register,
     sentence_rng,
     shared_group_edges,

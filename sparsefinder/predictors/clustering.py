@@ -10,7 +10,20 @@ from __future__ import annotations
 
 import torch
 
-from sparsefinder.predictors.base import real_tokens, sq_dists
+from sparsefinder.graphs import real_tokens
+
+
+def sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""``(..., P, C)`` squared distances :math:`\sum_e (a_{pe} - b_{ce})^2` of ``(..., P, D)`` and ``(..., C, D)``.
+
+    Summed one dimension at a time in order, not through
+    :math:`\|a\|^2 + \|b\|^2 - 2a\cdot b`: the result is then exactly a loop's,
+    so thresholds and nearest neighbours do not flip on rounding.
+    """
+    out = torch.zeros(*a.shape[:-1], b.shape[-2], dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    for e in range(a.shape[-1]):
+        out += (a[..., :, None, e] - b[..., None, :, e]) ** 2
+    return out
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

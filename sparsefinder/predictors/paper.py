@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from sparsefinder.graphs import AttentionGraph
+from sparsefinder.graphs import AttentionGraph, real_tokens
 from sparsefinder.predictors.base import (
     CoreResult,
     Predictor,
@@ -31,12 +31,10 @@ from sparsefinder.predictors.base import (
     check_seed,
     even_grid,
     grouped_cost,
-    real_tokens,
     register,
     shared_group_edges,
-    sq_dists,
 )
-from sparsefinder.predictors.clustering import fit_kmeans, make_generator, pool_tokens
+from sparsefinder.predictors.clustering import fit_kmeans, make_generator, pool_tokens, sq_dists
 
 # ---------------------------------------------------------------------- distance
 

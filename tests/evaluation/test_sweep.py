@@ -34,8 +34,8 @@ from sparsefinder.evaluation.sweep import (
 from sparsefinder.metrics import COUNT_COLUMNS, RATIO_COLUMNS, aggregate, graph_metrics
 from sparsefinder.model.entmax_model import load_model
 from sparsefinder.predictors import REGISTRY, get_predictor
-from sparsefinder.predictors.base import sq_dists
 from sparsefinder.predictors.baselines import balanced_membership
+from sparsefinder.predictors.clustering import sq_dists
 from sparsefinder.training.projections import Projections
 
 TEXTS = [

@@ -17,13 +17,8 @@ from hypothesis import strategies as st
 
 from sparsefinder.graphs import AttentionGraph
 from sparsefinder.predictors import REGISTRY, NotFittedError, Predictor, get_predictor, list_predictors, register
-from sparsefinder.predictors.base import (
-    global_token_mask,
-    grouped_cost,
-    shared_pattern,
-    sq_dists,
-    window_mask,
-)
+from sparsefinder.predictors.base import global_token_mask, grouped_cost, shared_pattern, window_mask
+from sparsefinder.predictors.clustering import sq_dists
 
 FAST = settings(max_examples=25, deadline=None)
 

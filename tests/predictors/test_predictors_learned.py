@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from sparsefinder.graphs import AttentionGraph, valid_pair_mask
 from sparsefinder.predictors import NotFittedError, get_predictor
-from sparsefinder.predictors.base import sq_dists
+from sparsefinder.predictors.clustering import sq_dists
 from sparsefinder.predictors.learned.calibration import (
     CurveAccumulator,
     HeadCurve,

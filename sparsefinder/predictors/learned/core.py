@@ -68,17 +68,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from sparsefinder.graphs import AttentionGraph, valid_pair_mask
-from sparsefinder.predictors.base import (
-    CoreResult,
-    NotFittedError,
-    Predictor,
-    check_int,
-    check_seed,
-    real_tokens,
-    register,
-    sq_dists,
-)
+from sparsefinder.graphs import AttentionGraph, real_tokens, valid_pair_mask
+from sparsefinder.predictors.base import CoreResult, NotFittedError, Predictor, check_int, check_seed, register
+from sparsefinder.predictors.clustering import sq_dists
 from sparsefinder.predictors.learned.calibration import CurveAccumulator, allocate_budgets
 
 GRID_POINTS = 201
