@@ -40,7 +40,6 @@ the method's sparsity–accuracy curve.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,6 +50,7 @@ import numpy as np
 import torch
 
 from sparsefinder.predictors.base import CoreResult, NotFittedError, Predictor, global_token_mask
+from sparsefinder.predictors.constraints import Constraint, Real
 
 WINDOWS_FILE = "windows.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -102,10 +102,7 @@ class LearnedWindowPredictor(Predictor):
 
     def __init__(self, sparsity_weight: float = 0.0, tau: float = 1.0, window: int = 0,
                  global_tokens: bool = False) -> None:
-        self.sparsity_weight = sparsity_weight
-        self.tau = tau
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @classmethod
     def from_radii(cls, radii: torch.Tensor | Sequence[float], **params: Any) -> LearnedWindowPredictor:
@@ -125,12 +122,10 @@ class LearnedWindowPredictor(Predictor):
         if r.dim() != 1 or r.numel() == 0 or not torch.isfinite(r).all():
             raise ValueError(f"radii must be a finite (H,) tensor, got shape {tuple(r.shape)}")
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        for name in ("sparsity_weight", "tau"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "sparsity_weight": Real(0, finite=True, text="be a finite number >= 0"),
+        "tau": Real(0, finite=True, text="be a finite number >= 0"),
+    }
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
         heads, n = q.shape[1], q.shape[2]

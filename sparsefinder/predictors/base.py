@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from sparsefinder.graphs import AttentionGraph, valid_pair_mask
+from sparsefinder.predictors.constraints import Bool, Constraint, Int
 
 CoreResult = tuple[torch.Tensor, Callable[[], torch.Tensor] | None]
 """What :meth:`Predictor._core` returns: ``(B, H | 1, N, N)`` edges and a lazy core cost."""
@@ -90,13 +91,23 @@ class Predictor:
     """Whether a sweep with ``methods=None`` runs it (False: opt-in, e.g. slow to fit for little gain)."""
     fitted_tensors: ClassVar[tuple[str, ...]] = ()
     """Fitted tensor attributes (ending in ``_``) saved by :meth:`state_dict`."""
+    constraints: ClassVar[dict[str, Constraint]] = {"window": Int(0), "global_tokens": Bool()}
+    """Admissible values per hyperparameter (:mod:`.constraints`), merged with the base classes' by
+    :meth:`all_constraints` and checked by :meth:`_check_params`."""
 
     window: int
     global_tokens: bool
 
     def __init__(self, window: int = 0, global_tokens: bool = False) -> None:
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
+
+    def _init_params(self, params: dict[str, Any]) -> None:
+        """Store every hyperparameter ``__init__`` received, unchanged (``self._init_params(locals())``).
+
+        No validation here, as in scikit-learn: :meth:`_check_params` runs at ``fit``/``predict``.
+        """
+        for name in self._param_names():
+            setattr(self, name, params[name])
 
     # ------------------------------------------------------------------ estimator API
 
@@ -257,11 +268,21 @@ class Predictor:
         added = (edges & ~core).sum(dim=(-1, -2)).double()
         return graph, torch.broadcast_to(base, (batch, heads)) + added
 
+    @classmethod
+    def all_constraints(cls) -> dict[str, Constraint]:
+        """The declared constraints of this class and its bases (a subclass's entry wins)."""
+        merged: dict[str, Constraint] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("constraints", {}))
+        return merged
+
     def _check_params(self) -> None:
-        """Validate hyperparameters (called by fit and predict, per the scikit-learn convention)."""
-        check_int(self.window, "window", minimum=0)
-        if not isinstance(self.global_tokens, bool | np.bool_):
-            raise ValueError(f"global_tokens must be a bool, got {self.global_tokens!r}")
+        """Check the declared constraints (called by fit and predict, per the scikit-learn convention).
+
+        Override only for a check that relates several hyperparameters, calling ``super()`` first.
+        """
+        for name, constraint in self.all_constraints().items():
+            constraint.check(name, getattr(self, name))
 
 
 # ---------------------------------------------------------------------- registry
@@ -299,14 +320,6 @@ def list_predictors(family: str | None = None) -> list[str]:
 
 
 # ---------------------------------------------------------------------- shared helpers
-
-
-def check_int(value: Any, name: str, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def check_inputs(
@@ -400,10 +413,6 @@ def sentence_rng(seed: int, b: int, n: int, sentence_ids: Sequence[int] | torch.
     return np.random.default_rng(entropy)
 
 
-def check_seed(seed: Any) -> int:
-    return check_int(seed, "seed", minimum=0)
-
-
 def check_sentence_ids(sentence_ids: Any, batch: int) -> Sequence[int] | None:
     if sentence_ids is None:
         return None
@@ -432,8 +441,7 @@ class BandPredictor(Predictor):
     """
 
     def __init__(self, window: int = 3, global_tokens: bool = False) -> None:
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:

@@ -14,7 +14,6 @@ fixed patterns use only the shape of ``q``.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, ClassVar
 
 import torch
@@ -24,8 +23,6 @@ from sparsefinder.predictors.base import (
     BandPredictor,
     CoreResult,
     Predictor,
-    check_int,
-    check_seed,
     check_sentence_ids,
     edge_positions,
     even_grid,
@@ -38,6 +35,7 @@ from sparsefinder.predictors.base import (
     window_mask,
 )
 from sparsefinder.predictors.clustering import make_generator, normalise, pool_tokens, spherical_kmeans_step
+from sparsefinder.predictors.constraints import Constraint, Int, Real
 
 # ---------------------------------------------------------------------- window
 
@@ -79,20 +77,14 @@ class BigBirdPredictor(Predictor):
     context_keys: ClassVar[tuple[str, ...]] = ("sentence_ids",)
 
     def __init__(self, num_random: int = 3, seed: int = 0, window: int = 3, global_tokens: bool = True) -> None:
-        self.num_random = num_random
-        self.seed = seed
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`r \\in \\{2, 4, \\ldots, 20\\}`."""
         return even_grid("num_random", 2, 20)
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_int(self.num_random, "num_random", minimum=0)
-        check_seed(self.seed)
+    constraints: ClassVar[dict[str, Constraint]] = {"num_random": Int(0), "seed": Int(0)}
 
     def _core(
         self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool, sentence_ids: Any = None
@@ -140,18 +132,14 @@ class LongformerPredictor(Predictor):
     family: ClassVar[str] = "baseline"
 
     def __init__(self, num_global: int = 2, window: int = 3, global_tokens: bool = False) -> None:
-        self.num_global = num_global
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`G \\in \\{2, 4, \\ldots, 20\\}`."""
         return even_grid("num_global", 2, 20)
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_int(self.num_global, "num_global", minimum=0)
+    constraints: ClassVar[dict[str, Constraint]] = {"num_global": Int(0)}
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
         g = self.num_global
@@ -195,24 +183,19 @@ class ReformerPredictor(Predictor):
     def __init__(
         self, n_buckets: int = 4, n_rounds: int = 4, seed: int = 0, window: int = 0, global_tokens: bool = False
     ) -> None:
-        self.n_buckets = n_buckets
-        self.n_rounds = n_rounds
-        self.seed = seed
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`\\beta \\in \\{2, 4, \\ldots, 20\\}` buckets (``n_rounds`` fixed)."""
         return even_grid("n_buckets", 2, 20)
 
+    constraints: ClassVar[dict[str, Constraint]] = {"n_buckets": Int(2), "n_rounds": Int(1), "seed": Int(0)}
+
     def _check_params(self) -> None:
         super()._check_params()
-        check_int(self.n_buckets, "n_buckets", minimum=2)
         if self.n_buckets % 2:
             raise ValueError(f"n_buckets must be even (argmax over [xR; -xR]), got {self.n_buckets}")
-        check_int(self.n_rounds, "n_rounds", minimum=1)
-        check_seed(self.seed)
 
     def rotations(self, heads: int, dim: int) -> torch.Tensor:
         """``(R, H, D, β/2)`` random rotations of this seed (independent of the batch).
@@ -297,27 +280,17 @@ class RoutingPredictor(Predictor):
         window: int = 0,
         global_tokens: bool = False,
     ) -> None:
-        self.n_clusters = n_clusters
-        self.decay = decay
-        self.epochs = epochs
-        self.batch_points = batch_points
-        self.seed = seed
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`C \\in \\{2, 4, \\ldots, 20\\}` (each point needs its own fit)."""
         return even_grid("n_clusters", 2, 20)
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_int(self.n_clusters, "n_clusters", minimum=1)
-        check_int(self.epochs, "epochs", minimum=0)
-        check_int(self.batch_points, "batch_points", minimum=1)
-        check_seed(self.seed)
-        if isinstance(self.decay, bool) or not isinstance(self.decay, numbers.Real) or not 0 <= self.decay <= 1:
-            raise ValueError(f"decay must lie in [0, 1], got {self.decay!r}")
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "n_clusters": Int(1), "epochs": Int(0), "batch_points": Int(1), "seed": Int(0),
+        "decay": Real(0, 1, text="lie in [0, 1]"),
+    }
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         c = state["centroids"]
@@ -395,20 +368,14 @@ class StridedPredictor(Predictor):
     family: ClassVar[str] = "baseline"
 
     def __init__(self, stride: int = 8, expressivity: int = 2, window: int = 0, global_tokens: bool = False) -> None:
-        self.stride = stride
-        self.expressivity = expressivity
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`\\ell \\in \\{4, 6, \\ldots, 20\\}`."""
         return even_grid("stride", 4, 20)
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_int(self.stride, "stride", minimum=1)
-        check_int(self.expressivity, "expressivity", minimum=0)
+    constraints: ClassVar[dict[str, Constraint]] = {"stride": Int(1), "expressivity": Int(0)}
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
         return strided_mask(q.shape[2], self.stride, self.expressivity, q.device)[None, None], None

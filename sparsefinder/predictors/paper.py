@@ -17,8 +17,6 @@ projected queries and keys :math:`q'_i = W_h q_i`, :math:`k'_j = W_h k_j`,
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, ClassVar
 
 import torch
@@ -27,14 +25,13 @@ from sparsefinder.graphs import AttentionGraph, real_tokens
 from sparsefinder.predictors.base import (
     CoreResult,
     Predictor,
-    check_int,
-    check_seed,
     even_grid,
     grouped_cost,
     register,
     shared_group_edges,
 )
 from sparsefinder.predictors.clustering import fit_kmeans, make_generator, pool_tokens, sq_dists
+from sparsefinder.predictors.constraints import Constraint, Int, Options, Real, check_int
 
 # ---------------------------------------------------------------------- distance
 
@@ -57,21 +54,14 @@ class DistancePredictor(Predictor):
     context_keys: ClassVar[tuple[str, ...]] = ("head_dim",)
 
     def __init__(self, threshold: float = 1.0, window: int = 0, global_tokens: bool = False) -> None:
-        self.threshold = threshold
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`t \\in \\{0.5, 1.0, \\ldots, 5.0\\}`."""
         return [{"threshold": 0.5 * i} for i in range(1, 11)]
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real) or math.isnan(
-            self.threshold
-        ):
-            raise ValueError(f"threshold must be a number, got {self.threshold!r}")
+    constraints: ClassVar[dict[str, Constraint]] = {"threshold": Real()}
 
     def _core(
         self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool, head_dim: int | None = None
@@ -141,18 +131,14 @@ class BucketingPredictor(Predictor):
     input_space: ClassVar[str] = "projected"
 
     def __init__(self, n_buckets: int = 4, window: int = 0, global_tokens: bool = False) -> None:
-        self.n_buckets = n_buckets
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`\\beta \\in \\{2, 4, \\ldots, 20\\}`."""
         return even_grid("n_buckets", 2, 20)
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_int(self.n_buckets, "n_buckets", minimum=1)
+    constraints: ClassVar[dict[str, Constraint]] = {"n_buckets": Int(1)}
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
         bq = equal_frequency_bins(q, lengths, self.n_buckets)
@@ -228,27 +214,17 @@ class KMeansPredictor(Predictor):
         window: int = 0,
         global_tokens: bool = False,
     ) -> None:
-        self.n_clusters = n_clusters
-        self.top_t = top_t
-        self.max_iter = max_iter
-        self.max_points = max_points
-        self.seed = seed
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`C \\in \\{2, 4, \\ldots, 20\\}` (each point needs its own fit)."""
         return even_grid("n_clusters", 2, 20)
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_int(self.n_clusters, "n_clusters", minimum=1)
-        check_int(self.top_t, "top_t", minimum=1)
-        check_int(self.max_iter, "max_iter", minimum=0)
-        if self.max_points is not None:
-            check_int(self.max_points, "max_points", minimum=1)
-        check_seed(self.seed)
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "n_clusters": Int(1), "top_t": Int(1), "max_iter": Int(0), "max_points": Int(1, optional=True),
+        "seed": Int(0),
+    }
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         c = state["centroids"]
@@ -379,34 +355,17 @@ class BlocksPredictor(Predictor):
         window: int = 0,
         global_tokens: bool = False,
     ) -> None:
-        self.top_k = top_k
-        self.block_size = block_size
-        self.n_clusters = n_clusters
-        self.variant = variant
-        self.block_window = block_window
-        self.max_iter = max_iter
-        self.max_points = max_points
-        self.seed = seed
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         """``top_k`` ∈ {2, 4, …, 20}, as BigBird's number of random blocks (the paper's baseline grid)."""
         return even_grid("top_k", 2, 20)
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_int(self.top_k, "top_k", minimum=0)
-        check_int(self.block_size, "block_size", minimum=1)
-        check_int(self.n_clusters, "n_clusters", minimum=1)
-        check_int(self.block_window, "block_window", minimum=0)
-        check_int(self.max_iter, "max_iter", minimum=0)
-        if self.max_points is not None:
-            check_int(self.max_points, "max_points", minimum=1)
-        check_seed(self.seed)
-        if self.variant not in ("v1", "v2"):
-            raise ValueError(f"variant must be 'v1' or 'v2', got {self.variant!r}")
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "top_k": Int(0), "block_size": Int(1), "n_clusters": Int(1), "block_window": Int(0), "max_iter": Int(0),
+        "max_points": Int(1, optional=True), "seed": Int(0), "variant": Options(("v1", "v2"), text="be 'v1' or 'v2'"),
+    }
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         c = state["centroids"]

@@ -13,7 +13,6 @@ which draws each head separately. What they need comes as context:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -25,12 +24,11 @@ from sparsefinder.predictors.base import (
     BandPredictor,
     CoreResult,
     Predictor,
-    check_int,
-    check_seed,
     check_sentence_ids,
     register,
     sentence_rng,
 )
+from sparsefinder.predictors.constraints import Constraint, Int, Real
 
 SIMILARITY_DECIMALS = 9
 """Lexical similarities are rounded to this many decimals before ranking."""
@@ -39,10 +37,8 @@ SPARSITY_GRID: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
 """Target sparsities of the lexical and random masks (Breaking BERT studies masks of ≥ 78 % sparsity)."""
 
 
-def _check_sparsity(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"sparsity must lie in [0, 1], got {value!r}")
-    return float(value)
+SPARSITY = Real(0.0, 1.0, text="lie in [0, 1]")
+"""The constraint on the target sparsity of the lexical and random masks."""
 
 
 def edge_budget(lengths: torch.Tensor, sparsity: float, causal: bool) -> torch.Tensor:
@@ -102,18 +98,14 @@ class SyntaxPredictor(Predictor):
     context_keys: ClassVar[tuple[str, ...]] = ("word_heads", "word_ids")
 
     def __init__(self, hops: int = 1, window: int = 0, global_tokens: bool = False) -> None:
-        self.hops = hops
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         """``hops`` ∈ {1, 2, 3}."""
         return [{"hops": k} for k in (1, 2, 3)]
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_int(self.hops, "hops", minimum=0)
+    constraints: ClassVar[dict[str, Constraint]] = {"hops": Int(0)}
 
     def _core(
         self,
@@ -198,18 +190,14 @@ class LexicalPredictor(Predictor):
     context_keys: ClassVar[tuple[str, ...]] = ("embeddings",)
 
     def __init__(self, sparsity: float = 0.8, window: int = 0, global_tokens: bool = False) -> None:
-        self.sparsity = sparsity
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         """Target sparsity ∈ {0.5, 0.6, 0.7, 0.8, 0.9}."""
         return [{"sparsity": s} for s in SPARSITY_GRID]
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        _check_sparsity(self.sparsity)
+    constraints: ClassVar[dict[str, Constraint]] = {"sparsity": SPARSITY}
 
     def _core(
         self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool, embeddings: Any = None
@@ -278,20 +266,14 @@ class RandomPredictor(Predictor):
     context_keys: ClassVar[tuple[str, ...]] = ("match", "sentence_ids")
 
     def __init__(self, sparsity: float = 0.8, seed: int = 0, window: int = 0, global_tokens: bool = False) -> None:
-        self.sparsity = sparsity
-        self.seed = seed
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         """Target sparsity ∈ {0.5, 0.6, 0.7, 0.8, 0.9}."""
         return [{"sparsity": s} for s in SPARSITY_GRID]
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        _check_sparsity(self.sparsity)
-        check_seed(self.seed)
+    constraints: ClassVar[dict[str, Constraint]] = {"sparsity": SPARSITY, "seed": Int(0)}
 
     def _budget(self, match: Any, lengths: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
         batch = lengths.shape[0]

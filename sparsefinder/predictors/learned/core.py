@@ -69,8 +69,9 @@ import numpy as np
 import torch
 
 from sparsefinder.graphs import AttentionGraph, real_tokens, valid_pair_mask
-from sparsefinder.predictors.base import CoreResult, NotFittedError, Predictor, check_int, check_seed, register
+from sparsefinder.predictors.base import CoreResult, NotFittedError, Predictor, register
 from sparsefinder.predictors.clustering import sq_dists
+from sparsefinder.predictors.constraints import Bool, Constraint, Int, Options, Real
 from sparsefinder.predictors.learned.calibration import CurveAccumulator, allocate_budgets
 
 GRID_POINTS = 201
@@ -217,24 +218,15 @@ class _BudgetPredictor(Predictor):
 
     def __init__(self, sparsity: float = 0.7, budget: str = "per_head", seed: int = 0, window: int = 0,
                  global_tokens: bool = False) -> None:
-        self.sparsity = sparsity
-        self.budget = budget
-        self.seed = seed
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         return [{"sparsity": s} for s in (0.5, 0.6, 0.7, 0.8, 0.9)]
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, int | float) \
-                or not 0.0 <= float(self.sparsity) <= 1.0:
-            raise ValueError(f"sparsity must be a number in [0, 1], got {self.sparsity!r}")
-        if self.budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
-        check_seed(self.seed)
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "sparsity": Real(0.0, 1.0, text="be a number in [0, 1]"), "budget": Options(BUDGETS), "seed": Int(0),
+    }
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         t, r = state["thresholds"], state["train_recall"]
@@ -466,11 +458,9 @@ class _Stacked(_BudgetPredictor):
     max_pairs: int
     prior_strength: float
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_int(self.max_pairs, "max_pairs", minimum=1)
-        if not isinstance(self.prior_strength, int | float) or self.prior_strength <= 0:
-            raise ValueError(f"prior_strength must be > 0, got {self.prior_strength!r}")
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "max_pairs": Int(1), "prior_strength": Real(0, low_open=True, text="be > 0"),
+    }
 
     def _priors(self) -> dict[str, torch.Tensor]:
         return {"key_hashes": self.key_hashes_, "key_prior": self.key_prior_, "query_hashes": self.query_hashes_,
@@ -621,23 +611,13 @@ class Stacked(_Stacked):
     def __init__(self, sparsity: float = 0.7, budget: str = "per_head", max_pairs: int = 60_000,
                  prior_strength: float = 20.0, row_rank: bool = True, seed: int = 0, window: int = 0,
                  global_tokens: bool = False) -> None:
-        self.sparsity = sparsity
-        self.budget = budget
-        self.max_pairs = max_pairs
-        self.prior_strength = prior_strength
-        self.row_rank = row_rank
-        self.seed = seed
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     @property  # type: ignore[override]
     def features(self) -> tuple[str, ...]:
         return STACKED_FEATURES if self.row_rank else tuple(f for f in STACKED_FEATURES if f != "log_rank")
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        if not isinstance(self.row_rank, bool):
-            raise ValueError(f"row_rank must be True or False, got {self.row_rank!r}")
+    constraints: ClassVar[dict[str, Constraint]] = {"row_rank": Bool(text="be True or False")}
 
 
 @register
@@ -651,13 +631,7 @@ class Priors(_Stacked):
 
     def __init__(self, sparsity: float = 0.7, budget: str = "per_head", max_pairs: int = 60_000,
                  prior_strength: float = 20.0, seed: int = 0, window: int = 0, global_tokens: bool = False) -> None:
-        self.sparsity = sparsity
-        self.budget = budget
-        self.max_pairs = max_pairs
-        self.prior_strength = prior_strength
-        self.seed = seed
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
 
 def _global_rank(key_hashes: torch.Tensor, key_prior: torch.Tensor, lengths: torch.Tensor,
@@ -717,28 +691,12 @@ class Cascade(_Stacked):
                  n_clusters: int = 16, cluster_top: int = 4, max_cluster_keys: int = 32, cluster_pool: int = 128,
                  max_pairs: int = 60_000, prior_strength: float = 20.0, seed: int = 0, window: int = 0,
                  global_tokens: bool = False) -> None:
-        self.sparsity = sparsity
-        self.budget = budget
-        self.band = band
-        self.n_global = n_global
-        self.n_clusters = n_clusters
-        self.cluster_top = cluster_top
-        self.max_cluster_keys = max_cluster_keys
-        self.cluster_pool = cluster_pool
-        self.max_pairs = max_pairs
-        self.prior_strength = prior_strength
-        self.seed = seed
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_int(self.band, "band", minimum=0)
-        check_int(self.n_global, "n_global", minimum=0)
-        check_int(self.n_clusters, "n_clusters", minimum=1)
-        check_int(self.cluster_top, "cluster_top", minimum=0)
-        check_int(self.max_cluster_keys, "max_cluster_keys", minimum=0)
-        check_int(self.cluster_pool, "cluster_pool", minimum=0)
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "band": Int(0), "n_global": Int(0), "n_clusters": Int(1), "cluster_top": Int(0),
+        "max_cluster_keys": Int(0), "cluster_pool": Int(0),
+    }
 
     def _fit_extra(self, q, k, lengths, gold, causal):
         from sparsefinder.predictors.clustering import fit_kmeans, make_generator
@@ -925,12 +883,7 @@ class GlobalBand(_BudgetPredictor):
 
     def __init__(self, sparsity: float = 0.7, budget: str = "per_head", prior_strength: float = 20.0,
                  seed: int = 0, window: int = 0, global_tokens: bool = False) -> None:
-        self.sparsity = sparsity
-        self.budget = budget
-        self.prior_strength = prior_strength
-        self.seed = seed
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
     # unit_precision_ (H, U): diagonals j - i + K for |j - i| <= K, then global ranks 0..C-1, then first, last key.
     def _global_rank(self, lengths: torch.Tensor, hashes: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from sparsefinder.predictors.base import NotFittedError, check_int, register
+from sparsefinder.predictors.base import NotFittedError, register
+from sparsefinder.predictors.constraints import Constraint, Int, Real
 from sparsefinder.predictors.learned.core import (
     OUTSIDE,
     _combine,
@@ -126,27 +127,13 @@ class StackedMLP(_Stacked):
     def __init__(self, sparsity: float = 0.7, budget: str = "per_head", hidden: int = 16, steps: int = 300,
                  lr: float = 0.01, l2: float = 1e-4, max_pairs: int = 60_000, prior_strength: float = 20.0,
                  seed: int = 0, window: int = 0, global_tokens: bool = False) -> None:
-        self.sparsity = sparsity
-        self.budget = budget
-        self.hidden = hidden
-        self.steps = steps
-        self.lr = lr
-        self.l2 = l2
-        self.max_pairs = max_pairs
-        self.prior_strength = prior_strength
-        self.seed = seed
-        self.window = window
-        self.global_tokens = global_tokens
+        self._init_params(locals())
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_int(self.hidden, "hidden", minimum=1)
-        check_int(self.steps, "steps", minimum=0)
-        for name in ("lr", "l2"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-                    or value < 0 or (name == "lr" and value == 0):
-                raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "hidden": Int(1), "steps": Int(0),
+        "lr": Real(0, low_open=True, finite=True, text="be a finite number > 0"),
+        "l2": Real(0, finite=True, text="be a finite number >= 0"),
+    }
 
     def _fit_weights(self, xz: torch.Tensor, y: torch.Tensor, inside: torch.Tensor) -> None:
         linear = _fit_logistic(xz, y, weight=inside)
