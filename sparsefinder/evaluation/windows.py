@@ -100,6 +100,11 @@ class LearnedWindowPredictor(Predictor):
     requires_fit: ClassVar[bool] = True
     fitted_tensors: ClassVar[tuple[str, ...]] = ("radii_",)
 
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "sparsity_weight": Real(0, finite=True, text="be a finite number >= 0"),
+        "tau": Real(0, finite=True, text="be a finite number >= 0"),
+    }
+
     def __init__(self, sparsity_weight: float = 0.0, tau: float = 1.0, window: int = 0,
                  global_tokens: bool = False) -> None:
         self._init_params(locals())
@@ -121,11 +126,6 @@ class LearnedWindowPredictor(Predictor):
         r = state["radii"]
         if r.dim() != 1 or r.numel() == 0 or not torch.isfinite(r).all():
             raise ValueError(f"radii must be a finite (H,) tensor, got shape {tuple(r.shape)}")
-
-    constraints: ClassVar[dict[str, Constraint]] = {
-        "sparsity_weight": Real(0, finite=True, text="be a finite number >= 0"),
-        "tau": Real(0, finite=True, text="be a finite number >= 0"),
-    }
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
         heads, n = q.shape[1], q.shape[2]

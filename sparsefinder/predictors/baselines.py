@@ -76,6 +76,8 @@ class BigBirdPredictor(Predictor):
     stochastic: ClassVar[bool] = True
     context_keys: ClassVar[tuple[str, ...]] = ("sentence_ids",)
 
+    constraints: ClassVar[dict[str, Constraint]] = {"num_random": Int(0), "seed": Int(0)}
+
     def __init__(self, num_random: int = 3, seed: int = 0, window: int = 3, global_tokens: bool = True) -> None:
         self._init_params(locals())
 
@@ -83,8 +85,6 @@ class BigBirdPredictor(Predictor):
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`r \\in \\{2, 4, \\ldots, 20\\}`."""
         return even_grid("num_random", 2, 20)
-
-    constraints: ClassVar[dict[str, Constraint]] = {"num_random": Int(0), "seed": Int(0)}
 
     def _core(
         self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool, sentence_ids: Any = None
@@ -131,6 +131,8 @@ class LongformerPredictor(Predictor):
     name: ClassVar[str] = "longformer"
     family: ClassVar[str] = "baseline"
 
+    constraints: ClassVar[dict[str, Constraint]] = {"num_global": Int(0)}
+
     def __init__(self, num_global: int = 2, window: int = 3, global_tokens: bool = False) -> None:
         self._init_params(locals())
 
@@ -138,8 +140,6 @@ class LongformerPredictor(Predictor):
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`G \\in \\{2, 4, \\ldots, 20\\}`."""
         return even_grid("num_global", 2, 20)
-
-    constraints: ClassVar[dict[str, Constraint]] = {"num_global": Int(0)}
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
         g = self.num_global
@@ -180,6 +180,8 @@ class ReformerPredictor(Predictor):
     input_space: ClassVar[str] = "any"
     stochastic: ClassVar[bool] = True
 
+    constraints: ClassVar[dict[str, Constraint]] = {"n_buckets": Int(2), "n_rounds": Int(1), "seed": Int(0)}
+
     def __init__(
         self, n_buckets: int = 4, n_rounds: int = 4, seed: int = 0, window: int = 0, global_tokens: bool = False
     ) -> None:
@@ -189,8 +191,6 @@ class ReformerPredictor(Predictor):
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`\\beta \\in \\{2, 4, \\ldots, 20\\}` buckets (``n_rounds`` fixed)."""
         return even_grid("n_buckets", 2, 20)
-
-    constraints: ClassVar[dict[str, Constraint]] = {"n_buckets": Int(2), "n_rounds": Int(1), "seed": Int(0)}
 
     def _check_params(self) -> None:
         super()._check_params()
@@ -270,6 +270,11 @@ class RoutingPredictor(Predictor):
 
     centroids_: torch.Tensor | None = None
 
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "n_clusters": Int(1), "epochs": Int(0), "batch_points": Int(1), "seed": Int(0),
+        "decay": Real(0, 1, text="lie in [0, 1]"),
+    }
+
     def __init__(
         self,
         n_clusters: int = 4,
@@ -286,11 +291,6 @@ class RoutingPredictor(Predictor):
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`C \\in \\{2, 4, \\ldots, 20\\}` (each point needs its own fit)."""
         return even_grid("n_clusters", 2, 20)
-
-    constraints: ClassVar[dict[str, Constraint]] = {
-        "n_clusters": Int(1), "epochs": Int(0), "batch_points": Int(1), "seed": Int(0),
-        "decay": Real(0, 1, text="lie in [0, 1]"),
-    }
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         c = state["centroids"]
@@ -367,6 +367,8 @@ class StridedPredictor(Predictor):
     name: ClassVar[str] = "strided"
     family: ClassVar[str] = "baseline"
 
+    constraints: ClassVar[dict[str, Constraint]] = {"stride": Int(1), "expressivity": Int(0)}
+
     def __init__(self, stride: int = 8, expressivity: int = 2, window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
 
@@ -374,8 +376,6 @@ class StridedPredictor(Predictor):
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`\\ell \\in \\{4, 6, \\ldots, 20\\}`."""
         return even_grid("stride", 4, 20)
-
-    constraints: ClassVar[dict[str, Constraint]] = {"stride": Int(1), "expressivity": Int(0)}
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
         return strided_mask(q.shape[2], self.stride, self.expressivity, q.device)[None, None], None

@@ -53,6 +53,8 @@ class DistancePredictor(Predictor):
     input_space: ClassVar[str] = "projected"
     context_keys: ClassVar[tuple[str, ...]] = ("head_dim",)
 
+    constraints: ClassVar[dict[str, Constraint]] = {"threshold": Real()}
+
     def __init__(self, threshold: float = 1.0, window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
 
@@ -60,8 +62,6 @@ class DistancePredictor(Predictor):
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`t \\in \\{0.5, 1.0, \\ldots, 5.0\\}`."""
         return [{"threshold": 0.5 * i} for i in range(1, 11)]
-
-    constraints: ClassVar[dict[str, Constraint]] = {"threshold": Real()}
 
     def _core(
         self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool, head_dim: int | None = None
@@ -130,6 +130,8 @@ class BucketingPredictor(Predictor):
     family: ClassVar[str] = "sparsefinder"
     input_space: ClassVar[str] = "projected"
 
+    constraints: ClassVar[dict[str, Constraint]] = {"n_buckets": Int(1)}
+
     def __init__(self, n_buckets: int = 4, window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
 
@@ -137,8 +139,6 @@ class BucketingPredictor(Predictor):
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`\\beta \\in \\{2, 4, \\ldots, 20\\}`."""
         return even_grid("n_buckets", 2, 20)
-
-    constraints: ClassVar[dict[str, Constraint]] = {"n_buckets": Int(1)}
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
         bq = equal_frequency_bins(q, lengths, self.n_buckets)
@@ -204,6 +204,11 @@ class KMeansPredictor(Predictor):
 
     centroids_: torch.Tensor | None = None
 
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "n_clusters": Int(1), "top_t": Int(1), "max_iter": Int(0), "max_points": Int(1, optional=True),
+        "seed": Int(0),
+    }
+
     def __init__(
         self,
         n_clusters: int = 4,
@@ -220,11 +225,6 @@ class KMeansPredictor(Predictor):
     def grid(cls) -> list[dict[str, Any]]:
         """:math:`C \\in \\{2, 4, \\ldots, 20\\}` (each point needs its own fit)."""
         return even_grid("n_clusters", 2, 20)
-
-    constraints: ClassVar[dict[str, Constraint]] = {
-        "n_clusters": Int(1), "top_t": Int(1), "max_iter": Int(0), "max_points": Int(1, optional=True),
-        "seed": Int(0),
-    }
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         c = state["centroids"]
@@ -342,6 +342,11 @@ class BlocksPredictor(Predictor):
 
     centroids_: torch.Tensor | None = None
 
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "top_k": Int(0), "block_size": Int(1), "n_clusters": Int(1), "block_window": Int(0), "max_iter": Int(0),
+        "max_points": Int(1, optional=True), "seed": Int(0), "variant": Options(("v1", "v2"), text="be 'v1' or 'v2'"),
+    }
+
     def __init__(
         self,
         top_k: int = 2,
@@ -361,11 +366,6 @@ class BlocksPredictor(Predictor):
     def grid(cls) -> list[dict[str, Any]]:
         """``top_k`` ∈ {2, 4, …, 20}, as BigBird's number of random blocks (the paper's baseline grid)."""
         return even_grid("top_k", 2, 20)
-
-    constraints: ClassVar[dict[str, Constraint]] = {
-        "top_k": Int(0), "block_size": Int(1), "n_clusters": Int(1), "block_window": Int(0), "max_iter": Int(0),
-        "max_points": Int(1, optional=True), "seed": Int(0), "variant": Options(("v1", "v2"), text="be 'v1' or 'v2'"),
-    }
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         c = state["centroids"]

@@ -97,6 +97,8 @@ class SyntaxPredictor(Predictor):
     family: ClassVar[str] = "pattern"
     context_keys: ClassVar[tuple[str, ...]] = ("word_heads", "word_ids")
 
+    constraints: ClassVar[dict[str, Constraint]] = {"hops": Int(0)}
+
     def __init__(self, hops: int = 1, window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
 
@@ -104,8 +106,6 @@ class SyntaxPredictor(Predictor):
     def grid(cls) -> list[dict[str, Any]]:
         """``hops`` ∈ {1, 2, 3}."""
         return [{"hops": k} for k in (1, 2, 3)]
-
-    constraints: ClassVar[dict[str, Constraint]] = {"hops": Int(0)}
 
     def _core(
         self,
@@ -189,6 +189,8 @@ class LexicalPredictor(Predictor):
     family: ClassVar[str] = "pattern"
     context_keys: ClassVar[tuple[str, ...]] = ("embeddings",)
 
+    constraints: ClassVar[dict[str, Constraint]] = {"sparsity": SPARSITY}
+
     def __init__(self, sparsity: float = 0.8, window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
 
@@ -196,8 +198,6 @@ class LexicalPredictor(Predictor):
     def grid(cls) -> list[dict[str, Any]]:
         """Target sparsity ∈ {0.5, 0.6, 0.7, 0.8, 0.9}."""
         return [{"sparsity": s} for s in SPARSITY_GRID]
-
-    constraints: ClassVar[dict[str, Constraint]] = {"sparsity": SPARSITY}
 
     def _core(
         self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool, embeddings: Any = None
@@ -265,6 +265,8 @@ class RandomPredictor(Predictor):
     stochastic: ClassVar[bool] = True
     context_keys: ClassVar[tuple[str, ...]] = ("match", "sentence_ids")
 
+    constraints: ClassVar[dict[str, Constraint]] = {"sparsity": SPARSITY, "seed": Int(0)}
+
     def __init__(self, sparsity: float = 0.8, seed: int = 0, window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
 
@@ -272,8 +274,6 @@ class RandomPredictor(Predictor):
     def grid(cls) -> list[dict[str, Any]]:
         """Target sparsity ∈ {0.5, 0.6, 0.7, 0.8, 0.9}."""
         return [{"sparsity": s} for s in SPARSITY_GRID]
-
-    constraints: ClassVar[dict[str, Constraint]] = {"sparsity": SPARSITY, "seed": Int(0)}
 
     def _budget(self, match: Any, lengths: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
         batch = lengths.shape[0]

@@ -216,6 +216,10 @@ class _BudgetPredictor(Predictor):
     thresholds_: torch.Tensor | None = None
     train_recall_: torch.Tensor | None = None
 
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "sparsity": Real(0.0, 1.0, text="be a number in [0, 1]"), "budget": Options(BUDGETS), "seed": Int(0),
+    }
+
     def __init__(self, sparsity: float = 0.7, budget: str = "per_head", seed: int = 0, window: int = 0,
                  global_tokens: bool = False) -> None:
         self._init_params(locals())
@@ -223,10 +227,6 @@ class _BudgetPredictor(Predictor):
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
         return [{"sparsity": s} for s in (0.5, 0.6, 0.7, 0.8, 0.9)]
-
-    constraints: ClassVar[dict[str, Constraint]] = {
-        "sparsity": Real(0.0, 1.0, text="be a number in [0, 1]"), "budget": Options(BUDGETS), "seed": Int(0),
-    }
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         t, r = state["thresholds"], state["train_recall"]
@@ -608,6 +608,8 @@ class Stacked(_Stacked):
     input_space: ClassVar[str] = "projected"
     context_keys: ClassVar[tuple[str, ...]] = ("tokens",)
 
+    constraints: ClassVar[dict[str, Constraint]] = {"row_rank": Bool(text="be True or False")}
+
     def __init__(self, sparsity: float = 0.7, budget: str = "per_head", max_pairs: int = 60_000,
                  prior_strength: float = 20.0, row_rank: bool = True, seed: int = 0, window: int = 0,
                  global_tokens: bool = False) -> None:
@@ -616,8 +618,6 @@ class Stacked(_Stacked):
     @property  # type: ignore[override]
     def features(self) -> tuple[str, ...]:
         return STACKED_FEATURES if self.row_rank else tuple(f for f in STACKED_FEATURES if f != "log_rank")
-
-    constraints: ClassVar[dict[str, Constraint]] = {"row_rank": Bool(text="be True or False")}
 
 
 @register
@@ -687,16 +687,16 @@ class Cascade(_Stacked):
     context_keys: ClassVar[tuple[str, ...]] = ("tokens",)
     fitted_tensors: ClassVar[tuple[str, ...]] = _Stacked.fitted_tensors + ("centroids_", "affinity_")
 
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "band": Int(0), "n_global": Int(0), "n_clusters": Int(1), "cluster_top": Int(0),
+        "max_cluster_keys": Int(0), "cluster_pool": Int(0),
+    }
+
     def __init__(self, sparsity: float = 0.7, budget: str = "per_head", band: int = 4, n_global: int = 4,
                  n_clusters: int = 16, cluster_top: int = 4, max_cluster_keys: int = 32, cluster_pool: int = 128,
                  max_pairs: int = 60_000, prior_strength: float = 20.0, seed: int = 0, window: int = 0,
                  global_tokens: bool = False) -> None:
         self._init_params(locals())
-
-    constraints: ClassVar[dict[str, Constraint]] = {
-        "band": Int(0), "n_global": Int(0), "n_clusters": Int(1), "cluster_top": Int(0),
-        "max_cluster_keys": Int(0), "cluster_pool": Int(0),
-    }
 
     def _fit_extra(self, q, k, lengths, gold, causal):
         from sparsefinder.predictors.clustering import fit_kmeans, make_generator

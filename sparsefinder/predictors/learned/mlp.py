@@ -124,16 +124,16 @@ class StackedMLP(_Stacked):
     b1_: torch.Tensor | None = None
     w2_: torch.Tensor | None = None
 
-    def __init__(self, sparsity: float = 0.7, budget: str = "per_head", hidden: int = 16, steps: int = 300,
-                 lr: float = 0.01, l2: float = 1e-4, max_pairs: int = 60_000, prior_strength: float = 20.0,
-                 seed: int = 0, window: int = 0, global_tokens: bool = False) -> None:
-        self._init_params(locals())
-
     constraints: ClassVar[dict[str, Constraint]] = {
         "hidden": Int(1), "steps": Int(0),
         "lr": Real(0, low_open=True, finite=True, text="be a finite number > 0"),
         "l2": Real(0, finite=True, text="be a finite number >= 0"),
     }
+
+    def __init__(self, sparsity: float = 0.7, budget: str = "per_head", hidden: int = 16, steps: int = 300,
+                 lr: float = 0.01, l2: float = 1e-4, max_pairs: int = 60_000, prior_strength: float = 20.0,
+                 seed: int = 0, window: int = 0, global_tokens: bool = False) -> None:
+        self._init_params(locals())
 
     def _fit_weights(self, xz: torch.Tensor, y: torch.Tensor, inside: torch.Tensor) -> None:
         linear = _fit_logistic(xz, y, weight=inside)
