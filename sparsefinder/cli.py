@@ -142,20 +142,23 @@ def cmd_sweep(args) -> int:
             save_fitted(fitted, args.save_fitted)
             print(f"saved fitted predictors to {args.save_fitted}")
     context = None
-    # Syntax and lexical need context the store lacks (dependency trees, input embeddings); build it only
+    # Some methods need context the store lacks (dependency trees, input embeddings); build it only
     # when one of them can run, since spaCy and the model take seconds to load.
-    want = {"syntax", "lexical"} if methods is None else {"syntax", "lexical"} & set(methods)
-    if args.context == "spacy" and want:
+    from sparsefinder.predictors import REGISTRY
+
+    wanted = set(REGISTRY) if methods is None else set(methods) & set(REGISTRY)
+    needed = {key for m in wanted for key in REGISTRY[m].context_keys}
+    syntax, lexical = "word_heads" in needed, "embeddings" in needed
+    if args.context == "spacy" and (syntax or lexical):
         from sparsefinder.corpora.annotate import sweep_context
 
-        context, notes = sweep_context(store, syntax="syntax" in want, lexical="lexical" in want)
+        context, notes = sweep_context(store, syntax=syntax, lexical=lexical)
         for note in notes:
             print(f"note: {note}")
     # The learned predictors' token priors read each sentence's token strings (already in the store).
-    from sparsefinder.predictors import REGISTRY
     from sparsefinder.predictors.learned.core import TokenContext
 
-    if methods is None or any(m in REGISTRY and "tokens" in REGISTRY[m].context_keys for m in methods):
+    if "tokens" in needed:
         if context is None:
             context = TokenContext()
         else:

@@ -138,15 +138,6 @@ OPTIONAL_CONTEXT: frozenset[str] = frozenset({"match", "tokens"})
 learned predictors' ``tokens``: without them every token counts as unseen; give
 :class:`sparsefinder.predictors.learned.core.TokenContext`)."""
 
-PREDICT_ONLY_PARAMS: dict[str, frozenset[str]] = {
-    "kmeans": frozenset({"top_t"}),
-    "blocks": frozenset({"top_k", "variant", "block_window"}),
-    # The learned predictors' target sparsity only picks thresholds on the fitted curves.
-    **{m: frozenset({"sparsity", "budget"})
-       for m in ("distance_budget", "topk", "stacked", "priors", "cascade", "global_band", "stacked_mlp")},
-}
-"""Hyperparameters that do not change what :meth:`fit` learns (besides ``window``/``global_tokens``),
-so configurations differing only in them share one fit."""
 
 _RATIO_INDEX = {c: i for i, c in enumerate(RATIO_COLUMNS)}
 
@@ -247,7 +238,7 @@ class FittedPredictors(dict):
 
 
 def _fit_signature(method: str, params: Mapping[str, Any]) -> str:
-    skip = {"window", "global_tokens"} | PREDICT_ONLY_PARAMS.get(method, frozenset())
+    skip = {"window", "global_tokens"} | REGISTRY[method].predict_only_params
     return canonical_params({k: v for k, v in params.items() if k not in skip})
 
 
@@ -273,7 +264,7 @@ def fit_predictors(
     For each layer, the (projected, or raw for ``"any"`` methods without
     projections) queries and keys of the store's sentences (``indices``, default
     all) are streamed once and concatenated; each distinct fit is made once
-    (grid points that differ only in :data:`PREDICT_ONLY_PARAMS`, ``window`` or
+    (grid points that differ only in :attr:`~sparsefinder.predictors.base.Predictor.predict_only_params`, ``window`` or
     ``global_tokens`` share it). ``seed`` and ``max_points`` (the subsample per
     head) are passed to methods that take them, unless a grid point sets them.
     Methods with ``fit_uses_gold`` (the learned predictors of
@@ -311,7 +302,7 @@ def fit_predictors(
         tokens: list[list[str]] = []
         need_raw = any(not _uses_projection(REGISTRY[m], projections) for m in todo)
         # Learned predictors (sparsefinder.predictors.learned.core) fit on the gold graphs and token strings.
-        need_gold = any(getattr(REGISTRY[m], "fit_uses_gold", False) for m in todo)
+        need_gold = any(REGISTRY[m].fit_uses_gold for m in todo)
         for batch in store.iter_batches(layer, batch_size, indices=indices, order="length"):
             lens.append(batch.lengths)
             if need_gold:
@@ -346,7 +337,7 @@ def fit_predictors(
                 params = _config_params(m, point, seed, extra)
                 sig = _fit_signature(m, params)
                 if sig not in cache:
-                    kw = gold_kw if getattr(cls, "fit_uses_gold", False) else {}
+                    kw = gold_kw if cls.fit_uses_gold else {}
                     cache[sig] = get_predictor(m, **params).fit(q, k, lengths, **kw)
                 pred = get_predictor(m, **params).load_state_dict(cache[sig].state_dict())
                 # Share the fitted tensors themselves, so run_sweep sees one fit for the whole group.

@@ -91,6 +91,11 @@ class Predictor:
     """Whether a sweep with ``methods=None`` runs it (False: opt-in, e.g. slow to fit for little gain)."""
     fitted_tensors: ClassVar[tuple[str, ...]] = ()
     """Fitted tensor attributes (ending in ``_``) saved by :meth:`state_dict`."""
+    fit_uses_gold: ClassVar[bool] = False
+    """Whether :meth:`fit` reads the gold graphs of the training split (the learned predictors)."""
+    predict_only_params: ClassVar[frozenset[str]] = frozenset()
+    """Hyperparameters that change :meth:`predict` but not what :meth:`fit` learns (besides ``window`` and
+    ``global_tokens``): a sweep fits once for configurations that differ only in them."""
     constraints: ClassVar[dict[str, Constraint]] = {"window": Int(0), "global_tokens": Bool()}
     """Admissible values per hyperparameter (:mod:`.constraints`), merged with the base classes' by
     :meth:`all_constraints` and checked by :meth:`_check_params`."""

@@ -196,6 +196,7 @@ class KMeansPredictor(Predictor):
     """
 
     name: ClassVar[str] = "kmeans"
+    predict_only_params: ClassVar[frozenset[str]] = frozenset({"top_t"})
     family: ClassVar[str] = "sparsefinder"
     input_space: ClassVar[str] = "projected"
     requires_fit: ClassVar[bool] = True
@@ -334,6 +335,7 @@ class BlocksPredictor(Predictor):
     """
 
     name: ClassVar[str] = "blocks"
+    predict_only_params: ClassVar[frozenset[str]] = frozenset({"top_k", "variant", "block_window"})
     family: ClassVar[str] = "sparsefinder"
     input_space: ClassVar[str] = "projected"
     requires_fit: ClassVar[bool] = True

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsefinder.graphs import AttentionGraph, valid_pair_mask
-from sparsefinder.predictors import NotFittedError, get_predictor
+from sparsefinder.predictors import NotFittedError, get_predictor, list_predictors
 from sparsefinder.predictors.clustering import sq_dists
 from sparsefinder.predictors.learned.calibration import (
     CurveAccumulator,
@@ -22,7 +22,11 @@ from sparsefinder.predictors.learned.calibration import (
     recall_at_global_threshold,
     recall_at_sparsity,
 )
-from sparsefinder.predictors.learned.core import GRID_POINTS, LEARNED, TokenContext, token_hashes
+from sparsefinder.predictors.learned.core import GRID_POINTS, TokenContext, token_hashes
+
+# Derived from the registry (family "learned"), as every list of methods is.
+LEARNED = list_predictors(family="learned")
+
 
 FAST = settings(max_examples=20, deadline=None)
 VOCAB = ["[CLS]", "the", "cat", "sat", ".", "on", "mat", "[SEP]"]
@@ -480,3 +484,7 @@ def test_score_curves_do_not_depend_on_the_chunking():
         for a, b in zip(whole, chunked, strict=True):
             grid = np.linspace(0, 1, 11)
             assert np.allclose(a.recall_at_density(grid), b.recall_at_density(grid), atol=1e-12)
+
+
+def test_learned_family_is_derived_from_the_registry():
+    assert LEARNED == ["distance_budget", "topk", "stacked", "priors", "cascade", "global_band", "stacked_mlp"]

@@ -205,6 +205,8 @@ class _BudgetPredictor(Predictor):
     family: ClassVar[str] = "learned"
     requires_fit: ClassVar[bool] = True
     fit_uses_gold: ClassVar[bool] = True
+    # The target sparsity only picks thresholds on the fitted curves.
+    predict_only_params: ClassVar[frozenset[str]] = frozenset({"sparsity", "budget"})
     """:func:`sparsefinder.evaluation.sweep.fit_predictors` passes ``gold`` (and ``tokens``) to :meth:`fit`."""
     context_keys: ClassVar[tuple[str, ...]] = ()
     own_tensors: ClassVar[tuple[str, ...]] = ()
@@ -992,7 +994,3 @@ class TokenContext:
 
     def __call__(self, batch: Any) -> dict[str, Any]:
         return {"tokens": [list(t) for t in batch.tokens]}
-
-
-LEARNED = ("distance_budget", "topk", "stacked", "priors", "cascade", "global_band", "stacked_mlp")
-"""The learned predictors (this module's, in registration order, then :mod:`sparsefinder.predictors.learned.mlp`)."""
