@@ -221,7 +221,7 @@ def _project(projections: Any, layer: int, q: torch.Tensor, k: torch.Tensor) -> 
 
 
 def _uses_projection(cls: type[Predictor], projections: Any) -> bool:
-    return cls.input_space == "projected" or (cls.input_space == "any" and projections is not None)
+    return cls.reads_projections(projections is not None)
 
 
 # ---------------------------------------------------------------------- fitting
@@ -275,11 +275,11 @@ def fit_predictors(
     t0 = time.perf_counter()
     if methods is None:
         methods = [m for m, cls in REGISTRY.items() if cls.requires_fit and cls.default_sweep
-                   and (projections is not None or cls.input_space != "projected")]
+                   and (projections is not None or not cls.needs_projections())]
     for m in methods:
         if m not in REGISTRY:
             raise KeyError(f"unknown predictor {m!r}")
-        if REGISTRY[m].input_space == "projected" and projections is None:
+        if REGISTRY[m].needs_projections() and projections is None:
             raise ValueError(f"{m} works on projected queries and keys: give projections")
     _check_projections(projections, store)
     grids = dict(grids or {})
@@ -398,7 +398,7 @@ class _Batch:
         self.valid_queries = self.lengths[:, None].expand(b, h)
 
     def inputs(self, cls: type[Predictor]) -> tuple[torch.Tensor, torch.Tensor]:
-        if cls.input_space == "projected" or (cls.input_space == "any" and self.proj_q is not None):
+        if cls.reads_projections(self.proj_q is not None):
             assert self.proj_q is not None and self.proj_k is not None
             return self.proj_q, self.proj_k
         return self.raw_q, self.raw_k
@@ -966,7 +966,7 @@ def _select_methods(
         cls = REGISTRY[m]
         reason = None
         missing = set(cls.context_keys) - SUPPLIED_CONTEXT - OPTIONAL_CONTEXT - context_keys
-        if cls.input_space == "projected" and projections is None:
+        if cls.needs_projections() and projections is None:
             reason = "needs projections"
         elif cls.requires_fit and not (fitted and m in fitted):
             reason = "needs fitted predictors (fit_predictors on a training store)"

@@ -114,6 +114,17 @@ class Predictor:
         for name in self._param_names():
             setattr(self, name, params[name])
 
+    @classmethod
+    def needs_projections(cls) -> bool:
+        """Whether it can only run on projected queries and keys (``input_space == "projected"``)."""
+        return cls.input_space == "projected"
+
+    @classmethod
+    def reads_projections(cls, available: bool) -> bool:
+        """Whether its q, k go through the learned projections: always for ``"projected"``; for ``"any"``
+        when projections are ``available`` (the paper hashes and clusters q', k'); never for ``"shape"``."""
+        return cls.input_space == "projected" or (cls.input_space == "any" and available)
+
     # ------------------------------------------------------------------ estimator API
 
     @classmethod

@@ -54,7 +54,7 @@ def unsupported_reason(method: str, projections: Any = None, fitted: Mapping | N
     missing = set(cls.context_keys) - SUPPLIED
     if missing:
         return f"{method} needs context {sorted(missing)} that the dashboard does not compute"
-    if cls.input_space == "projected" and projections is None:
+    if cls.needs_projections() and projections is None:
         return f"{method} needs the learned projections, and this model has none"
     if cls.requires_fit and not (fitted and method in fitted):
         return f"{method} must be fitted, and this model ships no fitted {method}"
@@ -111,7 +111,7 @@ def predict_layer(
         pred = get_predictor(method, **parse_params(params))
     q = extraction.queries[layer].float()
     k = extraction.keys[layer].float()
-    if cls.input_space == "projected" or (cls.input_space == "any" and projections is not None):
+    if cls.reads_projections(projections is not None):
         with torch.no_grad():
             q = projections.project_queries(layer, q).float().contiguous()
             k = projections.project_keys(layer, k).float().contiguous()
