@@ -21,16 +21,13 @@ from sparsefinder.evaluation.sweep import (
     SENTENCE_COLUMNS,
     SWEEP_COLUMNS,
     EmbeddingContext,
-    _balanced_members,
-    _codes_share,
-    _pack_ids,
-    _pack_members,
     canonical_params,
     fit_predictors,
     load_sweep,
     run_sweep,
     save_sweep,
 )
+from sparsefinder.evaluation.sweep.dense import _balanced_members, _codes_share, _pack_ids, _pack_members
 from sparsefinder.metrics import COUNT_COLUMNS, RATIO_COLUMNS, aggregate, graph_metrics
 from sparsefinder.model.entmax_model import load_model
 from sparsefinder.predictors import REGISTRY, get_predictor

@@ -1,0 +1,179 @@
+"""One padded batch of stored sentences, and the counts every metric is computed from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sparsefinder.graphs import num_valid_pairs, real_tokens, valid_pair_mask
+from sparsefinder.predictors import Predictor
+from sparsefinder.predictors.base import (
+    shared_pattern,
+)
+
+
+@dataclass
+class _Batch:
+    """One padded batch of one layer, with everything the kernels share.
+
+    ``cache`` holds work shared by the configurations of this layer (squared
+    distances, ranks, distances to centroids); ``shared`` is the same dict for
+    every layer of the batch and holds what does not depend on the layer
+    (random draws and the levels built from them, fixed patterns).
+    """
+
+    layer: int
+    lengths: torch.Tensor  # (B,)
+    causal: bool
+    gold: torch.Tensor  # (B, H, N, N) bool, valid pairs only
+    raw_q: torch.Tensor
+    raw_k: torch.Tensor
+    proj_q: torch.Tensor | None
+    proj_k: torch.Tensor | None
+    head_dim: int
+    sentence_ids: torch.Tensor
+    context: dict[str, Any]
+    shared: dict[Any, Any] = field(default_factory=dict)
+    cache: dict[Any, Any] = field(default_factory=dict)
+    shape: tuple[int, int, int] = field(init=False)
+    valid: torch.Tensor = field(init=False)
+    real: torch.Tensor = field(init=False)
+    gold_edges: torch.Tensor = field(init=False)
+    row_gold: torch.Tensor = field(init=False)
+    valid_pairs: torch.Tensor = field(init=False)
+    valid_queries: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        b, h, n, _ = self.gold.shape
+        self.shape = (b, h, n)
+        if "valid" not in self.shared:
+            self.shared["valid"] = valid_pair_mask(self.lengths, n, self.causal)  # (B, 1, N, N)
+        self.valid = self.shared["valid"]
+        self.real = real_tokens(self.lengths, n)  # (B, N)
+        # Sums of bool tensors are much faster through a uint8 view with an explicit accumulator type.
+        self.row_gold = self.gold.view(torch.uint8).sum(dim=-1, dtype=torch.int32)  # (B, H, N)
+        self.gold_edges = self.row_gold.sum(dim=-1).long()
+        self.valid_pairs = num_valid_pairs(self.lengths, self.causal)[:, None].expand(b, h)
+        self.valid_queries = self.lengths[:, None].expand(b, h)
+
+    def inputs(self, cls: type[Predictor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if cls.reads_projections(self.proj_q is not None):
+            assert self.proj_q is not None and self.proj_k is not None
+            return self.proj_q, self.proj_k
+        return self.raw_q, self.raw_k
+
+    def predictor_context(self) -> dict[str, Any]:
+        return {"head_dim": self.head_dim, "sentence_ids": self.sentence_ids, **self.context}
+
+
+Counts = dict[str, torch.Tensor]
+"""``pred_edges``, ``hits``, ``covered_queries`` (int64) and ``cost`` (float64), each ``(C, B, H)``."""
+_COUNT_KEYS = ("pred_edges", "hits", "covered_queries", "cost")
+
+
+def _count(edges: torch.Tensor) -> torch.Tensor:
+    """Edges per (sentence, head) of a ``(B, H|1, N, N)`` bool tensor, int64.
+
+    Summed as uint8 into int32 (exact: a sentence has far fewer than 2³¹ pairs),
+    several times faster than a bool sum into int64.
+    """
+    return edges.view(torch.uint8).sum(dim=(-1, -2), dtype=torch.int32).long()
+
+
+def _dense_counts(edges: torch.Tensor, cost: torch.Tensor, batch: _Batch) -> Counts:
+    """Counts of one predicted graph (``(B, H|1, N, N)`` bool, valid pairs only) against the gold graph."""
+    b, h, _ = batch.shape
+    row_hits = (batch.gold & edges).view(torch.uint8).sum(dim=-1, dtype=torch.int32)  # (B, H, N)
+    hits = row_hits.sum(dim=-1).long()
+    # A query is covered when it hits all its gold keys; padding rows (0 == 0) must not count.
+    covered = ((row_hits == batch.row_gold) & batch.real[:, None, :]).sum(dim=-1)
+    pred = _count(edges).expand(b, h)
+    return {"pred_edges": pred[None], "hits": hits[None], "covered_queries": covered[None],
+            "cost": torch.broadcast_to(cost.double(), (b, h))[None]}
+
+
+def _finish(core: torch.Tensor, core_cost: torch.Tensor | None, batch: _Batch, window: int, global_tokens: bool
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predictor's own tail (:meth:`Predictor._run`): mask, OR window/global, cost = core cost + added edges.
+
+    Returns ``(B, H|1, N, N)`` edges (a head-independent core stays one head) and the ``(B, H)`` cost.
+    """
+    core = core & batch.valid
+    base = _count(core).double() if core_cost is None else core_cost.double()
+    extra = shared_pattern(batch.lengths, batch.shape[2], window, global_tokens)
+    if extra is None:
+        return core, base
+    edges = core | (extra & batch.valid)
+    # The core is a subset of the edges, so the added edges are the difference of the counts.
+    return edges, base + (_count(edges) - _count(core)).double()
+
+
+def _cumulative_hist(levels: torch.Tensor, n_levels: int) -> torch.Tensor:
+    """``(R, C)``: for each row of ``(R, M)`` levels in ``[0, C]``, how many are ``<= c`` (level C = never)."""
+    rows = levels.shape[0]
+    width = n_levels + 1
+    key = levels.to(torch.int32) + torch.arange(rows, dtype=torch.int32, device=levels.device)[:, None] * width
+    hist = torch.bincount(key.reshape(-1), minlength=rows * width).reshape(rows, width)
+    return hist.cumsum(dim=-1)[:, :n_levels]
+
+
+def _level_dtype(n_levels: int) -> torch.dtype:
+    # Small integer levels: elementwise work on uint8 moves an eighth of the bytes of int64.
+    return torch.uint8 if n_levels < 255 else torch.int32
+
+
+def _never(mask: torch.Tensor, n_levels: int, dtype: torch.dtype) -> torch.Tensor:
+    """``C`` where ``mask`` is False, 0 elsewhere (to be combined with ``torch.maximum``).
+
+    Arithmetic instead of ``torch.where``, which is an order of magnitude slower
+    on small integer types.
+    """
+    return (~mask).to(dtype) * n_levels
+
+
+@dataclass
+class _Levels:
+    """A nested family on one batch: ``core`` ``(B, H|1, N, N)`` levels (C = never, :func:`_level_dtype`)
+    of the method's own edges, ``extra`` ``(B, 1, N, N)`` window/global edges present at every level, and
+    the core cost ``(B, H)`` when it is not the edge count (distance)."""
+
+    core: torch.Tensor
+    extra: torch.Tensor | None = None
+    core_cost: torch.Tensor | None = None
+
+
+def _nested_counts(lv: _Levels, n_levels: int, batch: _Batch) -> Counts:
+    """Counts of every grid point of a nested family at once, from per-pair levels (module docstring)."""
+    b, h, n = batch.shape
+    c = n_levels
+    dtype = lv.core.dtype
+    levels = lv.core
+    if lv.extra is not None:
+        levels = levels * (~lv.extra).to(dtype)  # window/global pairs: level 0
+    levels = torch.maximum(levels, _never(batch.valid, c, dtype))
+    hs = levels.shape[1]
+    pred = _cumulative_hist(levels.reshape(b * hs, n * n), c).reshape(b, hs, c)
+    gold_levels = torch.maximum(levels, _never(batch.gold, c, dtype))
+    hits = _cumulative_hist(gold_levels.reshape(b * h, n * n), c).reshape(b, h, c)
+    # A query is covered at level c when its latest gold key enters by level c (no gold key: always).
+    latest = ((levels + 1) * batch.gold.to(dtype)).amax(dim=-1).to(torch.int32) - 1  # -1: no gold key
+    latest = torch.where(batch.real[:, None, :], latest.clamp(min=0), c)
+    covered = _cumulative_hist(latest.reshape(b * h, n), c).reshape(b, h, c)
+    pred = pred.expand(b, h, c)
+    if lv.core_cost is None:
+        cost = pred.double()
+    else:
+        # cost = core cost + |extra edges not already in the core| (as Predictor._run counts it).
+        if lv.extra is None:
+            added = torch.zeros(b, h, c, dtype=torch.float64, device=pred.device)
+        else:
+            ev = lv.extra & batch.valid
+            core_in = torch.maximum(lv.core, _never(ev, c, dtype))
+            hc = core_in.shape[1]
+            inside = _cumulative_hist(core_in.reshape(b * hc, n * n), c).reshape(b, hc, c)
+            added = (_count(ev)[..., None] - inside).double().expand(b, h, c)
+        cost = lv.core_cost.double()[..., None] + added
+    return {k: v.permute(2, 0, 1) for k, v in
+            {"pred_edges": pred, "hits": hits, "covered_queries": covered, "cost": cost}.items()}
