@@ -38,6 +38,7 @@ import torch
 
 from sparsefinder.corpora.store import ExtractionStore
 from sparsefinder.predictors import get_predictor
+from sparsefinder.predictors.learned.budgets import GRID_POINTS, _BudgetPredictor
 from sparsefinder.predictors.learned.calibration import (
     HeadCurve,
     allocate_budgets,
@@ -45,7 +46,6 @@ from sparsefinder.predictors.learned.calibration import (
     recall_at_sparsity,
     score_curves,
 )
-from sparsefinder.predictors.learned.core import GRID_POINTS, _BudgetPredictor
 from sparsefinder.predictors.methods import params_key
 from sparsefinder.training.projections import Projections, projection_manifest, train_projections
 

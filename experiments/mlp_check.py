@@ -23,8 +23,8 @@ import torch
 
 from sparsefinder.corpora.store import ExtractionStore
 from sparsefinder.predictors import get_predictor
+from sparsefinder.predictors.learned.budgets import GRID_POINTS
 from sparsefinder.predictors.learned.calibration import allocate_budgets, recall_at_sparsity, score_curves
-from sparsefinder.predictors.learned.core import GRID_POINTS
 from sparsefinder.training.projections import Projections
 
 

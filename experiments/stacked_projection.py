@@ -48,6 +48,7 @@ import torch
 
 from sparsefinder.corpora.store import ExtractionStore, LayerBatch
 from sparsefinder.graphs import valid_pair_mask
+from sparsefinder.predictors.learned.budgets import GRID_POINTS, DistanceBudget, _BudgetPredictor, token_hashes
 from sparsefinder.predictors.learned.calibration import (
     HeadCurve,
     allocate_budgets,
@@ -55,13 +56,7 @@ from sparsefinder.predictors.learned.calibration import (
     recall_at_sparsity,
     score_curves,
 )
-from sparsefinder.predictors.learned.core import (
-    GRID_POINTS,
-    DistanceBudget,
-    Stacked,
-    _BudgetPredictor,
-    token_hashes,
-)
+from sparsefinder.predictors.learned.stacked import Stacked
 from sparsefinder.training.projections import Projections, project
 from sparsefinder.training.stacked import train_layer
 

@@ -156,7 +156,7 @@ def cmd_sweep(args) -> int:
         for note in notes:
             print(f"note: {note}")
     # The learned predictors' token priors read each sentence's token strings (already in the store).
-    from sparsefinder.predictors.learned.core import TokenContext
+    from sparsefinder.predictors.learned.budgets import TokenContext
 
     if "tokens" in needed:
         if context is None:

@@ -111,7 +111,7 @@ def run_sweep_ui(out) -> None:
     from sparsefinder.corpora.store import ExtractionStore
     from sparsefinder.evaluation.fitted import save_fitted
     from sparsefinder.evaluation.sweep import fit_predictors, run_sweep, save_sweep
-    from sparsefinder.predictors.learned.core import TokenContext
+    from sparsefinder.predictors.learned.budgets import TokenContext
     from sparsefinder.training.projections import Projections
 
     with st.status("Sweeping…", expanded=True) as status:

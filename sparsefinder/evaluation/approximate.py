@@ -63,7 +63,7 @@ from sparsefinder.graphs import AttentionGraph
 from sparsefinder.kernels.entmax import entmax
 from sparsefinder.metrics import graph_metrics
 from sparsefinder.model import attention
-from sparsefinder.predictors import REGISTRY, Predictor, get_predictor
+from sparsefinder.predictors.base import REGISTRY, Predictor, get_predictor
 from sparsefinder.predictors.methods import SUPPLIED, params_key, parse_params, predict_layer, unsupported_reason
 
 MASK_RATE = 0.15

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sparsefinder.evaluation.sweep import FittedPredictors
-from sparsefinder.predictors import get_predictor
+from sparsefinder.evaluation.sweep.fit import FittedPredictors
+from sparsefinder.predictors.base import get_predictor
 
 FITTED_FILE = "fitted.safetensors"
 MANIFEST_FILE = "manifest.json"

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from sparsefinder.metrics import CONFIG_COLUMNS, COUNT_COLUMNS, RATIO_COLUMNS
-from sparsefinder.predictors import REGISTRY
+from sparsefinder.predictors.base import REGISTRY
 
 
 def summarise(frame: pd.DataFrame, by: Sequence[str] = ("method",)) -> pd.DataFrame:

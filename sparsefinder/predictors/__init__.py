@@ -13,16 +13,15 @@ Modules: :mod:`.base` (protocol, registry, shared window/global helpers),
 :mod:`.paper` (distance, bucketing, k-means, blocks), :mod:`.baselines`
 (window, BigBird, Longformer, Reformer, Routing, strided), :mod:`.patterns`
 (Breaking BERT's syntax, lexical, position, random), :mod:`.learned`
-(per-head budgets: calibrated distance, top-k, priors, stacked, global band), :mod:`.learned_mlp`
-(the stacked features through a small per-head MLP), :mod:`.clustering`
-(batched seeded k-means used by the clustering methods).
+(per-head budgets: calibrated distance, top-k, priors, stacked, cascade, global band, the MLP),
+:mod:`.clustering` (batched seeded k-means and the projected-space distances), :mod:`.constraints`
+(declared hyperparameter checks), :mod:`.methods` (which methods can run on given artifacts, parameter keys).
 """
 
 # Import order is registration order, which every method list (CLI, app, sweep) shows: keep it by hand.
 from sparsefinder.predictors import paper  # noqa: I001
 from sparsefinder.predictors import baselines
-from sparsefinder.predictors.learned import core as learned
-from sparsefinder.predictors.learned import mlp as learned_mlp
+from sparsefinder.predictors.learned import budgets, stacked, cascade, global_band, mlp
 from sparsefinder.predictors import patterns
 from sparsefinder.predictors.base import (
     REGISTRY,
@@ -39,8 +38,11 @@ __all__ = [
     "Predictor",
     "baselines",
     "get_predictor",
-    "learned",
-    "learned_mlp",
+    "budgets",
+    "cascade",
+    "global_band",
+    "mlp",
+    "stacked",
     "list_predictors",
     "patterns",
     "register",

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sparsefinder.graphs import AttentionGraph
-from sparsefinder.predictors import REGISTRY, get_predictor
+from sparsefinder.predictors.base import REGISTRY, get_predictor
 
 #: Context the helper can supply itself (``match`` is optional for random).
 SUPPLIED = frozenset({"head_dim", "sentence_ids", "match", "tokens"})

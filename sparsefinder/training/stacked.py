@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from sparsefinder.corpora.store import ExtractionStore
 from sparsefinder.graphs import AttentionGraph, valid_pair_mask
-from sparsefinder.predictors.learned.core import Stacked, token_hashes
+from sparsefinder.predictors.learned.budgets import token_hashes
+from sparsefinder.predictors.learned.stacked import Stacked
 from sparsefinder.training.projections import Projections, derive_seed, listwise_loss, project
 
 

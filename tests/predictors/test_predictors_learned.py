@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from sparsefinder.graphs import AttentionGraph, valid_pair_mask
 from sparsefinder.predictors import NotFittedError, get_predictor, list_predictors
 from sparsefinder.predictors.clustering import sq_dists
+from sparsefinder.predictors.learned.budgets import GRID_POINTS, TokenContext, token_hashes
 from sparsefinder.predictors.learned.calibration import (
     CurveAccumulator,
     HeadCurve,
@@ -22,7 +23,6 @@ from sparsefinder.predictors.learned.calibration import (
     recall_at_global_threshold,
     recall_at_sparsity,
 )
-from sparsefinder.predictors.learned.core import GRID_POINTS, TokenContext, token_hashes
 
 # Derived from the registry (family "learned"), as every list of methods is.
 LEARNED = list_predictors(family="learned")
@@ -244,7 +244,7 @@ def test_topk_rows_keep_exactly_k_nearest_valid_keys(seed, kk, causal):
 
 
 def test_logistic_fit_is_a_stationary_point():
-    from sparsefinder.predictors.learned.core import _fit_logistic
+    from sparsefinder.predictors.learned.stacked import _fit_logistic
 
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.normal(size=(2, 400, 3)))
@@ -373,7 +373,7 @@ def cascade_candidates_bruteforce(pred, q, k, n, tokens):
     aff = pred.affinity_.double()
     H, C = aff.shape[:2]
     prior = [[0.0] * n for _ in range(H)]
-    from sparsefinder.predictors.learned.core import _lookup
+    from sparsefinder.predictors.learned.budgets import _lookup
 
     kp = _lookup(pred.key_hashes_, pred.key_prior_, token_hashes([tokens], 1, n))[0]
     out = np.zeros((H, n, n), dtype=bool)

@@ -12,8 +12,9 @@ from test_predictors_learned import random_data
 
 from sparsefinder.graphs import AttentionGraph, valid_pair_mask
 from sparsefinder.predictors import get_predictor
-from sparsefinder.predictors.learned.core import STACKED_FEATURES, _fit_logistic, _pair_features, token_hashes
+from sparsefinder.predictors.learned.budgets import STACKED_FEATURES, token_hashes
 from sparsefinder.predictors.learned.mlp import ADAM_BETAS, StackedMLP, fit_mlp
+from sparsefinder.predictors.learned.stacked import _fit_logistic, _pair_features
 
 LENGTHS = [6, 3, 5, 6, 2, 4]
 

@@ -9,7 +9,7 @@ import torch
 from sparsefinder.cli import build_parser, main
 from sparsefinder.graphs import AttentionGraph
 from sparsefinder.predictors import get_predictor
-from sparsefinder.predictors.learned.core import token_hashes
+from sparsefinder.predictors.learned.budgets import token_hashes
 
 VOCAB = ["[CLS]", "the", "cat", "sat", ".", "on", "mat", "[SEP]"]
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from sparsefinder.graphs import num_valid_pairs, real_tokens, valid_pair_mask
-from sparsefinder.predictors import Predictor
 from sparsefinder.predictors.base import (
+    Predictor,
     shared_pattern,
 )
 

@@ -13,7 +13,7 @@ import torch
 
 from sparsefinder.corpora.store import ExtractionStore
 from sparsefinder.metrics import CONFIG_COLUMNS, COUNT_COLUMNS, RATIO_COLUMNS
-from sparsefinder.predictors import REGISTRY, Predictor
+from sparsefinder.predictors.base import REGISTRY, Predictor
 
 SWEEP_FORMAT = "sparsefinder-sweep"
 SWEEP_FORMAT_VERSION = 1

@@ -8,8 +8,9 @@ import torch
 
 from sparsefinder.evaluation.sweep.batch import Counts, _Batch, _dense_counts, _finish
 from sparsefinder.graphs import real_tokens
-from sparsefinder.predictors import REGISTRY, Predictor
 from sparsefinder.predictors.base import (
+    REGISTRY,
+    Predictor,
     grouped_cost,
 )
 from sparsefinder.predictors.baselines import lsh_buckets

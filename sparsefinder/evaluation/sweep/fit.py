@@ -21,7 +21,7 @@ from sparsefinder.evaluation.sweep.configs import (
     canonical_params,
 )
 from sparsefinder.graphs import AttentionGraph
-from sparsefinder.predictors import REGISTRY, Predictor, get_predictor
+from sparsefinder.predictors.base import REGISTRY, Predictor, get_predictor
 
 
 class FittedPredictors(dict):

@@ -11,8 +11,9 @@ import torch
 
 from sparsefinder.evaluation.sweep.batch import _Batch, _level_dtype, _Levels, _never
 from sparsefinder.graphs import num_valid_pairs, real_tokens
-from sparsefinder.predictors import REGISTRY, Predictor
 from sparsefinder.predictors.base import (
+    REGISTRY,
+    Predictor,
     check_sentence_ids,
     edge_positions,
     global_token_mask,

@@ -19,7 +19,7 @@ from sparsefinder.evaluation.sweep.configs import (
 )
 from sparsefinder.evaluation.sweep.dense import _SHARED_CLASSES, SHARED_DENSE, _generic_counts
 from sparsefinder.evaluation.sweep.nested import _NESTED_CLASSES, NESTED
-from sparsefinder.predictors import REGISTRY, get_predictor
+from sparsefinder.predictors.base import REGISTRY, get_predictor
 
 
 @dataclass

@@ -31,7 +31,7 @@ from sparsefinder.evaluation.sweep.configs import (
 )
 from sparsefinder.evaluation.sweep.plan import _build_configs, _plan, _select_methods
 from sparsefinder.metrics import CONFIG_COLUMNS, COUNT_COLUMNS, RATIO_COLUMNS, _torch_ratios
-from sparsefinder.predictors import REGISTRY, Predictor
+from sparsefinder.predictors.base import REGISTRY, Predictor
 
 
 def run_sweep(

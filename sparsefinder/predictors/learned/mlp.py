@@ -45,13 +45,8 @@ import torch
 
 from sparsefinder.predictors.base import NotFittedError, register
 from sparsefinder.predictors.constraints import Constraint, Int, Real
-from sparsefinder.predictors.learned.core import (
-    OUTSIDE,
-    _combine,
-    _feature_dict,
-    _fit_logistic,
-    _Stacked,
-)
+from sparsefinder.predictors.learned.budgets import OUTSIDE
+from sparsefinder.predictors.learned.stacked import _combine, _feature_dict, _fit_logistic, _Stacked
 
 ADAM_BETAS = (0.9, 0.999)
 
