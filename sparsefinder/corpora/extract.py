@@ -47,12 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsefinder import __version__
-from sparsefinder.corpora.store import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST_FILE,
-    SHARD_PATTERN,
-    STORE_DTYPES,
+from sparsefinder.artifacts import (
     adapter_summary,
     allocate_safetensors,
     alpha_to_json,
@@ -60,6 +55,7 @@ from sparsefinder.corpora.store import (
     weights_fingerprint,
     write_json_atomic,
 )
+from sparsefinder.corpora.store import FORMAT, FORMAT_VERSION, MANIFEST_FILE, SHARD_PATTERN, STORE_DTYPES
 from sparsefinder.model.entmax_model import EntmaxModel, TruncationWarning
 
 DEFAULT_SHARD_SIZE = 1024

@@ -61,14 +61,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sparsefinder import __version__
-from sparsefinder.corpora.store import (
-    ExtractionStore,
-    adapter_summary,
-    alpha_to_json,
-    file_sha256,
-    weights_fingerprint,
-    write_json_atomic,
-)
+from sparsefinder.artifacts import adapter_summary, alpha_to_json, file_sha256, weights_fingerprint, write_json_atomic
+from sparsefinder.corpora.store import ExtractionStore
 from sparsefinder.graphs import AttentionGraph, valid_query_mask
 
 if TYPE_CHECKING:  # only attributes of the model are read; importing it would pull in transformers

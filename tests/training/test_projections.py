@@ -448,7 +448,7 @@ def test_load_refuses_corrupt_files(saved, tmp_path):
     d = _copy(saved, tmp_path / "t")
     (d / TENSORS_FILE).write_bytes((saved / TENSORS_FILE).read_bytes()[:100])
     manifest = json.loads((d / MANIFEST_FILE).read_text())
-    from sparsefinder.corpora.store import file_sha256
+    from sparsefinder.artifacts import file_sha256
 
     manifest["tensors_sha256"] = file_sha256(d / TENSORS_FILE)
     (d / MANIFEST_FILE).write_text(json.dumps(manifest))
