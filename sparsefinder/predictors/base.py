@@ -467,3 +467,27 @@ class BandPredictor(Predictor):
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
         batch, _, n = q.shape[:3]
         return torch.zeros(batch, 1, n, n, dtype=torch.bool, device=q.device), None
+
+
+class CentroidPredictor(Predictor):
+    """Shared by the methods that fit ``n_clusters`` centroids per head (k-means, Routing).
+
+    :attr:`centroids_` is ``(H, C, r)``; the grid is :math:`C \\in \\{2, 4, \\ldots, 20\\}` and each
+    point needs its own fit.
+    """
+
+    requires_fit: ClassVar[bool] = True
+    fitted_tensors: ClassVar[tuple[str, ...]] = ("centroids_",)
+
+    centroids_: torch.Tensor | None = None
+    n_clusters: int
+
+    @classmethod
+    def grid(cls) -> list[dict[str, Any]]:
+        """:math:`C \\in \\{2, 4, \\ldots, 20\\}` (each point needs its own fit)."""
+        return even_grid("n_clusters", 2, 20)
+
+    def _check_state(self, state: dict[str, torch.Tensor]) -> None:
+        c = state["centroids"]
+        if c.dim() != 3 or c.shape[1] != self.n_clusters:
+            raise ValueError(f"centroids must be (H, C = {self.n_clusters}, r), got {tuple(c.shape)}")

@@ -21,6 +21,7 @@ import torch
 from sparsefinder.graphs import AttentionGraph, real_tokens
 from sparsefinder.predictors.base import (
     BandPredictor,
+    CentroidPredictor,
     CoreResult,
     Predictor,
     check_sentence_ids,
@@ -244,7 +245,7 @@ def balanced_membership(x: torch.Tensor, centroids: torch.Tensor, lengths: torch
 
 
 @register
-class RoutingPredictor(Predictor):
+class RoutingPredictor(CentroidPredictor):
     r"""Routing Transformer: balanced online spherical k-means over normalised queries and keys.
 
     :meth:`fit` pools the normalised training queries and keys per head
@@ -264,11 +265,7 @@ class RoutingPredictor(Predictor):
     name: ClassVar[str] = "routing"
     family: ClassVar[str] = "baseline"
     input_space: ClassVar[str] = "any"
-    requires_fit: ClassVar[bool] = True
     stochastic: ClassVar[bool] = True
-    fitted_tensors: ClassVar[tuple[str, ...]] = ("centroids_",)
-
-    centroids_: torch.Tensor | None = None
 
     constraints: ClassVar[dict[str, Constraint]] = {
         "n_clusters": Int(1), "epochs": Int(0), "batch_points": Int(1), "seed": Int(0),
@@ -286,16 +283,6 @@ class RoutingPredictor(Predictor):
         global_tokens: bool = False,
     ) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`C \\in \\{2, 4, \\ldots, 20\\}` (each point needs its own fit)."""
-        return even_grid("n_clusters", 2, 20)
-
-    def _check_state(self, state: dict[str, torch.Tensor]) -> None:
-        c = state["centroids"]
-        if c.dim() != 3 or c.shape[1] != self.n_clusters:
-            raise ValueError(f"centroids must be (H, C = {self.n_clusters}, r), got {tuple(c.shape)}")
 
     def fit(
         self,

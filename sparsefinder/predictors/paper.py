@@ -23,6 +23,7 @@ import torch
 
 from sparsefinder.graphs import AttentionGraph, real_tokens
 from sparsefinder.predictors.base import (
+    CentroidPredictor,
     CoreResult,
     Predictor,
     even_grid,
@@ -177,7 +178,7 @@ def centroid_membership(x: torch.Tensor, centroids: torch.Tensor, top_t: int, le
 
 
 @register
-class KMeansPredictor(Predictor):
+class KMeansPredictor(CentroidPredictor):
     r"""Clustering of the projected space with centroids fitted per head.
 
     :meth:`fit` pools the real projected queries and keys of the training
@@ -199,11 +200,7 @@ class KMeansPredictor(Predictor):
     predict_only_params: ClassVar[frozenset[str]] = frozenset({"top_t"})
     family: ClassVar[str] = "sparsefinder"
     input_space: ClassVar[str] = "projected"
-    requires_fit: ClassVar[bool] = True
     stochastic: ClassVar[bool] = True
-    fitted_tensors: ClassVar[tuple[str, ...]] = ("centroids_",)
-
-    centroids_: torch.Tensor | None = None
 
     constraints: ClassVar[dict[str, Constraint]] = {
         "n_clusters": Int(1), "top_t": Int(1), "max_iter": Int(0), "max_points": Int(1, optional=True),
@@ -221,16 +218,6 @@ class KMeansPredictor(Predictor):
         global_tokens: bool = False,
     ) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`C \\in \\{2, 4, \\ldots, 20\\}` (each point needs its own fit)."""
-        return even_grid("n_clusters", 2, 20)
-
-    def _check_state(self, state: dict[str, torch.Tensor]) -> None:
-        c = state["centroids"]
-        if c.dim() != 3 or c.shape[1] != self.n_clusters:
-            raise ValueError(f"centroids must be (H, C = {self.n_clusters}, r), got {tuple(c.shape)}")
 
     def fit(
         self,
