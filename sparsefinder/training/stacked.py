@@ -41,7 +41,8 @@ from sparsefinder.corpora.store import ExtractionStore
 from sparsefinder.graphs import AttentionGraph, valid_pair_mask
 from sparsefinder.predictors.learned.budgets import token_hashes
 from sparsefinder.predictors.learned.stacked import Stacked
-from sparsefinder.training.projections import Projections, derive_seed, listwise_loss, project
+from sparsefinder.training.losses import listwise_loss
+from sparsefinder.training.projections import Projections, derive_seed, project
 
 
 def _projected(params: dict[str, torch.Tensor], x: torch.Tensor, side: str) -> torch.Tensor:

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from sparsefinder.cli import build_parser
 from sparsefinder.graphs import AttentionGraph
-from sparsefinder.training.projections import listwise_loss, train_projections
+from sparsefinder.training.losses import listwise_loss
+from sparsefinder.training.projections import train_projections
 
 
 def random_case(seed: int, B: int, H: int, N: int, r: int, causal: bool, density: float):

@@ -20,6 +20,7 @@ from sparsefinder.corpora.extract import extract_corpus
 from sparsefinder.corpora.store import ExtractionStore
 from sparsefinder.graphs import AttentionGraph
 from sparsefinder.model.entmax_model import EntmaxModel, load_model
+from sparsefinder.training.losses import margin_loss, sample_negatives
 from sparsefinder.training.projections import (
     MANIFEST_FILE,
     TENSORS_FILE,
@@ -27,9 +28,7 @@ from sparsefinder.training.projections import (
     ProjectionMismatchError,
     Projections,
     evaluate_projections,
-    margin_loss,
     projection_manifest,
-    sample_negatives,
     train_projections,
 )
 

@@ -102,7 +102,7 @@ def _check_projections(projections: Any, store: ExtractionStore) -> None:
             raise ValueError(f"projections have {attr} = {have} but the store has {want}")
     manifest = getattr(projections, "manifest", None)
     if isinstance(manifest, dict) and manifest.get("model") is not None:
-        from sparsefinder.training.projections import check_store  # refuses projections trained for another model
+        from sparsefinder.training.projections import check_store
 
         check_store(manifest, store)
 
