@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 import streamlit as st
 
-from app import state
+from app import cache, state
 
 ss = st.session_state
 
@@ -43,7 +43,7 @@ def main() -> None:
     )
 
     with st.spinner(f"Loading model {name}…", show_time=True):
-        outcome = state.get_model(name)
+        outcome = cache.get_model(name)
     if outcome.model is None:
         st.error(f"Could not load model **{name}**: {outcome.error}")
     else:

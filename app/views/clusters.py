@@ -8,9 +8,11 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app import state
+from app import cache, state
 from sparsefinder.evaluation import interpret as itp
+from sparsefinder.evaluation.analysis import split_texts, text_hash
 from sparsefinder.plots.clusters import cluster_pos_heatmap, distance_figure, head_grid_heatmap, pca_scatter
+from sparsefinder.results import Result
 
 ss = st.session_state
 SCOPE = "clusters_scope"
@@ -41,27 +43,27 @@ def load_tables(path: str, version: str) -> itp.InterpretTables:
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def compute_store_tables(model_name: str, store: str, version: str, artifacts: str, out: str,
-                         _result: state.ActiveResult) -> itp.InterpretTables:
+                         _result: Result) -> itp.InterpretTables:
     """Tables of a saved result's corpus (spaCy tags), written beside it so later sessions just read them."""
     from sparsefinder.corpora.store import ExtractionStore
 
-    tables = itp.interpret_store(ExtractionStore.open(store), state.get_projections(model_name, _result),
-                                 state.get_fitted(model_name, _result))
+    tables = itp.interpret_store(ExtractionStore.open(store), cache.artifacts(model_name, _result).projections,
+                                 cache.artifacts(model_name, _result).fitted)
     tables.save(out)
     return tables
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def text_tables(model_name: str, version: str, alpha: str, texts_hash: str, artifacts: str,
-                _texts: tuple[str, ...], _result: state.ActiveResult) -> itp.InterpretTables:
+                _texts: tuple[str, ...], _result: Result) -> itp.InterpretTables:
     """Tables of the current text alone (every fitted cluster count)."""
     sentences, tags = text_sentences(model_name, version, alpha, texts_hash, _texts)
-    cents = itp.kmeans_centroids(state.get_fitted(model_name, _result))
-    return itp.interpret(sentences, tags, state.get_projections(model_name, _result), cents)
+    cents = itp.kmeans_centroids(cache.artifacts(model_name, _result).fitted)
+    return itp.interpret(sentences, tags, cache.artifacts(model_name, _result).projections, cents)
 
 
 def text_sentences(model_name: str, version: str, alpha: str, texts_hash: str, texts: tuple[str, ...]):
-    ex = state.extraction(model_name, version, alpha, texts_hash, texts)
+    ex = cache.extraction(model_name, version, alpha, texts_hash, texts)
     sentences = itp.extraction_sentences(ex)
     return sentences, text_tags(texts_hash, texts, ex)
 
@@ -77,7 +79,7 @@ def text_tags(texts_hash: str, texts: tuple[str, ...], ex) -> list[list[str]]:
     return itp.token_tags(itp.extraction_sentences(ex), _annotate(texts_hash, texts))
 
 
-def corpus_sample(name: str, result: state.ActiveResult) -> tuple[list, list[list[str]]]:
+def corpus_sample(name: str, result: Result) -> tuple[list, list[list[str]]]:
     """The first :data:`SCATTER_SENTENCES` sentences of the active corpus, with their tags."""
     if result.store is not None:
         from sparsefinder.corpora.store import ExtractionStore
@@ -85,11 +87,11 @@ def corpus_sample(name: str, result: state.ActiveResult) -> tuple[list, list[lis
         store = ExtractionStore.open(result.store)
         sentences = [store.sentence(i) for i in range(min(SCATTER_SENTENCES, len(store)))]
         texts = tuple(s.text for s in sentences)
-        return sentences, itp.token_tags(sentences, _annotate(state.text_hash(texts), texts))
+        return sentences, itp.token_tags(sentences, _annotate(text_hash(texts), texts))
     texts = tuple(_default_sample())
     spec = state.registry()[name]
-    sentences, tags = text_sentences(name, state.model_version(spec), state.alpha_key(spec.alpha),
-                                     state.text_hash(texts), texts)
+    sentences, tags = text_sentences(name, cache.model_version(spec), cache.alpha_key(spec.alpha),
+                                     text_hash(texts), texts)
     return sentences, tags
 
 
@@ -122,7 +124,7 @@ def download(frame: pd.DataFrame, label: str, file_name: str, index: bool = Fals
                        mime="text/csv", icon=":material/download:", key=f"dl_{file_name}")
 
 
-def corpus_tables(name: str, result: state.ActiveResult) -> itp.InterpretTables | None:
+def corpus_tables(name: str, result: Result) -> itp.InterpretTables | None:
     """The active corpus's tables: the shipped artifact, or a saved result's (computed on request)."""
     if result.is_default:
         path = state.registry()[name].artifact("interpret")
@@ -177,7 +179,7 @@ def head_views(tables: itp.InterpretTables, layer: int, head: int, n_clusters: i
     download(pairs, "the POS pairs", f"clusters-{tag}-L{layer}H{head}-pos-pairs.csv")
 
 
-def scatter(name: str, result: state.ActiveResult, scope: str, texts: tuple[str, ...], layer: int, head: int,
+def scatter(name: str, result: Result, scope: str, texts: tuple[str, ...], layer: int, head: int,
             n_clusters: int, centroids: dict) -> None:
     st.subheader("Projected queries and keys (PCA)")
     colour = state.persistent_widget(st.radio, COLOUR, "Colour by", options=COLOURS, horizontal=True)
@@ -186,10 +188,10 @@ def scatter(name: str, result: state.ActiveResult, scope: str, texts: tuple[str,
         sentences, tags = corpus_sample(name, result)
         where = f"first {len(sentences)} sentences of the corpus"
     else:
-        sentences, tags = text_sentences(name, state.model_version(spec), state.alpha_key(spec.alpha),
-                                         state.text_hash(texts), texts)
+        sentences, tags = text_sentences(name, cache.model_version(spec), cache.alpha_key(spec.alpha),
+                                         text_hash(texts), texts)
         where = "current text"
-    projections = state.get_projections(name, result)
+    projections = cache.artifacts(name, result).projections
     pts, centres = itp.head_points(sentences, tags, projections, layer, head, centroids[n_clusters][layer])
     st.caption(f"PCA of the r = {projections.rank} projections of the {where}: queries ○, keys ×, centroids ◆.")
     st.plotly_chart(pca_scatter(pts, centres, colour, f"Layer {layer}, head {head}, {n_clusters} clusters"),
@@ -203,7 +205,7 @@ def summary_views(name: str, tables: itp.InterpretTables, n_clusters: int, where
         ss[BUDGET] = 0.9
     budget = state.persistent_widget(st.select_slider, BUDGET, "Sparsity budget of the predictability ranking",
                                      options=BUDGETS)
-    sweep = state.sweep_table(name)
+    sweep = cache.sweep_table(state.active_result(name))
     summary = itp.head_summary(tables, n_clusters, sweep=sweep, min_sparsity=budget)
     cols = st.columns(2)
     with cols[0]:
@@ -241,13 +243,13 @@ def main() -> None:
                "(spaCy, aligned to subword tokens; special tokens are SPECIAL) of the queries and keys each "
                "cluster gathers, and where the head's gold edges go.")
     result = state.active_result(name)
-    fitted = state.get_fitted(name, result)
+    fitted = cache.artifacts(name, result).fitted
     centroids = itp.kmeans_centroids(fitted) if fitted is not None else {}
     if not centroids or result.projections is None:
         st.info(f"The active results ({result.label}) have no fitted k-means centroids or projections: run "
                 "`sparsefinder sweep --projections DIR --fit-store DIR --save-fitted DIR` first.")
         return
-    outcome = state.get_model(name)
+    outcome = cache.get_model(name)
     if outcome.model is None:
         st.error(f"Could not load model **{name}**: {outcome.error}")
         return
@@ -276,14 +278,14 @@ def main() -> None:
                    f"({result.label}).")
     else:
         text = state.graph_text_input("Text (one or several sentences)")
-        texts = tuple(state.split_texts(text))[: state.MAX_TEXTS]
+        texts = tuple(split_texts(text))[: state.MAX_TEXTS]
         if not texts:
             st.warning("Enter a sentence.")
             return
         spec = state.registry()[name]
         with st.spinner("Tagging and clustering the text…"):
-            tables = text_tables(name, state.model_version(spec), state.alpha_key(spec.alpha),
-                                 state.text_hash(texts), result.key, texts, result)
+            tables = text_tables(name, cache.model_version(spec), cache.alpha_key(spec.alpha),
+                                 text_hash(texts), result.key, texts, result)
         where, tag = "current text", "text"
     if n_clusters not in tables.n_clusters:
         st.warning(f"These tables have no {n_clusters}-cluster results (available: {tables.n_clusters}).")

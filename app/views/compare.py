@@ -5,7 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app import state
+from app import cache, state
+from sparsefinder import results as rs
+from sparsefinder.evaluation.analysis import text_hash
 from sparsefinder.evaluation.pareto import best_recall_at
 from sparsefinder.plots.heatmaps import outcome_heatmap
 from sparsefinder.predictors import REGISTRY
@@ -42,13 +44,13 @@ def main() -> None:
         st.warning("Enter a sentence to compare the methods on.")
         return
     with st.spinner(f"Loading model {name}…", show_time=True):
-        outcome = state.get_model(name)
+        outcome = cache.get_model(name)
     if outcome.model is None:
         st.error(f"Could not load model **{name}**: {outcome.error}\n\nChoose another registered model.")
         return
-    version, alpha, key = state.model_version(spec), state.alpha_key(spec.alpha), state.text_hash([text])
+    version, alpha, key = cache.model_version(spec), cache.alpha_key(spec.alpha), text_hash([text])
     try:
-        result = state.analyse(name, version, alpha, key, (text,))
+        result = cache.analyse(name, version, alpha, key, (text,))
     except Exception as e:
         st.error(f"Analysis failed: {type(e).__name__}: {e}")
         return
@@ -59,7 +61,7 @@ def main() -> None:
     with col_head:
         head = state.persistent_widget(st.selectbox, state.HEAD, "Head", options=range(result.num_heads))
 
-    frame = state.sweep_table(name)
+    frame = cache.sweep_table(state.active_result(name))
     if frame is None:
         st.info(f"The active results ({state.active_result(name).label}) have no sweep table: configurations "
                 "come from each method's grid, and there are no corpus numbers.")
@@ -82,7 +84,7 @@ def main() -> None:
     chosen: dict[str, str] = {}
     cols = st.columns(min(len(methods), 4))
     for i, method in enumerate(methods):
-        options = state.params_options(method, frame)
+        options = rs.params_options(method, frame)
         view = params_widget_key(method)
         if view not in ss:
             ss[view] = best.get(method, options[0])
@@ -98,13 +100,13 @@ def main() -> None:
         for col, method in zip(row_cols, methods[start:start + PER_ROW], strict=False):
             params = chosen[method]
             with col:
-                reason = state.unsupported(name, method, result)
+                reason = cache.artifacts(name, result).unsupported(method)
                 if reason is not None:
                     st.info(f"**{method}**: {reason}.")
                     rows.append({"method": method, "params": params})
                     continue
                 try:
-                    hp = state.head_prediction(name, version, alpha, key, layer, head, method, params, text,
+                    hp = cache.head_prediction(name, version, alpha, key, layer, head, method, params, text,
                                               result.key, result)
                 except Exception as e:
                     st.error(f"{method}: {type(e).__name__}: {e}")

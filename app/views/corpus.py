@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pandas as pd
 import streamlit as st
 
-from app import state
+from app import cache, state
+from sparsefinder import results as rs
 from sparsefinder.corpora.readers import MAX_BYTES, CorpusError, corpus_stats, default_corpus
+from sparsefinder.corpora.upload import read_upload
 
 ss = st.session_state
 SOURCES = ("default corpus (validation split)", "upload a file")
 PREVIEW = 10
-SWEEP_MAX_POINTS = 5000
 
 
 @st.cache_data(show_spinner=False, max_entries=2)
@@ -46,7 +45,7 @@ def load_source():
     if upload.size > MAX_BYTES:
         st.error(f"{upload.name} is {upload.size:,} bytes, more than the limit of {MAX_BYTES:,} bytes.")
         return None, None
-    parsed = state.parse_upload(upload.getvalue(), upload.name, column)
+    parsed = read_upload(upload.getvalue(), upload.name, column)
     if parsed.error is not None:
         st.error(f"Could not read {upload.name}: {parsed.error}")
         return None, None
@@ -67,9 +66,7 @@ def show_stats(corpus, stats) -> None:
 
 
 def run_extract(name: str, corpus, out) -> None:
-    from sparsefinder.corpora.extract import extract_corpus
-
-    outcome = state.get_model(name)
+    outcome = cache.get_model(name)
     if outcome.model is None:
         st.error(f"Could not load model **{name}**: {outcome.error}")
         return
@@ -80,59 +77,27 @@ def run_extract(name: str, corpus, out) -> None:
         total = total or len(texts)
         bar.progress(min(1.0, done / total), text=f"Extracted {done:,} of {total:,} sentences")
 
-    # A new extraction replaces the whole result: projections and sweep of an old store no longer apply.
-    if out.exists():
-        shutil.rmtree(out)
-    extract_corpus(outcome.model, texts, out / "store", batch_size=32, progress=False,
-                   corpus_name=str(corpus.name), split="validation" if "validation" in str(corpus.name) else "",
-                   overwrite=True, callback=report)
+    store = rs.extract_result(outcome.model, texts, out, corpus_name=str(corpus.name), callback=report)
     bar.progress(1.0, text=f"Extracted {len(texts):,} sentences")
-    st.success(f"Saved the store to `{out / 'store'}`.")
+    st.success(f"Saved the store to `{store}`.")
 
 
 def run_projections(out) -> None:
-    import numpy as np
-
-    from sparsefinder.corpora.store import ExtractionStore
-    from sparsefinder.training.projections import projection_manifest, train_projections
-
     with st.status("Training projections…", expanded=True) as status:
-        store = ExtractionStore.open(out / "store")
-        perm = np.random.default_rng(0).permutation(len(store))
-        cut = max(1, len(store) // 10)
-        val, train = sorted(perm[:cut].tolist()), sorted(perm[cut:].tolist()) or sorted(perm.tolist())
-        proj, history = train_projections(store, train_indices=train, val_indices=val, progress=False,
-                                          log=st.write)
-        proj.save(out / "projections", projection_manifest(store, history["config"], history))
-        status.update(label=f"Projections saved to {out / 'projections'}", state="complete")
+        path = rs.train_result_projections(out, log=st.write)
+        status.update(label=f"Projections saved to {path}", state="complete")
 
 
 def run_sweep_ui(out) -> None:
-    from sparsefinder.corpora.store import ExtractionStore
-    from sparsefinder.evaluation.fitted import save_fitted
-    from sparsefinder.evaluation.sweep import fit_predictors, run_sweep, save_sweep
-    from sparsefinder.predictors.learned.budgets import TokenContext
-    from sparsefinder.training.projections import Projections
-
     with st.status("Sweeping…", expanded=True) as status:
-        store = ExtractionStore.open(out / "store")
-        projections = Projections.load(out / "projections", store=store) if (out / "projections").is_dir() else None
-        st.write("Projections: " + ("the saved ones." if projections is not None else
-                                    "none (methods that need them are skipped)."))
-        st.write(f"Fitting the learned predictors on this store (at most {SWEEP_MAX_POINTS:,} points per head)…")
-        fitted = fit_predictors(store, projections, max_points=SWEEP_MAX_POINTS, progress=False)
-        # Saved beside the sweep, so pages that use this result predict with its own centroids.
-        save_fitted(fitted, out / "fitted", info={"store": str(out / "store"), "max_points": SWEEP_MAX_POINTS})
-        st.write("Scoring every configuration…")
-        frame = run_sweep(store, projections, methods=None, fitted=fitted, progress=False, context=TokenContext())
-        save_sweep(frame, out / "sweep.parquet")
+        frame = rs.sweep_result(out, log=st.write)
         status.update(label=f"Sweep of {len(frame):,} rows saved to {out / 'sweep.parquet'}", state="complete")
 
 
 def show_saved(name: str) -> None:
     st.subheader("Saved results")
-    st.caption(f"Under `{state.runs_dir() / name}`.")
-    results = state.saved_results(name)
+    st.caption(f"Under `{rs.default_runs_dir() / name}`.")
+    results = rs.saved_results(name)
     if not results:
         st.info("No saved results for this model yet.")
         return
@@ -156,7 +121,7 @@ def main() -> None:
     st.subheader("Run")
     result = st.text_input("Result name", value="my-corpus", max_chars=64, key="corpus_result",
                            help="Letters, digits, '-' and '_' only.").strip()
-    err = state.result_name_error(result)
+    err = rs.result_name_error(result)
     if err is not None:
         st.error(err)
     cols = st.columns(3)
@@ -164,7 +129,7 @@ def main() -> None:
     train = cols[1].button("Train projections", key="corpus_train", disabled=err is not None)
     sweep = cols[2].button("Sweep", key="corpus_sweep", disabled=err is not None)
     if err is None and (extract or train or sweep):
-        out = state.result_dir(name, result)
+        out = rs.result_dir(name, result)
         try:
             if extract:
                 run_extract(name, corpus, out)

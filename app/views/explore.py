@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app import state
+from app import cache, state
+from sparsefinder.evaluation.analysis import SPLIT_MODES, split_texts, text_hash
 from sparsefinder.plots.heatmaps import attention_heatmap, block_size, sparsity_heatmap
 
 ss = st.session_state
@@ -53,17 +54,17 @@ def main() -> None:
                 st.radio,
                 state.SPLIT,
                 "Analyse one item per",
-                options=state.SPLIT_MODES,
+                options=SPLIT_MODES,
                 horizontal=True,
             )
         with col_button:
             # Any change of the text reruns the page; the button reruns it explicitly.
             st.button("Analyse", type="primary", icon=":material/play_arrow:")
-        texts = state.split_texts(text, split)
+        texts = split_texts(text, split)
     else:
         result = state.active_result(name)
         try:
-            corpus = state.corpus_texts(name)
+            corpus = cache.corpus_texts(state.active_result(name))
         except Exception as e:
             st.error(f"Could not read the corpus of {result.label}: {type(e).__name__}: {e}")
             return
@@ -86,7 +87,7 @@ def main() -> None:
     texts = tuple(texts)
 
     with st.spinner(f"Loading model {name}…", show_time=True):
-        outcome = state.get_model(name)
+        outcome = cache.get_model(name)
     if outcome.model is None:
         st.error(
             f"Could not load model **{name}**: {outcome.error}\n\n"
@@ -94,12 +95,12 @@ def main() -> None:
         )
         return
 
-    version = state.model_version(spec)
-    alpha = state.alpha_key(spec.alpha)
-    key = state.text_hash(texts)
+    version = cache.model_version(spec)
+    alpha = cache.alpha_key(spec.alpha)
+    key = text_hash(texts)
     try:
         with st.spinner(f"Running {name} on {len(texts)} text(s)…", show_time=True):
-            result = state.analyse(name, version, alpha, key, texts)
+            result = cache.analyse(name, version, alpha, key, texts)
     except Exception as e:  # shown in the page; the app keeps serving
         st.error(f"Analysis failed: {type(e).__name__}: {e}")
         return
@@ -110,8 +111,8 @@ def main() -> None:
     for i, cut in enumerate(result.truncated):
         if cut:
             st.warning(
-                f"Text {i + 1} is longer than the model's maximum of {result.max_length} tokens "
-                f"and was truncated to its first {result.max_length} tokens."
+                f"Text {i + 1} is longer than the model's maximum of {outcome.model.max_length} tokens "
+                f"and was truncated to its first {outcome.model.max_length} tokens."
             )
 
     b = 0
@@ -132,7 +133,7 @@ def main() -> None:
     if method is not None:
         try:
             with st.spinner(f"Predicting {method} on every layer…"):
-                prediction = state.batch_prediction(name, version, alpha, key, method, params, artifacts.key,
+                prediction = cache.batch_prediction(name, version, alpha, key, method, params, artifacts.key,
                                                     texts, artifacts)
         except Exception as e:
             st.error(f"Could not predict with {method} {params}: {type(e).__name__}: {e}")
@@ -191,7 +192,7 @@ def head_section(name, version, alpha, key, texts, b, grid, tokens, num_layers, 
 
     try:
         with st.spinner(f"Computing layer {layer}, head {head}…"):
-            probs = state.head_probabilities(name, version, alpha, key, b, layer, head, texts)
+            probs = cache.head_probabilities(name, version, alpha, key, b, layer, head, texts)
     except Exception as e:
         st.error(f"Could not compute the probabilities: {type(e).__name__}: {e}")
         return

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app import state
+from app import cache, state
+from sparsefinder.evaluation.analysis import text_hash
 from sparsefinder.evaluation.pareto import best_recall_table, pareto_front
 from sparsefinder.plots.heatmaps import outcome_heatmap, pareto_figure
 from sparsefinder.predictors import REGISTRY
@@ -58,7 +59,7 @@ def head_selectors(layers: list[int] | None, heads: list[int] | None) -> tuple[i
 def show_prediction(name: str, config: str, layer: int, head: int, frame: pd.DataFrame) -> None:
     method, params = config.split("|", 1)
     result = state.active_result(name)
-    reason = state.unsupported(name, method, result)
+    reason = cache.artifacts(name, result).unsupported(method)
     if reason is not None:
         st.info(f"Cannot draw **{method}** on a new sentence: {reason}.")
         return
@@ -67,14 +68,14 @@ def show_prediction(name: str, config: str, layer: int, head: int, frame: pd.Dat
         st.warning("Enter a sentence.")
         return
     spec = state.registry()[name]
-    outcome = state.get_model(name)
+    outcome = cache.get_model(name)
     if outcome.model is None:
         st.error(f"Could not load model **{name}**: {outcome.error}")
         return
     try:
         with st.spinner(f"Predicting {method} on layer {layer}, head {head}…"):
-            hp = state.head_prediction(
-                name, state.model_version(spec), state.alpha_key(spec.alpha), state.text_hash([text]),
+            hp = cache.head_prediction(
+                name, cache.model_version(spec), cache.alpha_key(spec.alpha), text_hash([text]),
                 layer, head, method, params, text, result.key, result,
             )
     except Exception as e:  # shown in the page; the app keeps serving
@@ -115,7 +116,7 @@ def show_curves(name: str) -> None:
         "Made by `sparsefinder curves`."
     )
     try:
-        curves = state.curves_table(name)
+        curves = cache.curves_table(state.active_result(name))
     except Exception as e:  # a corrupt table is reported, the rest of the page stays
         st.error(f"Could not read the curves table: {type(e).__name__}: {e}")
         return
@@ -155,7 +156,7 @@ def main() -> None:
         "Recall against sparsity for every configuration in the active sweep (means over heads "
         "and sentences); large joined points are each method's Pareto front."
     )
-    frame = state.sweep_table(name)
+    frame = cache.sweep_table(state.active_result(name))
     if frame is None or frame.empty:
         st.info(f"The active results ({state.active_result(name).label}) have no sweep table: run the sweep on "
                 "the Corpus page or with `sparsefinder sweep`, or choose other results in the sidebar.")
@@ -214,7 +215,7 @@ def main() -> None:
         options.append(ss[state.CONFIG])
     if not ss.get(state.CONFIG) and len(table):  # start at the best drawable recall at sparsity >= 0.5
         result = state.active_result(name)
-        ok = {m: state.unsupported(name, m, result) is None for m in set(table["method"])}
+        ok = {m: cache.artifacts(name, result).unsupported(m) is None for m in set(table["method"])}
         drawable = table[[ok[m] for m in table["method"]]]
         pool = drawable if len(drawable) else table
         dense = pool[pool["sparsity"] >= THRESHOLDS[0]]

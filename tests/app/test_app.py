@@ -323,7 +323,7 @@ def _is_stdlib(module: str) -> bool:
 
 # -- small pieces ----------------------------------------------------------------------
 def test_split_texts():
-    from app.state import split_texts
+    from sparsefinder.evaluation.analysis import split_texts
 
     text = "One. Two!  Three?\n\n  Four  \n"
     assert split_texts(text) == ["One.", "Two!", "Three?", "Four"]
@@ -651,17 +651,17 @@ def test_corpus_csv_text_column(lib, monkeypatch, tmp_path):
 
 
 def test_corpus_invalid_result_name_refused(lib, monkeypatch, tmp_path):
-    from app import state
+    from sparsefinder import results as rs
 
     at = upload(corpus_page(lib, monkeypatch, tmp_path), "s.txt", GOOD_TXT)
     at.text_input(key="corpus_result").set_value("../evil name").run()
     assert any("Invalid result name" in e.value for e in at.error)
     assert at.button(key="corpus_extract").disabled
-    assert state.result_name_error("ok-name_1") is None
+    assert rs.result_name_error("ok-name_1") is None
     for bad in ("", "a/b", "..", "a b", "é"):
-        assert state.result_name_error(bad) is not None
+        assert rs.result_name_error(bad) is not None
     with pytest.raises(ValueError):
-        state.result_dir(lib.name, "../x")
+        rs.result_dir(lib.name, "../x")
 
 
 def test_corpus_extract_writes_store(lib, monkeypatch, tmp_path):

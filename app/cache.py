@@ -1,0 +1,209 @@
+"""What the dashboard's sessions share: loaded models, per-text results and artifacts, in bounded caches.
+
+Every function is a cached call of one library function; the decisions (which
+artifacts go with a result and a method, what a text's gold graph is) are the
+library's (:mod:`sparsefinder.results`, :mod:`sparsefinder.evaluation.analysis`).
+
+- :func:`get_model`: one :class:`~sparsefinder.model.entmax_model.EntmaxModel` per
+  registered model name (``st.cache_resource``). Only names from ``data/models.json``
+  are ever loaded; never a path from the URL or a widget.
+- :func:`analyse`, :func:`head_probabilities`, :func:`batch_prediction`: small,
+  picklable per-text results (``st.cache_data``) keyed by model name, model version,
+  alpha and a hash of the texts.
+- :func:`artifacts`: a result's projections and fitted predictors, loaded once per
+  file version.
+
+Nothing here keeps module-level mutable state: a model is only read after loading
+(``EntmaxModel.extract`` is thread-safe), and the cached values are never modified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from sparsefinder import results as rs
+from sparsefinder.evaluation import analysis as an
+from sparsefinder.model.catalogue import ModelSpec, load_registry
+from sparsefinder.model.entmax_model import EntmaxModel, Extraction, load_model
+
+
+# -- model -----------------------------------------------------------------------------
+def alpha_key(alpha) -> str:
+    """A stable cache-key string for a scalar or per-head alpha."""
+    arr = np.asarray(alpha, dtype=float)
+    if arr.size == 1:
+        return repr(float(arr))
+    return hashlib.sha256(arr.tobytes() + repr(arr.shape).encode()).hexdigest()[:16]
+
+
+def model_version(spec: ModelSpec) -> str:
+    """Fingerprint of a model's adapter files (names, sizes, mtimes).
+
+    Part of every cache key, so a model whose adapter is created or replaced
+    while the server runs is loaded again instead of serving a stale result
+    or a stale loading error.
+    """
+    adapter = spec.resolve_adapter()
+    if adapter is None:
+        return "no-adapter"
+    if not adapter.is_dir():
+        return "adapter-missing"
+    return rs.fingerprint(adapter)
+
+
+@dataclass(frozen=True)
+class LoadOutcome:
+    """A loaded model, or why it could not be loaded."""
+
+    model: EntmaxModel | None
+    error: str | None = None
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _load(name: str, version: str) -> LoadOutcome:
+    """Load a registered model. Errors that depend only on files on disk are cached
+    (keyed by ``version``, which changes when the adapter files change); anything
+    else is raised and therefore retried on the next run."""
+    from sparsefinder.model.adapter import AdapterMismatchError
+
+    if name not in load_registry():
+        return LoadOutcome(None, f"unknown model {name!r}")
+    try:
+        return LoadOutcome(load_model(name))
+    except (AdapterMismatchError, FileNotFoundError, KeyError) as e:
+        return LoadOutcome(None, f"{type(e).__name__}: {e}")
+
+
+def get_model(name: str) -> LoadOutcome:
+    """The shared model ``name`` (registered names only)."""
+    specs = load_registry()
+    if name not in specs:
+        return LoadOutcome(None, f"unknown model {name!r}; registered models: {', '.join(sorted(specs))}")
+    return _load(name, model_version(specs[name]))
+
+
+def require_model(name: str) -> EntmaxModel:
+    outcome = get_model(name)
+    if outcome.model is None:
+        raise RuntimeError(outcome.error)
+    return outcome.model
+
+
+# -- per-text results ------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False, max_entries=2)
+def extraction(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...]) -> Extraction:
+    """One model run per text batch, shared by the analysis, the head heatmaps and the predictions.
+
+    Holds dense probabilities of every head, so only the two latest batches
+    are kept; callers read it and never modify it (it is shared by sessions).
+    """
+    return require_model(model_name).extract(list(_texts))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def analyse(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...]) -> an.Analysis:
+    """:func:`~sparsefinder.evaluation.analysis.analyse` of ``_texts``; ``_texts`` is not hashed by
+    Streamlit (its hash is ``texts_hash``)."""
+    return an.analyse(extraction(model_name, version, alpha, texts_hash, _texts), _texts)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def head_probabilities(model_name: str, version: str, alpha: str, texts_hash: str, sentence: int, layer: int,
+                       head: int, _texts: tuple[str, ...]) -> np.ndarray:
+    """One head's ``(n, n)`` probabilities, from the same run as :func:`analyse` (its zeros are the
+    gold graph's non-edges there); only this head's matrix is kept."""
+    ex = extraction(model_name, version, alpha, texts_hash, _texts)
+    return an.head_probabilities(ex, sentence, layer, head)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def head_prediction(model_name: str, version: str, alpha: str, text_key: str, layer: int, head: int, method: str,
+                    params: str, _text: str, artifacts_key: str = "", _result: rs.Result | None = None,
+                    ) -> an.HeadPrediction:
+    """Predicted vs gold graph of ``method`` ``params`` for one head on ``_text`` (hash ``text_key``);
+    the cache is keyed by ``artifacts_key`` (:attr:`Result.key`), not by the unhashed ``_result``."""
+    ex = extraction(model_name, version, alpha, text_key, (_text,))
+    projections, fitted = artifacts(model_name, _result).for_method(method)
+    return an.predict_head(ex, layer, head, method, params, projections, fitted)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def batch_prediction(model_name: str, version: str, alpha: str, texts_hash: str, method: str, params: str,
+                     artifacts_key: str, _texts: tuple[str, ...], _result: rs.Result | None = None,
+                     ) -> an.BatchPrediction:
+    """``method`` ``params`` on every layer of the batch ``_texts``, against the gold graphs of the same run."""
+    ex = extraction(model_name, version, alpha, texts_hash, _texts)
+    projections, fitted = artifacts(model_name, _result).for_method(method)
+    return an.predict_batch(ex, method, params, projections, fitted)
+
+
+# -- a result's artifacts and tables ------------------------------------------------------
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _projections(name: str, path: str, version: str, model_version_: str):
+    from sparsefinder.training.projections import Projections
+
+    return Projections.load(path, model=require_model(name))
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _fitted(path: str, version: str):
+    from sparsefinder.evaluation.fitted import load_fitted
+
+    return load_fitted(path)  # exceptions are not cached: a repaired file is picked up on the next run
+
+
+def artifacts(name: str, result: rs.Result | None = None) -> rs.ResultArtifacts:
+    """The artifacts of ``result`` (default: the shipped one) read through the shared caches."""
+    spec = load_registry()[name]
+    loaders = rs.Loaders(
+        projections=lambda p: _projections(name, str(p), rs.fingerprint(p), model_version(spec)),
+        fitted=lambda p: _fitted(str(p), rs.fingerprint(p)),
+    )
+    return rs.result_artifacts(result or rs.shipped_result(name), loaders=loaders)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _sweep(paths: tuple[str, ...], versions: tuple[str, ...]):
+    from sparsefinder.evaluation.sweep.table import load_sweep
+
+    return rs.merge_sweeps([load_sweep(p) for p in paths])
+
+
+def sweep_table(result: rs.Result):
+    """The result's sweep table (its extra tables' methods after it), or None."""
+    paths = rs.sweep_paths(result)
+    if not paths:
+        return None
+    return _sweep(tuple(str(p) for p in paths), tuple(rs.fingerprint(p) for p in paths))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _curves(path: str, version: str):
+    from sparsefinder.evaluation.approximate import load_curves
+
+    return load_curves(path)
+
+
+def curves_table(result: rs.Result):
+    """The result's sparsity–accuracy curves (``sparsefinder curves``), or None."""
+    path = result.curves
+    if path is None or not path.is_file():
+        return None
+    return _curves(str(path), rs.fingerprint(path))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _texts(store: str | None, version: str) -> tuple[str, ...]:
+    return rs.corpus_texts(None if store is None else Path(store))
+
+
+def corpus_texts(result: rs.Result) -> tuple[str, ...]:
+    """The result's corpus sentences: the default validation split, or the saved result's store."""
+    if result.store is None:
+        return _texts(None, "default")
+    return _texts(str(result.store), rs.fingerprint(result.store / "manifest.json"))

@@ -1,0 +1,160 @@
+"""Texts in, gold and predicted graphs out: what the Explore page, the CLI and a notebook show per text.
+
+Every function takes an :class:`~sparsefinder.model.entmax_model.Extraction` that the
+caller computed once (the data flows one way: nothing here re-runs the model), and
+returns small, picklable values (packed bits and per-head numbers), so a server can
+cache them and share them between sessions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sparsefinder.graphs import AttentionGraph
+from sparsefinder.metrics import graph_metrics
+from sparsefinder.predictors.methods import predict_layer
+
+SPLIT_MODES = ("sentences", "lines")
+
+
+def split_texts(text: str, mode: str = "sentences") -> list[str]:
+    """The texts to analyse: one per non-empty line, or per sentence within each line.
+
+    Sentences come from the library's spaCy splitter (the one that splits the
+    default corpus), so abbreviations such as "Dr." do not end a sentence.
+    """
+    from sparsefinder.corpora.readers import split_sentences
+
+    if mode not in SPLIT_MODES:
+        raise ValueError(f"split mode must be one of {SPLIT_MODES}, got {mode!r}")
+    out: list[str] = []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if mode == "lines":
+            out.append(line)
+        else:
+            out.extend(split_sentences(line))
+    return out
+
+
+def text_hash(texts: Sequence[str]) -> str:
+    """A digest of a batch of texts (length-prefixed, so ``["ab"]`` and ``["a", "b"]`` differ)."""
+    h = hashlib.sha256()
+    for t in texts:
+        data = t.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The gold graphs of a batch of texts, per layer and head.
+
+    ``sparsity[b, l, h]`` is the gold sparsity of sentence ``b``, layer ``l``,
+    head ``h``; ``packed[b][l]`` the packed bits of that sentence's ``(H, n, n)``
+    gold graph (see :meth:`AttentionGraph.pack`).
+    """
+
+    texts: tuple[str, ...]
+    tokens: tuple[tuple[str, ...], ...]
+    sparsity: np.ndarray
+    packed: tuple[tuple[np.ndarray, ...], ...]
+    truncated: tuple[bool, ...]
+    num_layers: int
+    num_heads: int
+
+    def gold_edges(self, b: int, layer: int) -> np.ndarray:
+        """``(H, n, n)`` bool gold edges of sentence ``b`` in ``layer``."""
+        n = len(self.tokens[b])
+        return AttentionGraph.unpack_sentence(self.packed[b][layer], self.num_heads, n).numpy()
+
+
+def analyse(extraction, texts: Sequence[str]) -> Analysis:
+    """Gold sparsity grid, tokens and packed gold graphs of ``texts`` (the batch ``extraction`` ran)."""
+    ex = extraction
+    grids = [ex.gold(layer) for layer in range(ex.num_layers)]
+    sparsity = np.stack([g.sparsity().numpy() for g in grids], axis=1)  # (B, L, H)
+    return Analysis(
+        texts=tuple(texts),
+        tokens=tuple(tuple(t) for t in ex.tokens),
+        sparsity=sparsity,
+        packed=tuple(tuple(g.pack(b) for g in grids) for b in range(len(texts))),
+        truncated=tuple(bool(t) for t in ex.truncated),
+        num_layers=ex.num_layers,
+        num_heads=ex.num_heads,
+    )
+
+
+def head_probabilities(extraction, sentence: int, layer: int, head: int) -> np.ndarray:
+    """``(n, n)`` float32 entmax probabilities of one head for one sentence (a copy)."""
+    n = int(extraction.lengths[sentence])
+    return extraction.probs[layer][sentence, head, :n, :n].numpy().astype(np.float32, copy=True)
+
+
+@dataclass(frozen=True)
+class HeadPrediction:
+    """One head's gold and predicted graph on one sentence, and its metrics."""
+
+    tokens: tuple[str, ...]
+    gold: np.ndarray  # (n, n) bool
+    pred: np.ndarray  # (n, n) bool
+    metrics: dict
+    truncated: bool
+
+
+def predict_head(extraction, layer: int, head: int, method: str, params: str | Mapping[str, Any] | None,
+                 projections: Any = None, fitted: Mapping | None = None) -> HeadPrediction:
+    """Predicted vs gold graph of ``method`` ``params`` for one head of the first sentence of ``extraction``."""
+    ex = extraction
+    pred = predict_layer(ex, layer, method, params, projections=projections, fitted=fitted)
+    gold = ex.gold(layer)
+    m = graph_metrics(gold, pred)
+    n = int(ex.lengths[0])
+    return HeadPrediction(
+        tokens=tuple(ex.tokens[0]),
+        gold=gold.edges[0, head, :n, :n].numpy().copy(),
+        pred=pred.edges[0, head, :n, :n].cpu().numpy().copy(),
+        metrics={k: float(v[0, head]) for k, v in m.items()},
+        truncated=bool(ex.truncated[0]),
+    )
+
+
+@dataclass(frozen=True)
+class BatchPrediction:
+    """A method's predicted graphs for a batch of texts: per-head metrics and packed edges.
+
+    ``metrics[name]`` is ``(B, L, H)`` (recall, precision, sparsity, exact);
+    ``packed[b][l]`` the packed bits of sentence ``b``'s ``(H, n, n)`` predicted graph.
+    """
+
+    metrics: dict
+    packed: tuple[tuple[np.ndarray, ...], ...]
+    num_heads: int
+
+    def edges(self, b: int, layer: int, n: int) -> np.ndarray:
+        return AttentionGraph.unpack_sentence(self.packed[b][layer], self.num_heads, n).numpy()
+
+
+def predict_batch(extraction, method: str, params: str | Mapping[str, Any] | None, projections: Any = None,
+                  fitted: Mapping | None = None) -> BatchPrediction:
+    """``method`` ``params`` on every layer of ``extraction``, against the gold graphs of the same run."""
+    ex = extraction
+    batch = len(ex.tokens)
+    per_layer, packed = [], []
+    for layer in range(ex.num_layers):
+        pred = predict_layer(ex, layer, method, params, projections=projections, fitted=fitted)
+        per_layer.append({k: v.numpy() for k, v in graph_metrics(ex.gold(layer), pred).items()})
+        packed.append([pred.pack(b) for b in range(batch)])
+    return BatchPrediction(
+        metrics={k: np.stack([m[k] for m in per_layer], axis=1) for k in per_layer[0]},
+        packed=tuple(tuple(packed[layer][b] for layer in range(ex.num_layers)) for b in range(batch)),
+        num_heads=ex.num_heads,
+    )
