@@ -145,16 +145,12 @@ def batch_prediction(model_name: str, version: str, alpha: str, texts_hash: str,
 # -- a result's artifacts and tables ------------------------------------------------------
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _projections(name: str, path: str, version: str, model_version_: str):
-    from sparsefinder.training.projections import Projections
-
-    return Projections.load(path, model=require_model(name))
+    return rs.load_projections(path, require_model(name))
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _fitted(path: str, version: str):
-    from sparsefinder.evaluation.fitted import load_fitted
-
-    return load_fitted(path)  # exceptions are not cached: a repaired file is picked up on the next run
+    return rs.load_fitted(path)  # exceptions are not cached: a repaired file is picked up on the next run
 
 
 def artifacts(name: str, result: rs.Result | None = None) -> rs.ResultArtifacts:
@@ -169,9 +165,7 @@ def artifacts(name: str, result: rs.Result | None = None) -> rs.ResultArtifacts:
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _sweep(paths: tuple[str, ...], versions: tuple[str, ...]):
-    from sparsefinder.evaluation.sweep.table import load_sweep
-
-    return rs.merge_sweeps([load_sweep(p) for p in paths])
+    return rs.load_sweeps(paths)
 
 
 def sweep_table(result: rs.Result):

@@ -39,6 +39,25 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_results(args) -> int:
+    """The model's results (shipped, then saved) and the methods each can draw on new text."""
+    from sparsefinder import results as rs
+    from sparsefinder.model.catalogue import load_registry
+
+    if args.model not in load_registry():
+        raise ValueError(f"unknown model {args.model!r}: results belong to registered models (sparsefinder models)")
+    runs = Path(args.runs) if args.runs else None
+    for name in rs.result_choices(args.model, runs):
+        result = rs.resolve_result(args.model, name, runs)
+        found = rs.result_artifacts(result)
+        held = [k for k in ("store", "projections", "fitted", "sweep", "curves") if getattr(result, k) is not None]
+        print(f"{result.label}: {', '.join(held) or 'no artifacts'}")
+        print(f"  methods: {', '.join(found.available_methods()) or 'none'}")
+        if found.learned[1] is not None:
+            print(f"  note: {found.learned[1]}")
+    return 0
+
+
 def cmd_gold(args) -> int:
     from sparsefinder.model.entmax_model import load_model
 
@@ -262,15 +281,15 @@ def cmd_curves(args) -> int:
     from sparsefinder.plots.curves import sparsity_accuracy_figure
 
     corpus, texts, model = _corpus_texts_model(args)
-    projections, fitted = _curve_artifacts(args, model)
+    found = _curve_artifacts(args, model)
+    projections, fitted = found.projections, found.fitted
     if args.methods:
         methods = [m for m in args.methods.split(",") if m]
     else:  # the defaults that can run with this model's artifacts
-        from sparsefinder.predictors.methods import unsupported_reason
-
         methods = []
         for m in ap.DEFAULT_METHODS:
-            reason = None if m == "syntax" else unsupported_reason(m, projections, fitted)
+            # syntax reads parses that the curves compute themselves (prepare_batches), not the dashboard's context
+            reason = None if m == "syntax" else found.unsupported(m)
             if reason:
                 print(f"note: skipping {m}: {reason}")
             else:
@@ -339,17 +358,16 @@ def cmd_windows(args) -> int:
 
 
 def _curve_artifacts(args, model):
-    """Projections and fitted predictors: given on the command line, else the registered model's shipped ones."""
-    from sparsefinder.evaluation.fitted import load_fitted
+    """The artifacts ``curves`` runs with: the registered model's result (``--result``, default the shipped
+    one), with ``--projections`` / ``--fitted`` replacing its own when given (:mod:`sparsefinder.results`)."""
+    from sparsefinder import results as rs
     from sparsefinder.model.catalogue import load_registry
-    from sparsefinder.training.projections import Projections
 
-    spec = load_registry().get(args.model)
-    proj_dir = args.projections or (spec.artifact("projections") if spec else None)
-    fitted_dir = args.fitted or (spec.artifact("fitted") if spec else None)
-    projections = Projections.load(proj_dir, model=model) if proj_dir else None
-    fitted = load_fitted(fitted_dir) if fitted_dir else None
-    return projections, fitted
+    if args.model in load_registry():
+        result = rs.resolve_result(args.model, args.result)
+    else:  # a local model directory has no shipped result
+        result = rs.Result(name=rs.SHIPPED, is_default=True, store=None, projections=None, fitted=None, sweep=None)
+    return rs.result_artifacts(rs.override_result(result, args.projections, args.fitted), model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help="replace an existing extraction in --out")
     model_args(sp)
     sp.set_defaults(func=cmd_extract)
+
+    sp = sub.add_parser("results", help="the model's results (shipped and saved) and the methods each can draw")
+    sp.add_argument("--runs", default=None, help="saved results' folder (default: $SPARSEFINDER_RUNS or runs/ui)")
+    sp.set_defaults(func=cmd_results)
+    model_args(sp)
 
     sp = sub.add_parser("train", help="learn the per-head projections on an extracted corpus")
     sp.add_argument("--store", required=True, help="extraction of the training split (sparsefinder extract)")
@@ -456,8 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--layers", default="all,later",
                     help="layer subsets, each run separately: all, later, earlier, or e.g. '3-5' "
                          "(separate subsets with ';' when one contains a comma)")
-    sp.add_argument("--projections", default=None, help="projections directory (default: the model's shipped one)")
-    sp.add_argument("--fitted", default=None, help="fitted predictors directory (default: the model's shipped one)")
+    sp.add_argument("--result", default="shipped",
+                    help="the model's result whose artifacts are used: 'shipped' or a saved result's name")
+    sp.add_argument("--projections", default=None, help="projections directory (default: the result's)")
+    sp.add_argument("--fitted", default=None, help="fitted predictors directory (default: the result's)")
     sp.add_argument("--windows", default=None,
                     help="comma-separated directories of learned windows (sparsefinder windows --out) to add")
     sp.add_argument("--batch-size", type=int, default=32)

@@ -198,14 +198,30 @@ def override_result(result: Result, projections: str | Path | None = None,
     Given artifacts replace the learned pairing too: what the user names is what runs.
     """
     out = result
-    if projections is not None:
-        out = replace(out, projections=Path(projections), learned_projections=None, learned_fitted=None)
-    if fitted is not None:
-        out = replace(out, fitted=Path(fitted), learned_projections=None, learned_fitted=None)
+    for kind, path in (("projections", projections), ("fitted", fitted)):
+        if path is None:
+            continue
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{kind} directory not found: {path}")
+        out = replace(out, **{kind: Path(path)}, learned_projections=None, learned_fitted=None)
     return out
 
 
 # -- loaded artifacts and the method question ------------------------------------------------
+def load_projections(path: str | Path, model: EntmaxModel | None = None) -> Any:
+    """A projections folder, checked against ``model`` when it is given."""
+    from sparsefinder.training.projections import Projections
+
+    return Projections.load(path, model=model)
+
+
+def load_fitted(path: str | Path) -> Mapping:
+    """A fitted-predictors folder: ``fitted[method][params][layer]``."""
+    from sparsefinder.evaluation.fitted import load_fitted as load
+
+    return load(path)
+
+
 @dataclass(frozen=True)
 class Loaders:
     """How a result's artifacts are read: ``projections(path)`` and ``fitted(path)``."""
@@ -216,10 +232,7 @@ class Loaders:
     @classmethod
     def direct(cls, model: EntmaxModel | None = None) -> Loaders:
         """Plain loaders (no cache); projections are checked against ``model`` when it is given."""
-        from sparsefinder.evaluation.fitted import load_fitted
-        from sparsefinder.training.projections import Projections
-
-        return cls(projections=lambda p: Projections.load(p, model=model), fitted=load_fitted)
+        return cls(projections=lambda p: load_projections(p, model), fitted=load_fitted)
 
 
 @dataclass
@@ -337,12 +350,17 @@ def sweep_paths(result: Result) -> tuple[Path, ...]:
     return (result.sweep, *(p for p in result.extra_sweeps if p.is_file()))
 
 
-def load_result_sweep(result: Result) -> pd.DataFrame | None:
-    """The result's sweep table with its extra tables' methods after it, or None."""
+def load_sweeps(paths: tuple[str | Path, ...]) -> pd.DataFrame:
+    """The tables at ``paths`` merged by :func:`merge_sweeps`."""
     from sparsefinder.evaluation.sweep.table import load_sweep
 
+    return merge_sweeps([load_sweep(p) for p in paths])
+
+
+def load_result_sweep(result: Result) -> pd.DataFrame | None:
+    """The result's sweep table with its extra tables' methods after it, or None."""
     paths = sweep_paths(result)
-    return merge_sweeps([load_sweep(p) for p in paths]) if paths else None
+    return load_sweeps(paths) if paths else None
 
 
 def corpus_texts(store: Path | None) -> tuple[str, ...]:
