@@ -107,15 +107,9 @@ class SyntaxPredictor(Predictor):
         """``hops`` ∈ {1, 2, 3}."""
         return [{"hops": k} for k in (1, 2, 3)]
 
-    def _core(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        lengths: torch.Tensor,
-        causal: bool,
-        word_heads: Sequence[Sequence[int]] | None = None,
-        word_ids: Sequence[Sequence[int | None]] | None = None,
-    ) -> CoreResult:
+    def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool,
+              word_heads: Sequence[Sequence[int]] | None = None,
+              word_ids: Sequence[Sequence[int | None]] | None = None) -> CoreResult:
         batch, _, n = q.shape[:3]
         if word_heads is None or word_ids is None:
             raise ValueError("syntax needs the context word_heads and word_ids (one list per sentence)")
@@ -290,15 +284,8 @@ class RandomPredictor(Predictor):
             raise ValueError(f"match counts must broadcast to (B, H) = ({batch}, {heads})") from err
         return counts
 
-    def _core(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        lengths: torch.Tensor,
-        causal: bool,
-        match: Any = None,
-        sentence_ids: Any = None,
-    ) -> CoreResult:
+    def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool, match: Any = None,
+              sentence_ids: Any = None) -> CoreResult:
         batch, heads, n = q.shape[:3]
         ids = check_sentence_ids(sentence_ids, batch)
         lengths_cpu = lengths.cpu()
