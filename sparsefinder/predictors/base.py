@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ class Predictor:
 
     Subclasses set the class attributes, define ``__init__`` with every
     hyperparameter as a keyword argument (``window`` and ``global_tokens``
-    included), and implement :meth:`_core` (and :meth:`fit` if they learn).
+    included), and implement :meth:`_core` (and :meth:`_fit` if they learn).
     """
 
     name: ClassVar[str] = ""
@@ -191,47 +191,33 @@ class Predictor:
     # ------------------------------------------------------------------ fit / predict
 
     def fit(
-        self,
-        queries: torch.Tensor,
-        keys: torch.Tensor,
-        lengths: torch.Tensor,
-        gold: AttentionGraph | None = None,
+        self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, gold: AttentionGraph | None = None,
         **kw: Any,
-    ) -> Predictor:
-        """Learn from training data (padded ``(B, H, N, r)`` queries/keys); a no-op unless overridden."""
+    ) -> Self:
+        """Learn from padded ``(B, H, N, r)`` training queries/keys: check the hyperparameters, then :meth:`_fit`.
+
+        Keyword arguments past ``gold`` go to :meth:`_fit` (the learned predictors take ``tokens`` there).
+        """
         self._check_params()
+        self._fit(queries, keys, lengths, gold, **kw)
         return self
 
-    def predict(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor | None,
-        lengths: torch.Tensor | Sequence[int],
-        causal: bool = False,
-        **context: Any,
-    ) -> AttentionGraph:
+    def _fit(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, gold: AttentionGraph | None,
+             **kw: Any) -> None:
+        """Set the fitted attributes (ending in ``_``) from checked hyperparameters; nothing for fixed patterns."""
+
+    def predict(self, q: torch.Tensor, k: torch.Tensor | None, lengths: torch.Tensor | Sequence[int],
+                causal: bool = False, **context: Any) -> AttentionGraph:
         """The predicted graph of every head of one layer (``k=None`` means ``k = q``)."""
         return self._run(q, k, lengths, causal, context, with_cost=False)[0]
 
-    def cost(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor | None,
-        lengths: torch.Tensor | Sequence[int],
-        causal: bool = False,
-        **context: Any,
-    ) -> torch.Tensor:
+    def cost(self, q: torch.Tensor, k: torch.Tensor | None, lengths: torch.Tensor | Sequence[int],
+             causal: bool = False, **context: Any) -> torch.Tensor:
         """``(B, H)`` float64 pairs a real kernel must score (module docstring)."""
         return self._run(q, k, lengths, causal, context, with_cost=True)[1]
 
-    def predict_with_cost(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor | None,
-        lengths: torch.Tensor | Sequence[int],
-        causal: bool = False,
-        **context: Any,
-    ) -> tuple[AttentionGraph, torch.Tensor]:
+    def predict_with_cost(self, q: torch.Tensor, k: torch.Tensor | None, lengths: torch.Tensor | Sequence[int],
+                          causal: bool = False, **context: Any) -> tuple[AttentionGraph, torch.Tensor]:
         """:meth:`predict` and :meth:`cost` from one computation."""
         graph, cost = self._run(q, k, lengths, causal, context, with_cost=True)
         assert cost is not None
@@ -470,10 +456,12 @@ class BandPredictor(Predictor):
 
 
 class CentroidPredictor(Predictor):
-    """Shared by the methods that fit ``n_clusters`` centroids per head (k-means, Routing).
+    r"""Shared by the methods that fit ``n_clusters`` centroids per head (k-means, blocks, Routing).
 
-    :attr:`centroids_` is ``(H, C, r)``; the grid is :math:`C \\in \\{2, 4, \\ldots, 20\\}` and each
-    point needs its own fit.
+    :attr:`centroids_` is ``(H, C, r)`` (``(H, C, b·r)`` for blocks); the grid is
+    :math:`C \in \{2, 4, \ldots, 20\}` and each point needs its own fit. Subclasses define
+    :meth:`_fit_centroids` and either :meth:`_members` (a query and a key are linked when they
+    share a centroid's group) or their own :meth:`_core`.
     """
 
     requires_fit: ClassVar[bool] = True
@@ -491,3 +479,34 @@ class CentroidPredictor(Predictor):
         c = state["centroids"]
         if c.dim() != 3 or c.shape[1] != self.n_clusters:
             raise ValueError(f"centroids must be (H, C = {self.n_clusters}, r), got {tuple(c.shape)}")
+
+    def _fit(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, gold: AttentionGraph | None,
+             **kw: Any) -> None:
+        # Float64 input is clustered in float64 (exact references in the tests); anything else in float32.
+        dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+        lengths = torch.as_tensor(lengths, device=queries.device).long()
+        self.centroids_ = self._fit_centroids(queries.to(dtype), keys.to(dtype), lengths)
+
+    def _fit_centroids(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``(H, C, ·)`` centroids from float training queries/keys ``(B, H, N, r)`` and int64 ``lengths``."""
+        raise NotImplementedError
+
+    def _fitted_centroids(self, q: torch.Tensor, width: int) -> torch.Tensor:
+        """The fitted centroids on ``q``'s device, checked against the heads of ``q``, ``width`` and ``n_clusters``."""
+        centroids = self.centroids_
+        assert centroids is not None
+        if centroids.shape[0] != q.shape[1] or centroids.shape[2] != width:
+            raise ValueError(f"centroids are {tuple(centroids.shape)} (H, C, {width}) but q is {tuple(q.shape)}")
+        if centroids.shape[1] != self.n_clusters:
+            raise ValueError(f"fitted with {centroids.shape[1]} clusters, n_clusters is {self.n_clusters}: refit")
+        return centroids.to(q.device)
+
+    def _members(self, x: torch.Tensor, centroids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``(B, H, C, N)`` bool: the real tokens of ``x`` ``(B, H, N, r)`` in each centroid's group."""
+        raise NotImplementedError
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
+        centroids = self._fitted_centroids(q, q.shape[3])
+        mq = self._members(q, centroids, lengths)
+        mk = self._members(k, centroids, lengths)
+        return shared_group_edges(mq, mk), lambda: grouped_cost(mq, mk, causal)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from sparsefinder.graphs import AttentionGraph, real_tokens
+from sparsefinder.graphs import real_tokens
 from sparsefinder.predictors.base import (
     BandPredictor,
     CentroidPredictor,
@@ -284,18 +284,8 @@ class RoutingPredictor(CentroidPredictor):
     ) -> None:
         self._init_params(locals())
 
-    def fit(
-        self,
-        queries: torch.Tensor,
-        keys: torch.Tensor,
-        lengths: torch.Tensor,
-        gold: AttentionGraph | None = None,
-        **kw: Any,
-    ) -> RoutingPredictor:
-        self._check_params()
-        dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
-        lengths = torch.as_tensor(lengths, device=queries.device).long()
-        x = normalise(pool_tokens(queries.to(dtype), keys.to(dtype), lengths))  # (H, P, D)
+    def _fit_centroids(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = normalise(pool_tokens(queries, keys, lengths))  # (H, P, D)
         points = x.shape[1]
         if points == 0:
             raise ValueError("no points to cluster")
@@ -307,20 +297,10 @@ class RoutingPredictor(CentroidPredictor):
             perm = torch.randperm(points, generator=gen).to(x.device)
             for lo in range(0, points, self.batch_points):
                 centroids = spherical_kmeans_step(centroids, x[:, perm[lo : lo + self.batch_points]], self.decay)
-        self.centroids_ = centroids
-        return self
+        return centroids
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
-        centroids = self.centroids_
-        assert centroids is not None
-        if centroids.shape[0] != q.shape[1] or centroids.shape[2] != q.shape[3]:
-            raise ValueError(f"centroids are {tuple(centroids.shape)} (H, C, r) but q is {tuple(q.shape)}")
-        if centroids.shape[1] != self.n_clusters:
-            raise ValueError(f"fitted with {centroids.shape[1]} clusters, n_clusters is {self.n_clusters}: refit")
-        centroids = centroids.to(q.device)
-        mq = balanced_membership(q, centroids, lengths)
-        mk = balanced_membership(k, centroids, lengths)
-        return shared_group_edges(mq, mk), lambda: grouped_cost(mq, mk, causal)
+    def _members(self, x: torch.Tensor, centroids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return balanced_membership(x, centroids, lengths)
 
 
 # ---------------------------------------------------------------------- Sparse Transformer

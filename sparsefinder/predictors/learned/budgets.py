@@ -190,19 +190,14 @@ class _BudgetPredictor(Predictor):
         raise NotImplementedError
 
     # -- fit / predict -----------------------------------------------------------------------
-    def fit(
-        self,
-        queries: torch.Tensor,
-        keys: torch.Tensor,
-        lengths: torch.Tensor,
-        gold: AttentionGraph | None = None,
-        tokens: Sequence[Sequence[str]] | None = None,
-        causal: bool | None = None,
-        chunk: int = 32,
-        **kw: Any,
-    ) -> _BudgetPredictor:
-        """Learn the scorer and the per-head score quantiles on padded training ``queries``/``keys`` and ``gold``."""
-        self._check_params()
+    def _fit(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, gold: AttentionGraph | None,
+             tokens: Sequence[Sequence[str]] | None = None, causal: bool | None = None, chunk: int = 32,
+             **kw: Any) -> None:
+        """Learn the scorer and the per-head score quantiles on padded training ``queries``/``keys`` and ``gold``.
+
+        ``fit(..., tokens=...)`` passes each sentence's token strings (for the token priors); ``causal``
+        defaults to ``gold.causal``; ``chunk`` sentences are scored at a time for the curves.
+        """
         if gold is None:
             raise ValueError(f"{type(self).__name__} learns from the gold graphs: pass gold=AttentionGraph(...)")
         from sparsefinder.predictors.base import check_inputs
@@ -231,7 +226,6 @@ class _BudgetPredictor(Predictor):
             recall.append(curve.recall_at_density(grid))
         self.thresholds_ = torch.tensor(np.array(thresholds), dtype=torch.float64)
         self.train_recall_ = torch.tensor(np.array(recall), dtype=torch.float64)
-        return self
 
     def scores(self, q: torch.Tensor, k: torch.Tensor | None, lengths: torch.Tensor | Sequence[int],
                causal: bool = False, tokens: Sequence[Sequence[str]] | None = None) -> torch.Tensor:
