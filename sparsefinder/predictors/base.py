@@ -49,6 +49,7 @@ global edges that the core prediction did not already contain:
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -96,6 +97,8 @@ class Predictor:
     predict_only_params: ClassVar[frozenset[str]] = frozenset()
     """Hyperparameters that change :meth:`predict` but not what :meth:`fit` learns (besides ``window`` and
     ``global_tokens``): a sweep fits once for configurations that differ only in them."""
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {}
+    """The paper's grid, ``{hyperparameter: values}``, expanded by :meth:`grid` (``{}``: the defaults only)."""
     constraints: ClassVar[dict[str, Constraint]] = {"window": Int(0), "global_tokens": Bool()}
     """Admissible values per hyperparameter (:mod:`.constraints`), merged with the base classes' by
     :meth:`all_constraints` and checked by :meth:`_check_params`."""
@@ -152,8 +155,9 @@ class Predictor:
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
-        """The paper's hyperparameter grid: a list of ``set_params`` dicts (one per point)."""
-        return [{}]
+        """The paper's hyperparameter grid: a list of ``set_params`` dicts (one per point of :attr:`param_grid`)."""
+        names = list(cls.param_grid)
+        return [dict(zip(names, point, strict=True)) for point in itertools.product(*cls.param_grid.values())]
 
     def __repr__(self) -> str:
         sig = inspect.signature(type(self).__init__)
@@ -424,10 +428,6 @@ def check_sentence_ids(sentence_ids: Any, batch: int) -> Sequence[int] | None:
     return ids
 
 
-def even_grid(name: str, start: int, stop: int, step: int = 2) -> list[dict[str, Any]]:
-    return [{name: v} for v in range(start, stop + 1, step)]
-
-
 def shared_group_edges(q_member: torch.Tensor, k_member: torch.Tensor) -> torch.Tensor:
     """``(B, H, N, N)``: query and key share at least one group, from ``(B, H, G, N)`` memberships."""
     # A float matmul counts shared groups exactly (counts ≤ G are small integers).
@@ -442,13 +442,11 @@ class BandPredictor(Predictor):
     (``window`` of the baselines, ``position`` of the Breaking BERT masks).
     """
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"window": (0, *range(1, 28, 2))}
+    """:math:`w \\in \\{0, 1, 3, 5, \\ldots, 27\\}`."""
+
     def __init__(self, window: int = 3, global_tokens: bool = False) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`w \\in \\{0, 1, 3, 5, \\ldots, 27\\}`."""
-        return [{"window": 0}] + even_grid("window", 1, 27)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
         batch, _, n = q.shape[:3]
@@ -467,13 +465,11 @@ class CentroidPredictor(Predictor):
     requires_fit: ClassVar[bool] = True
     fitted_tensors: ClassVar[tuple[str, ...]] = ("centroids_",)
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"n_clusters": range(2, 21, 2)}
+    """:math:`C \\in \\{2, 4, \\ldots, 20\\}` (each point needs its own fit)."""
+
     centroids_: torch.Tensor | None = None
     n_clusters: int
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`C \\in \\{2, 4, \\ldots, 20\\}` (each point needs its own fit)."""
-        return even_grid("n_clusters", 2, 20)
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         c = state["centroids"]

@@ -17,6 +17,7 @@ projected queries and keys :math:`q'_i = W_h q_i`, :math:`k'_j = W_h k_j`,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -26,7 +27,6 @@ from sparsefinder.predictors.base import (
     CentroidPredictor,
     CoreResult,
     Predictor,
-    even_grid,
     grouped_cost,
     register,
     shared_group_edges,
@@ -54,15 +54,12 @@ class DistancePredictor(Predictor):
     input_space: ClassVar[str] = "projected"
     context_keys: ClassVar[tuple[str, ...]] = ("head_dim",)
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"threshold": tuple(0.5 * i for i in range(1, 11))}
+    """:math:`t \\in \\{0.5, 1.0, \\ldots, 5.0\\}`."""
     constraints: ClassVar[dict[str, Constraint]] = {"threshold": Real()}
 
     def __init__(self, threshold: float = 1.0, window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`t \\in \\{0.5, 1.0, \\ldots, 5.0\\}`."""
-        return [{"threshold": 0.5 * i} for i in range(1, 11)]
 
     def _core(
         self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool, head_dim: int | None = None
@@ -131,15 +128,12 @@ class BucketingPredictor(Predictor):
     family: ClassVar[str] = "sparsefinder"
     input_space: ClassVar[str] = "projected"
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"n_buckets": range(2, 21, 2)}
+    """:math:`\\beta \\in \\{2, 4, \\ldots, 20\\}`."""
     constraints: ClassVar[dict[str, Constraint]] = {"n_buckets": Int(1)}
 
     def __init__(self, n_buckets: int = 4, window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`\\beta \\in \\{2, 4, \\ldots, 20\\}`."""
-        return even_grid("n_buckets", 2, 20)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
         bq = equal_frequency_bins(q, lengths, self.n_buckets)
@@ -297,6 +291,8 @@ class BlocksPredictor(CentroidPredictor):
     input_space: ClassVar[str] = "projected"
     stochastic: ClassVar[bool] = True
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"top_k": range(2, 21, 2)}
+    """``top_k`` ∈ {2, 4, …, 20}, as BigBird's number of random blocks (the paper's baseline grid)."""
     constraints: ClassVar[dict[str, Constraint]] = {
         "top_k": Int(0), "block_size": Int(1), "n_clusters": Int(1), "block_window": Int(0), **KMEANS_FIT,
         "variant": Options(("v1", "v2"), text="be 'v1' or 'v2'"),
@@ -306,11 +302,6 @@ class BlocksPredictor(CentroidPredictor):
                  block_window: int = 3, max_iter: int = 100, max_points: int | None = 100_000, seed: int = 0,
                  window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """``top_k`` ∈ {2, 4, …, 20}, as BigBird's number of random blocks (the paper's baseline grid)."""
-        return even_grid("top_k", 2, 20)
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         c = state["centroids"]

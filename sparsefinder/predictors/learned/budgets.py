@@ -161,6 +161,8 @@ class _BudgetPredictor(Predictor):
     thresholds_: torch.Tensor | None = None
     train_recall_: torch.Tensor | None = None
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"sparsity": (0.5, 0.6, 0.7, 0.8, 0.9)}
+    """Target mean sparsity ∈ {0.5, 0.6, 0.7, 0.8, 0.9}."""
     constraints: ClassVar[dict[str, Constraint]] = {
         "sparsity": Real(0.0, 1.0, text="be a number in [0, 1]"), "budget": Options(BUDGETS), "seed": Int(0),
     }
@@ -168,10 +170,6 @@ class _BudgetPredictor(Predictor):
     def __init__(self, sparsity: float = 0.7, budget: str = "per_head", seed: int = 0, window: int = 0,
                  global_tokens: bool = False) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        return [{"sparsity": s} for s in (0.5, 0.6, 0.7, 0.8, 0.9)]
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         t, r = state["thresholds"], state["train_recall"]
