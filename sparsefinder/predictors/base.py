@@ -194,10 +194,8 @@ class Predictor:
 
     # ------------------------------------------------------------------ fit / predict
 
-    def fit(
-        self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, gold: AttentionGraph | None = None,
-        **kw: Any,
-    ) -> Self:
+    def fit(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor,
+            gold: AttentionGraph | None = None, **kw: Any) -> Self:
         """Learn from padded ``(B, H, N, r)`` training queries/keys: check the hyperparameters, then :meth:`_fit`.
 
         Keyword arguments past ``gold`` go to :meth:`_fit` (the learned predictors take ``tokens`` there).
@@ -478,7 +476,7 @@ class CentroidPredictor(Predictor):
 
     def _fit(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, gold: AttentionGraph | None,
              **kw: Any) -> None:
-        # Float64 input is clustered in float64 (exact references in the tests); anything else in float32.
+        # As in check_inputs: float64 stays float64, and half precision is clustered in float32.
         dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
         lengths = torch.as_tensor(lengths, device=queries.device).long()
         self.centroids_ = self._fit_centroids(queries.to(dtype), keys.to(dtype), lengths)
