@@ -49,8 +49,9 @@ global edges that the core prediction did not already contain:
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ class Predictor:
 
     Subclasses set the class attributes, define ``__init__`` with every
     hyperparameter as a keyword argument (``window`` and ``global_tokens``
-    included), and implement :meth:`_core` (and :meth:`fit` if they learn).
+    included), and implement :meth:`_core` (and :meth:`_fit` if they learn).
     """
 
     name: ClassVar[str] = ""
@@ -96,6 +97,8 @@ class Predictor:
     predict_only_params: ClassVar[frozenset[str]] = frozenset()
     """Hyperparameters that change :meth:`predict` but not what :meth:`fit` learns (besides ``window`` and
     ``global_tokens``): a sweep fits once for configurations that differ only in them."""
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {}
+    """The paper's grid, ``{hyperparameter: values}``, expanded by :meth:`grid` (``{}``: the defaults only)."""
     constraints: ClassVar[dict[str, Constraint]] = {"window": Int(0), "global_tokens": Bool()}
     """Admissible values per hyperparameter (:mod:`.constraints`), merged with the base classes' by
     :meth:`all_constraints` and checked by :meth:`_check_params`."""
@@ -152,8 +155,9 @@ class Predictor:
 
     @classmethod
     def grid(cls) -> list[dict[str, Any]]:
-        """The paper's hyperparameter grid: a list of ``set_params`` dicts (one per point)."""
-        return [{}]
+        """The paper's hyperparameter grid: a list of ``set_params`` dicts (one per point of :attr:`param_grid`)."""
+        names = list(cls.param_grid)
+        return [dict(zip(names, point, strict=True)) for point in itertools.product(*cls.param_grid.values())]
 
     def __repr__(self) -> str:
         sig = inspect.signature(type(self).__init__)
@@ -190,48 +194,32 @@ class Predictor:
 
     # ------------------------------------------------------------------ fit / predict
 
-    def fit(
-        self,
-        queries: torch.Tensor,
-        keys: torch.Tensor,
-        lengths: torch.Tensor,
-        gold: AttentionGraph | None = None,
-        **kw: Any,
-    ) -> Predictor:
-        """Learn from training data (padded ``(B, H, N, r)`` queries/keys); a no-op unless overridden."""
+    def fit(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor,
+            gold: AttentionGraph | None = None, **kw: Any) -> Self:
+        """Learn from padded ``(B, H, N, r)`` training queries/keys: check the hyperparameters, then :meth:`_fit`.
+
+        Keyword arguments past ``gold`` go to :meth:`_fit` (the learned predictors take ``tokens`` there).
+        """
         self._check_params()
+        self._fit(queries, keys, lengths, gold, **kw)
         return self
 
-    def predict(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor | None,
-        lengths: torch.Tensor | Sequence[int],
-        causal: bool = False,
-        **context: Any,
-    ) -> AttentionGraph:
+    def _fit(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, gold: AttentionGraph | None,
+             **kw: Any) -> None:
+        """Set the fitted attributes (ending in ``_``) from checked hyperparameters; nothing for fixed patterns."""
+
+    def predict(self, q: torch.Tensor, k: torch.Tensor | None, lengths: torch.Tensor | Sequence[int],
+                causal: bool = False, **context: Any) -> AttentionGraph:
         """The predicted graph of every head of one layer (``k=None`` means ``k = q``)."""
         return self._run(q, k, lengths, causal, context, with_cost=False)[0]
 
-    def cost(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor | None,
-        lengths: torch.Tensor | Sequence[int],
-        causal: bool = False,
-        **context: Any,
-    ) -> torch.Tensor:
+    def cost(self, q: torch.Tensor, k: torch.Tensor | None, lengths: torch.Tensor | Sequence[int],
+             causal: bool = False, **context: Any) -> torch.Tensor:
         """``(B, H)`` float64 pairs a real kernel must score (module docstring)."""
         return self._run(q, k, lengths, causal, context, with_cost=True)[1]
 
-    def predict_with_cost(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor | None,
-        lengths: torch.Tensor | Sequence[int],
-        causal: bool = False,
-        **context: Any,
-    ) -> tuple[AttentionGraph, torch.Tensor]:
+    def predict_with_cost(self, q: torch.Tensor, k: torch.Tensor | None, lengths: torch.Tensor | Sequence[int],
+                          causal: bool = False, **context: Any) -> tuple[AttentionGraph, torch.Tensor]:
         """:meth:`predict` and :meth:`cost` from one computation."""
         graph, cost = self._run(q, k, lengths, causal, context, with_cost=True)
         assert cost is not None
@@ -438,10 +426,6 @@ def check_sentence_ids(sentence_ids: Any, batch: int) -> Sequence[int] | None:
     return ids
 
 
-def even_grid(name: str, start: int, stop: int, step: int = 2) -> list[dict[str, Any]]:
-    return [{name: v} for v in range(start, stop + 1, step)]
-
-
 def shared_group_edges(q_member: torch.Tensor, k_member: torch.Tensor) -> torch.Tensor:
     """``(B, H, N, N)``: query and key share at least one group, from ``(B, H, G, N)`` memberships."""
     # A float matmul counts shared groups exactly (counts ≤ G are small integers).
@@ -456,13 +440,11 @@ class BandPredictor(Predictor):
     (``window`` of the baselines, ``position`` of the Breaking BERT masks).
     """
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"window": (0, *range(1, 28, 2))}
+    """:math:`w \\in \\{0, 1, 3, 5, \\ldots, 27\\}`."""
+
     def __init__(self, window: int = 3, global_tokens: bool = False) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`w \\in \\{0, 1, 3, 5, \\ldots, 27\\}`."""
-        return [{"window": 0}] + even_grid("window", 1, 27)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
         batch, _, n = q.shape[:3]
@@ -470,24 +452,55 @@ class BandPredictor(Predictor):
 
 
 class CentroidPredictor(Predictor):
-    """Shared by the methods that fit ``n_clusters`` centroids per head (k-means, Routing).
+    r"""Shared by the methods that fit ``n_clusters`` centroids per head (k-means, blocks, Routing).
 
-    :attr:`centroids_` is ``(H, C, r)``; the grid is :math:`C \\in \\{2, 4, \\ldots, 20\\}` and each
-    point needs its own fit.
+    :attr:`centroids_` is ``(H, C, r)`` (``(H, C, b·r)`` for blocks); the grid is
+    :math:`C \in \{2, 4, \ldots, 20\}` and each point needs its own fit. Subclasses define
+    :meth:`_fit_centroids` and either :meth:`_members` (a query and a key are linked when they
+    share a centroid's group) or their own :meth:`_core`.
     """
 
     requires_fit: ClassVar[bool] = True
     fitted_tensors: ClassVar[tuple[str, ...]] = ("centroids_",)
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"n_clusters": range(2, 21, 2)}
+    """:math:`C \\in \\{2, 4, \\ldots, 20\\}` (each point needs its own fit)."""
+
     centroids_: torch.Tensor | None = None
     n_clusters: int
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`C \\in \\{2, 4, \\ldots, 20\\}` (each point needs its own fit)."""
-        return even_grid("n_clusters", 2, 20)
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         c = state["centroids"]
         if c.dim() != 3 or c.shape[1] != self.n_clusters:
             raise ValueError(f"centroids must be (H, C = {self.n_clusters}, r), got {tuple(c.shape)}")
+
+    def _fit(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, gold: AttentionGraph | None,
+             **kw: Any) -> None:
+        # As in check_inputs: float64 stays float64, and half precision is clustered in float32.
+        dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+        lengths = torch.as_tensor(lengths, device=queries.device).long()
+        self.centroids_ = self._fit_centroids(queries.to(dtype), keys.to(dtype), lengths)
+
+    def _fit_centroids(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``(H, C, ·)`` centroids from float training queries/keys ``(B, H, N, r)`` and int64 ``lengths``."""
+        raise NotImplementedError
+
+    def _fitted_centroids(self, q: torch.Tensor, width: int) -> torch.Tensor:
+        """The fitted centroids on ``q``'s device, checked against the heads of ``q``, ``width`` and ``n_clusters``."""
+        centroids = self.centroids_
+        assert centroids is not None
+        if centroids.shape[0] != q.shape[1] or centroids.shape[2] != width:
+            raise ValueError(f"centroids are {tuple(centroids.shape)} (H, C, {width}) but q is {tuple(q.shape)}")
+        if centroids.shape[1] != self.n_clusters:
+            raise ValueError(f"fitted with {centroids.shape[1]} clusters, n_clusters is {self.n_clusters}: refit")
+        return centroids.to(q.device)
+
+    def _members(self, x: torch.Tensor, centroids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``(B, H, C, N)`` bool: the real tokens of ``x`` ``(B, H, N, r)`` in each centroid's group."""
+        raise NotImplementedError
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
+        centroids = self._fitted_centroids(q, q.shape[3])
+        mq = self._members(q, centroids, lengths)
+        mk = self._members(k, centroids, lengths)
+        return shared_group_edges(mq, mk), lambda: grouped_cost(mq, mk, causal)

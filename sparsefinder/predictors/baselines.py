@@ -14,11 +14,12 @@ fixed patterns use only the shape of ``q``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
-from sparsefinder.graphs import AttentionGraph, real_tokens
+from sparsefinder.graphs import real_tokens
 from sparsefinder.predictors.base import (
     BandPredictor,
     CentroidPredictor,
@@ -26,7 +27,6 @@ from sparsefinder.predictors.base import (
     Predictor,
     check_sentence_ids,
     edge_positions,
-    even_grid,
     global_token_mask,
     grouped_cost,
     register,
@@ -77,15 +77,12 @@ class BigBirdPredictor(Predictor):
     stochastic: ClassVar[bool] = True
     context_keys: ClassVar[tuple[str, ...]] = ("sentence_ids",)
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"num_random": range(2, 21, 2)}
+    """:math:`r \\in \\{2, 4, \\ldots, 20\\}`."""
     constraints: ClassVar[dict[str, Constraint]] = {"num_random": Int(0), "seed": Int(0)}
 
     def __init__(self, num_random: int = 3, seed: int = 0, window: int = 3, global_tokens: bool = True) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`r \\in \\{2, 4, \\ldots, 20\\}`."""
-        return even_grid("num_random", 2, 20)
 
     def _core(
         self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool, sentence_ids: Any = None
@@ -132,15 +129,12 @@ class LongformerPredictor(Predictor):
     name: ClassVar[str] = "longformer"
     family: ClassVar[str] = "baseline"
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"num_global": range(2, 21, 2)}
+    """:math:`G \\in \\{2, 4, \\ldots, 20\\}`."""
     constraints: ClassVar[dict[str, Constraint]] = {"num_global": Int(0)}
 
     def __init__(self, num_global: int = 2, window: int = 3, global_tokens: bool = False) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`G \\in \\{2, 4, \\ldots, 20\\}`."""
-        return even_grid("num_global", 2, 20)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
         g = self.num_global
@@ -181,17 +175,14 @@ class ReformerPredictor(Predictor):
     input_space: ClassVar[str] = "any"
     stochastic: ClassVar[bool] = True
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"n_buckets": range(2, 21, 2)}
+    """:math:`\\beta \\in \\{2, 4, \\ldots, 20\\}` buckets (``n_rounds`` fixed)."""
     constraints: ClassVar[dict[str, Constraint]] = {"n_buckets": Int(2), "n_rounds": Int(1), "seed": Int(0)}
 
     def __init__(
         self, n_buckets: int = 4, n_rounds: int = 4, seed: int = 0, window: int = 0, global_tokens: bool = False
     ) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`\\beta \\in \\{2, 4, \\ldots, 20\\}` buckets (``n_rounds`` fixed)."""
-        return even_grid("n_buckets", 2, 20)
 
     def _check_params(self) -> None:
         super()._check_params()
@@ -284,18 +275,8 @@ class RoutingPredictor(CentroidPredictor):
     ) -> None:
         self._init_params(locals())
 
-    def fit(
-        self,
-        queries: torch.Tensor,
-        keys: torch.Tensor,
-        lengths: torch.Tensor,
-        gold: AttentionGraph | None = None,
-        **kw: Any,
-    ) -> RoutingPredictor:
-        self._check_params()
-        dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
-        lengths = torch.as_tensor(lengths, device=queries.device).long()
-        x = normalise(pool_tokens(queries.to(dtype), keys.to(dtype), lengths))  # (H, P, D)
+    def _fit_centroids(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = normalise(pool_tokens(queries, keys, lengths))  # (H, P, D)
         points = x.shape[1]
         if points == 0:
             raise ValueError("no points to cluster")
@@ -307,20 +288,10 @@ class RoutingPredictor(CentroidPredictor):
             perm = torch.randperm(points, generator=gen).to(x.device)
             for lo in range(0, points, self.batch_points):
                 centroids = spherical_kmeans_step(centroids, x[:, perm[lo : lo + self.batch_points]], self.decay)
-        self.centroids_ = centroids
-        return self
+        return centroids
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
-        centroids = self.centroids_
-        assert centroids is not None
-        if centroids.shape[0] != q.shape[1] or centroids.shape[2] != q.shape[3]:
-            raise ValueError(f"centroids are {tuple(centroids.shape)} (H, C, r) but q is {tuple(q.shape)}")
-        if centroids.shape[1] != self.n_clusters:
-            raise ValueError(f"fitted with {centroids.shape[1]} clusters, n_clusters is {self.n_clusters}: refit")
-        centroids = centroids.to(q.device)
-        mq = balanced_membership(q, centroids, lengths)
-        mk = balanced_membership(k, centroids, lengths)
-        return shared_group_edges(mq, mk), lambda: grouped_cost(mq, mk, causal)
+    def _members(self, x: torch.Tensor, centroids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return balanced_membership(x, centroids, lengths)
 
 
 # ---------------------------------------------------------------------- Sparse Transformer
@@ -354,15 +325,12 @@ class StridedPredictor(Predictor):
     name: ClassVar[str] = "strided"
     family: ClassVar[str] = "baseline"
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"stride": range(4, 21, 2)}
+    """:math:`\\ell \\in \\{4, 6, \\ldots, 20\\}`."""
     constraints: ClassVar[dict[str, Constraint]] = {"stride": Int(1), "expressivity": Int(0)}
 
     def __init__(self, stride: int = 8, expressivity: int = 2, window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`\\ell \\in \\{4, 6, \\ldots, 20\\}`."""
-        return even_grid("stride", 4, 20)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
         return strided_mask(q.shape[2], self.stride, self.expressivity, q.device)[None, None], None

@@ -105,6 +105,16 @@ def fit_kmeans(x: torch.Tensor, n_clusters: int, max_iter: int, generator: torch
     return lloyd(x, kmeans_plusplus(x, n_clusters, generator), max_iter)
 
 
+def pooled_kmeans(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, n_clusters: int, max_iter: int,
+                  max_points: int | None, seed: int) -> torch.Tensor:
+    """:func:`fit_kmeans` on the pooled real points of ``(B, H, N, D)`` queries and keys (:func:`pool_tokens`).
+
+    One ``torch.Generator(seed)`` draws the subsample of ``max_points``, then the k-means++ seeding.
+    """
+    gen = make_generator(seed)
+    return fit_kmeans(pool_tokens(queries, keys, lengths, max_points, gen), n_clusters, max_iter, gen)
+
+
 def normalise(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Unit vectors along the last dim (a zero vector stays zero)."""
     return x / x.norm(dim=-1, keepdim=True).clamp(min=eps)

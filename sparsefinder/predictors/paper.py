@@ -17,6 +17,7 @@ projected queries and keys :math:`q'_i = W_h q_i`, :math:`k'_j = W_h k_j`,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -26,12 +27,11 @@ from sparsefinder.predictors.base import (
     CentroidPredictor,
     CoreResult,
     Predictor,
-    even_grid,
     grouped_cost,
     register,
     shared_group_edges,
 )
-from sparsefinder.predictors.clustering import fit_kmeans, make_generator, pool_tokens, sq_dists
+from sparsefinder.predictors.clustering import pooled_kmeans, sq_dists
 from sparsefinder.predictors.constraints import Constraint, Int, Options, Real, check_int
 
 # ---------------------------------------------------------------------- distance
@@ -54,15 +54,12 @@ class DistancePredictor(Predictor):
     input_space: ClassVar[str] = "projected"
     context_keys: ClassVar[tuple[str, ...]] = ("head_dim",)
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"threshold": tuple(0.5 * i for i in range(1, 11))}
+    """:math:`t \\in \\{0.5, 1.0, \\ldots, 5.0\\}`."""
     constraints: ClassVar[dict[str, Constraint]] = {"threshold": Real()}
 
     def __init__(self, threshold: float = 1.0, window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`t \\in \\{0.5, 1.0, \\ldots, 5.0\\}`."""
-        return [{"threshold": 0.5 * i} for i in range(1, 11)]
 
     def _core(
         self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool, head_dim: int | None = None
@@ -131,15 +128,12 @@ class BucketingPredictor(Predictor):
     family: ClassVar[str] = "sparsefinder"
     input_space: ClassVar[str] = "projected"
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"n_buckets": range(2, 21, 2)}
+    """:math:`\\beta \\in \\{2, 4, \\ldots, 20\\}`."""
     constraints: ClassVar[dict[str, Constraint]] = {"n_buckets": Int(1)}
 
     def __init__(self, n_buckets: int = 4, window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`\\beta \\in \\{2, 4, \\ldots, 20\\}`."""
-        return even_grid("n_buckets", 2, 20)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
         bq = equal_frequency_bins(q, lengths, self.n_buckets)
@@ -156,6 +150,9 @@ class BucketingPredictor(Predictor):
 
 
 # ---------------------------------------------------------------------- k-means
+
+KMEANS_FIT: dict[str, Constraint] = {"max_iter": Int(0), "max_points": Int(1, optional=True), "seed": Int(0)}
+"""Constraints on the fitting hyperparameters shared by k-means and blocks (:func:`~.clustering.pooled_kmeans`)."""
 
 
 def top_centroids(x: torch.Tensor, centroids: torch.Tensor, top_t: int) -> torch.Tensor:
@@ -202,50 +199,17 @@ class KMeansPredictor(CentroidPredictor):
     input_space: ClassVar[str] = "projected"
     stochastic: ClassVar[bool] = True
 
-    constraints: ClassVar[dict[str, Constraint]] = {
-        "n_clusters": Int(1), "top_t": Int(1), "max_iter": Int(0), "max_points": Int(1, optional=True),
-        "seed": Int(0),
-    }
+    constraints: ClassVar[dict[str, Constraint]] = {"n_clusters": Int(1), "top_t": Int(1), **KMEANS_FIT}
 
-    def __init__(
-        self,
-        n_clusters: int = 4,
-        top_t: int = 1,
-        max_iter: int = 100,
-        max_points: int | None = 100_000,
-        seed: int = 0,
-        window: int = 0,
-        global_tokens: bool = False,
-    ) -> None:
+    def __init__(self, n_clusters: int = 4, top_t: int = 1, max_iter: int = 100, max_points: int | None = 100_000,
+                 seed: int = 0, window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
 
-    def fit(
-        self,
-        queries: torch.Tensor,
-        keys: torch.Tensor,
-        lengths: torch.Tensor,
-        gold: AttentionGraph | None = None,
-        **kw: Any,
-    ) -> KMeansPredictor:
-        self._check_params()
-        lengths = torch.as_tensor(lengths, device=queries.device).long()
-        dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
-        gen = make_generator(self.seed)
-        x = pool_tokens(queries.to(dtype), keys.to(dtype), lengths, self.max_points, gen)
-        self.centroids_ = fit_kmeans(x, self.n_clusters, self.max_iter, gen)
-        return self
+    def _fit_centroids(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return pooled_kmeans(queries, keys, lengths, self.n_clusters, self.max_iter, self.max_points, self.seed)
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> CoreResult:
-        centroids = self.centroids_
-        assert centroids is not None
-        if centroids.shape[0] != q.shape[1] or centroids.shape[2] != q.shape[3]:
-            raise ValueError(f"centroids are {tuple(centroids.shape)} (H, C, r) but q is {tuple(q.shape)}")
-        if centroids.shape[1] != self.n_clusters:
-            raise ValueError(f"fitted with {centroids.shape[1]} clusters, n_clusters is {self.n_clusters}: refit")
-        centroids = centroids.to(q.device)
-        mq = centroid_membership(q, centroids, self.top_t, lengths)
-        mk = centroid_membership(k, centroids, self.top_t, lengths)
-        return shared_group_edges(mq, mk), lambda: grouped_cost(mq, mk, causal)
+    def _members(self, x: torch.Tensor, centroids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return centroid_membership(x, centroids, self.top_t, lengths)
 
 
 # ---------------------------------------------------------------------- blocks
@@ -293,7 +257,7 @@ def block_gold(gold: AttentionGraph, block_size: int) -> AttentionGraph:
 
 
 @register
-class BlocksPredictor(Predictor):
+class BlocksPredictor(CentroidPredictor):
     r"""Sparsefinder on contiguous blocks of ``block_size`` = b tokens (BigBird-like, clusters for random blocks).
 
     A sentence of ``n`` tokens has :math:`m = \lceil n/b \rceil` blocks; a block's
@@ -325,36 +289,19 @@ class BlocksPredictor(Predictor):
     predict_only_params: ClassVar[frozenset[str]] = frozenset({"top_k", "variant", "block_window"})
     family: ClassVar[str] = "sparsefinder"
     input_space: ClassVar[str] = "projected"
-    requires_fit: ClassVar[bool] = True
     stochastic: ClassVar[bool] = True
-    fitted_tensors: ClassVar[tuple[str, ...]] = ("centroids_",)
 
-    centroids_: torch.Tensor | None = None
-
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"top_k": range(2, 21, 2)}
+    """``top_k`` ∈ {2, 4, …, 20}, as BigBird's number of random blocks (the paper's baseline grid)."""
     constraints: ClassVar[dict[str, Constraint]] = {
-        "top_k": Int(0), "block_size": Int(1), "n_clusters": Int(1), "block_window": Int(0), "max_iter": Int(0),
-        "max_points": Int(1, optional=True), "seed": Int(0), "variant": Options(("v1", "v2"), text="be 'v1' or 'v2'"),
+        "top_k": Int(0), "block_size": Int(1), "n_clusters": Int(1), "block_window": Int(0), **KMEANS_FIT,
+        "variant": Options(("v1", "v2"), text="be 'v1' or 'v2'"),
     }
 
-    def __init__(
-        self,
-        top_k: int = 2,
-        block_size: int = 2,
-        n_clusters: int = 4,
-        variant: str = "v1",
-        block_window: int = 3,
-        max_iter: int = 100,
-        max_points: int | None = 100_000,
-        seed: int = 0,
-        window: int = 0,
-        global_tokens: bool = False,
-    ) -> None:
+    def __init__(self, top_k: int = 2, block_size: int = 2, n_clusters: int = 4, variant: str = "v1",
+                 block_window: int = 3, max_iter: int = 100, max_points: int | None = 100_000, seed: int = 0,
+                 window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """``top_k`` ∈ {2, 4, …, 20}, as BigBird's number of random blocks (the paper's baseline grid)."""
-        return even_grid("top_k", 2, 20)
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         c = state["centroids"]
@@ -362,35 +309,16 @@ class BlocksPredictor(Predictor):
             raise ValueError(f"centroids must be (H, C = {self.n_clusters}, b·r) with b = {self.block_size}, "
                              f"got {tuple(c.shape)}")
 
-    def fit(
-        self,
-        queries: torch.Tensor,
-        keys: torch.Tensor,
-        lengths: torch.Tensor,
-        gold: AttentionGraph | None = None,
-        **kw: Any,
-    ) -> BlocksPredictor:
-        self._check_params()
-        dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
-        lengths = torch.as_tensor(lengths, device=queries.device).long()
-        bq = block_vectors(queries.to(dtype), lengths, self.block_size)
-        bk = block_vectors(keys.to(dtype), lengths, self.block_size)
-        gen = make_generator(self.seed)
-        x = pool_tokens(bq, bk, block_lengths(lengths, self.block_size), self.max_points, gen)
-        self.centroids_ = fit_kmeans(x, self.n_clusters, self.max_iter, gen)
-        return self
+    def _fit_centroids(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        b = self.block_size
+        bq, bk = block_vectors(queries, lengths, b), block_vectors(keys, lengths, b)
+        return pooled_kmeans(bq, bk, block_lengths(lengths, b), self.n_clusters, self.max_iter, self.max_points,
+                             self.seed)
 
     def block_edges(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> torch.Tensor:
         """``(B, H, M, M)`` predicted block edges, ``M = ⌈N/b⌉`` (before expansion to tokens)."""
-        centroids = self.centroids_
-        assert centroids is not None
         b = self.block_size
-        if centroids.shape[1] != self.n_clusters:
-            raise ValueError(f"fitted with {centroids.shape[1]} clusters, n_clusters is {self.n_clusters}: refit")
-        if centroids.shape[0] != q.shape[1] or centroids.shape[2] != b * q.shape[3]:
-            raise ValueError(f"centroids are {tuple(centroids.shape)} but blocks of q {tuple(q.shape)} "
-                             f"have dimension {b * q.shape[3]}")
-        centroids = centroids.to(device=q.device, dtype=q.dtype)
+        centroids = self._fitted_centroids(q, b * q.shape[3]).to(q.dtype)
         nb = block_lengths(lengths, b)
         vq, vk = block_vectors(q, lengths, b), block_vectors(k, lengths, b)
         m = vq.shape[2]

@@ -97,25 +97,16 @@ class SyntaxPredictor(Predictor):
     family: ClassVar[str] = "pattern"
     context_keys: ClassVar[tuple[str, ...]] = ("word_heads", "word_ids")
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"hops": (1, 2, 3)}
+    """``hops`` ∈ {1, 2, 3}."""
     constraints: ClassVar[dict[str, Constraint]] = {"hops": Int(0)}
 
     def __init__(self, hops: int = 1, window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
 
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """``hops`` ∈ {1, 2, 3}."""
-        return [{"hops": k} for k in (1, 2, 3)]
-
-    def _core(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        lengths: torch.Tensor,
-        causal: bool,
-        word_heads: Sequence[Sequence[int]] | None = None,
-        word_ids: Sequence[Sequence[int | None]] | None = None,
-    ) -> CoreResult:
+    def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool,
+              word_heads: Sequence[Sequence[int]] | None = None,
+              word_ids: Sequence[Sequence[int | None]] | None = None) -> CoreResult:
         batch, _, n = q.shape[:3]
         if word_heads is None or word_ids is None:
             raise ValueError("syntax needs the context word_heads and word_ids (one list per sentence)")
@@ -189,15 +180,12 @@ class LexicalPredictor(Predictor):
     family: ClassVar[str] = "pattern"
     context_keys: ClassVar[tuple[str, ...]] = ("embeddings",)
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"sparsity": SPARSITY_GRID}
+    """Target sparsity ∈ {0.5, 0.6, 0.7, 0.8, 0.9}."""
     constraints: ClassVar[dict[str, Constraint]] = {"sparsity": SPARSITY}
 
     def __init__(self, sparsity: float = 0.8, window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """Target sparsity ∈ {0.5, 0.6, 0.7, 0.8, 0.9}."""
-        return [{"sparsity": s} for s in SPARSITY_GRID]
 
     def _core(
         self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool, embeddings: Any = None
@@ -232,11 +220,8 @@ class PositionPredictor(BandPredictor):
 
     name: ClassVar[str] = "position"
     family: ClassVar[str] = "pattern"
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """:math:`w \\in \\{1, 3, \\ldots, 27\\}`."""
-        return [g for g in BandPredictor.grid() if g["window"] > 0]
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"window": [w for w in BandPredictor.param_grid["window"] if w]}
+    """:math:`w \\in \\{1, 3, \\ldots, 27\\}`."""
 
 
 # ---------------------------------------------------------------------- random
@@ -265,15 +250,12 @@ class RandomPredictor(Predictor):
     stochastic: ClassVar[bool] = True
     context_keys: ClassVar[tuple[str, ...]] = ("match", "sentence_ids")
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"sparsity": SPARSITY_GRID}
+    """Target sparsity ∈ {0.5, 0.6, 0.7, 0.8, 0.9}."""
     constraints: ClassVar[dict[str, Constraint]] = {"sparsity": SPARSITY, "seed": Int(0)}
 
     def __init__(self, sparsity: float = 0.8, seed: int = 0, window: int = 0, global_tokens: bool = False) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        """Target sparsity ∈ {0.5, 0.6, 0.7, 0.8, 0.9}."""
-        return [{"sparsity": s} for s in SPARSITY_GRID]
 
     def _budget(self, match: Any, lengths: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
         batch = lengths.shape[0]
@@ -290,15 +272,8 @@ class RandomPredictor(Predictor):
             raise ValueError(f"match counts must broadcast to (B, H) = ({batch}, {heads})") from err
         return counts
 
-    def _core(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        lengths: torch.Tensor,
-        causal: bool,
-        match: Any = None,
-        sentence_ids: Any = None,
-    ) -> CoreResult:
+    def _core(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool, match: Any = None,
+              sentence_ids: Any = None) -> CoreResult:
         batch, heads, n = q.shape[:3]
         ids = check_sentence_ids(sentence_ids, batch)
         lengths_cpu = lengths.cpu()

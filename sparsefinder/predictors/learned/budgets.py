@@ -161,6 +161,8 @@ class _BudgetPredictor(Predictor):
     thresholds_: torch.Tensor | None = None
     train_recall_: torch.Tensor | None = None
 
+    param_grid: ClassVar[dict[str, Sequence[Any]]] = {"sparsity": (0.5, 0.6, 0.7, 0.8, 0.9)}
+    """Target mean sparsity ∈ {0.5, 0.6, 0.7, 0.8, 0.9}."""
     constraints: ClassVar[dict[str, Constraint]] = {
         "sparsity": Real(0.0, 1.0, text="be a number in [0, 1]"), "budget": Options(BUDGETS), "seed": Int(0),
     }
@@ -168,10 +170,6 @@ class _BudgetPredictor(Predictor):
     def __init__(self, sparsity: float = 0.7, budget: str = "per_head", seed: int = 0, window: int = 0,
                  global_tokens: bool = False) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def grid(cls) -> list[dict[str, Any]]:
-        return [{"sparsity": s} for s in (0.5, 0.6, 0.7, 0.8, 0.9)]
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         t, r = state["thresholds"], state["train_recall"]
@@ -190,19 +188,14 @@ class _BudgetPredictor(Predictor):
         raise NotImplementedError
 
     # -- fit / predict -----------------------------------------------------------------------
-    def fit(
-        self,
-        queries: torch.Tensor,
-        keys: torch.Tensor,
-        lengths: torch.Tensor,
-        gold: AttentionGraph | None = None,
-        tokens: Sequence[Sequence[str]] | None = None,
-        causal: bool | None = None,
-        chunk: int = 32,
-        **kw: Any,
-    ) -> _BudgetPredictor:
-        """Learn the scorer and the per-head score quantiles on padded training ``queries``/``keys`` and ``gold``."""
-        self._check_params()
+    def _fit(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, gold: AttentionGraph | None,
+             tokens: Sequence[Sequence[str]] | None = None, causal: bool | None = None, chunk: int = 32,
+             **kw: Any) -> None:
+        """Learn the scorer and the per-head score quantiles on padded training ``queries``/``keys`` and ``gold``.
+
+        ``fit(..., tokens=...)`` passes each sentence's token strings (for the token priors); ``causal``
+        defaults to ``gold.causal``; ``chunk`` sentences are scored at a time for the curves.
+        """
         if gold is None:
             raise ValueError(f"{type(self).__name__} learns from the gold graphs: pass gold=AttentionGraph(...)")
         from sparsefinder.predictors.base import check_inputs
@@ -231,7 +224,6 @@ class _BudgetPredictor(Predictor):
             recall.append(curve.recall_at_density(grid))
         self.thresholds_ = torch.tensor(np.array(thresholds), dtype=torch.float64)
         self.train_recall_ = torch.tensor(np.array(recall), dtype=torch.float64)
-        return self
 
     def scores(self, q: torch.Tensor, k: torch.Tensor | None, lengths: torch.Tensor | Sequence[int],
                causal: bool = False, tokens: Sequence[Sequence[str]] | None = None) -> torch.Tensor:

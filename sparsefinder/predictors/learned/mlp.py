@@ -45,8 +45,7 @@ import torch
 
 from sparsefinder.predictors.base import NotFittedError, register
 from sparsefinder.predictors.constraints import Constraint, Int, Real
-from sparsefinder.predictors.learned.budgets import OUTSIDE
-from sparsefinder.predictors.learned.stacked import _combine, _feature_dict, _fit_logistic, _Stacked
+from sparsefinder.predictors.learned.stacked import _combine, _fit_logistic, _per_head, _Stacked
 
 ADAM_BETAS = (0.9, 0.999)
 
@@ -138,25 +137,14 @@ class StackedMLP(_Stacked):
                                    float(self.l2), gen)
         self.weight_, self.w1_, self.b1_, self.w2_ = skip, w1, b1, w2
 
-    def _scores(self, q, k, lengths, causal, hashes):
-        if self.w1_ is None or self.weight_ is None:
+    def _feature_logits(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.w1_ is None:
             raise NotFittedError(f"{type(self).__name__} is not fitted")
-        H, F, M = self.w1_.shape
-        cand = self._candidates(q, k, lengths, causal, hashes)
-        feats = _feature_dict(self.features, q, k, lengths, causal, hashes, self._priors(), H, cand)
-
-        def view(v: torch.Tensor) -> torch.Tensor:
-            return v[None, :, None, None]
-
-        z = _combine(feats, self.features, self.weight_, self.mean_, self.scale_, view)
-        for m in range(M):  # one unit at a time: (B, H, N, N) tensors only, never (..., M) or (..., F)
+        z = super()._feature_logits(feats)
+        for m in range(self.w1_.shape[2]):  # one unit at a time: (B, H, N, N) tensors only, never (..., M) or (..., F)
             unit = torch.cat([self.w1_[:, :, m], self.b1_[:, m, None]], 1)  # (H, F + 1), bias last
-            z = z + torch.tanh(_combine(feats, self.features, unit, self.mean_, self.scale_, view)) \
-                * view(self.w2_[:, m].float())
-        B, N = q.shape[0], q.shape[2]
-        z = z.expand(B, H, N, N).double()
-        if cand is not None:
-            z = z.masked_fill(~cand, OUTSIDE)
+            z = z + torch.tanh(_combine(feats, self.features, unit, self.mean_, self.scale_, _per_head)) \
+                * _per_head(self.w2_[:, m].float())
         return z
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -55,6 +55,11 @@ def _combine(feats: dict[str, torch.Tensor], names: Sequence[str], weight: torch
     return z
 
 
+def _per_head(v: torch.Tensor) -> torch.Tensor:
+    """An ``(H,)`` vector as ``(1, H, 1, 1)``, to broadcast against ``(B, H, N, N)`` features."""
+    return v[None, :, None, None]
+
+
 def _feature_dict(names: Sequence[str], q: torch.Tensor | None, k: torch.Tensor | None, lengths: torch.Tensor,
                   causal: bool, hashes: torch.Tensor, priors: dict[str, torch.Tensor], heads: int,
                   candidates: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -141,7 +146,7 @@ class _Stacked(_BudgetPredictor):
         H = w.shape[0]
         cand = self._candidates(q, k, lengths, causal, hashes)
         feats = _feature_dict(self.features, q, k, lengths, causal, hashes, self._priors(), H, cand)
-        z = _combine(feats, self.features, w, self.mean_, self.scale_, lambda v: v[None, :, None, None])
+        z = _combine(feats, self.features, w, self.mean_, self.scale_, _per_head)
         return z.expand(q.shape[0], H, q.shape[2], k.shape[2])
 
     def _fit_weights(self, xz: torch.Tensor, y: torch.Tensor, inside: torch.Tensor) -> None:
@@ -205,12 +210,16 @@ class _Stacked(_BudgetPredictor):
         H = self.weight_.shape[0]
         cand = self._candidates(q, k, lengths, causal, hashes)
         feats = _feature_dict(self.features, q, k, lengths, causal, hashes, self._priors(), H, cand)
-        z = _combine(feats, self.features, self.weight_, self.mean_, self.scale_, lambda v: v[None, :, None, None])
+        z = self._feature_logits(feats)
         B, N = q.shape[0], q.shape[2]
         z = z.expand(B, H, N, N).double()
         if cand is not None:
             z = z.masked_fill(~cand, OUTSIDE)
         return z
+
+    def _feature_logits(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Float32 logits of the features of :func:`_feature_dict`, broadcastable to ``(B, H, N, N)``."""
+        return _combine(feats, self.features, self.weight_, self.mean_, self.scale_, _per_head)
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         super()._check_state(state)
