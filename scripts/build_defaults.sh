@@ -15,7 +15,7 @@ $sf extract --model "$model" --split train --out "$runs/train" --overwrite
 $sf extract --model "$model" --split validation --out "$runs/val" --overwrite
 # The shipped projections and sweep are the paper's recipe (margin loss, r = 4, the paper's methods);
 # the learned predictors (listwise loss, the CLI's default) get their own projections, sweep and fitted state below.
-paper=distance,bucketing,kmeans,blocks,window,bigbird,longformer,reformer,routing,strided,syntax,lexical,position,random
+paper=sparsefinder,baseline,pattern  # families: each stands for its default-sweep methods
 $sf train --loss margin --store "$runs/train" --val-store "$runs/val" --out "data/projections/$model"
 $sf sweep --store "$runs/val" --projections "data/projections/$model" --fit-store "$runs/train" \
     --methods "$paper" --save-fitted "data/fitted/$model" --max-points 20000 --threads 1 \
@@ -24,7 +24,7 @@ $sf sweep --store "$runs/val" --projections "data/projections/$model" --fit-stor
 # Pareto page; their fitted state (deduplicated, a few MB) lets Explore/Compare draw them on new text.
 $sf train --loss listwise --rank 8 --store "$runs/train" --val-store "$runs/val" --out "data/projections/$model-listwise-r8"
 $sf sweep --store "$runs/val" --projections "data/projections/$model-listwise-r8" --fit-store "$runs/train" \
-    --methods distance_budget,topk,priors,stacked,cascade,global_band --threads 1 \
+    --methods learned --threads 1 \
     --save-fitted "data/fitted/$model-learned" --out "data/sweeps/$model-learned-validation.parquet"
 # Projections trained through the stacked model's loss (the best stacked predictor; for stacked/cascade only).
 $sf train --loss stacked --init "data/projections/$model-listwise-r8" --store "$runs/train" --val-store "$runs/val" \

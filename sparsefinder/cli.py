@@ -145,11 +145,12 @@ def cmd_sweep(args) -> int:
     from sparsefinder.evaluation.fitted import load_fitted, save_fitted
     from sparsefinder.evaluation.pareto import best_recall_table, pareto_front
     from sparsefinder.evaluation.sweep import fit_predictors, run_sweep, save_sweep
+    from sparsefinder.predictors.base import expand_methods
     from sparsefinder.training.projections import Projections
 
     store = ExtractionStore.open(args.store)
     projections = Projections.load(args.projections, store=store) if args.projections else None
-    methods = args.methods.split(",") if args.methods else None
+    methods = expand_methods(args.methods) if args.methods else None
     fitted = None
     if args.fitted:
         fitted = load_fitted(args.fitted)
@@ -284,7 +285,9 @@ def cmd_curves(args) -> int:
     found = _curve_artifacts(args, model)
     projections, fitted = found.projections, found.fitted
     if args.methods:
-        methods = [m for m in args.methods.split(",") if m]
+        from sparsefinder.predictors.base import expand_methods
+
+        methods = expand_methods(args.methods)
     else:  # the defaults that can run with this model's artifacts
         methods = []
         for m in ap.DEFAULT_METHODS:
@@ -431,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fitted", default=None, help="load fitted predictors from this directory instead of fitting")
     sp.add_argument("--save-fitted", default=None, help="save the fitted predictors to this directory")
     sp.add_argument("--max-points", type=int, default=20_000, help="points per head for fitting centroids")
-    sp.add_argument("--methods", default=None, help="comma-separated predictor names (default: all runnable)")
+    sp.add_argument("--methods", default=None,
+                    help="comma-separated predictor or family names, e.g. 'sparsefinder,baseline,pattern' "
+                         "(default: all runnable)")
     sp.add_argument("--out", required=True, help="output Parquet file (a JSON sidecar is written beside it)")
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--threads", type=int, default=None, help="torch threads for the sweep")

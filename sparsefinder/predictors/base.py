@@ -323,6 +323,30 @@ def list_predictors(family: str | None = None) -> list[str]:
     return [name for name, cls in REGISTRY.items() if family is None or cls.family == family]
 
 
+def expand_methods(names: str | Sequence[str]) -> list[str]:
+    """Method names, each given as itself or as its family (``"baseline"``: every default-sweep member).
+
+    So a script names what it means (``sparsefinder,baseline,pattern``: the paper's
+    comparison) instead of a hand-kept list that the next registered method misses.
+    Duplicates are dropped, order kept; an unknown name raises ``KeyError``.
+    """
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    families = {cls.family for cls in REGISTRY.values()}
+    out: list[str] = []
+    for raw in names:
+        name = raw.strip()
+        if name in REGISTRY:
+            members = [name]
+        elif name in families:
+            members = [m for m, cls in REGISTRY.items() if cls.family == name and cls.default_sweep]
+        else:
+            raise KeyError(f"unknown predictor or family {name!r}; predictors: {list(REGISTRY)}, "
+                           f"families: {sorted(families)}")
+        out += [m for m in members if m not in out]
+    return out
+
+
 # ---------------------------------------------------------------------- shared helpers
 
 

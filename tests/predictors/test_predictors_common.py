@@ -146,6 +146,21 @@ def test_registry_lists_every_method():
         get_predictor("nope")
 
 
+def test_expand_methods_reads_families_from_the_registry():
+    from sparsefinder.predictors import expand_methods
+
+    paper = expand_methods("sparsefinder,baseline,pattern")
+    assert paper == [m for m in ALL if REGISTRY[m].family in ("sparsefinder", "baseline", "pattern")]
+    assert len(paper) == 14  # the paper's comparison: 4 Sparsefinder methods, 6 baselines, 4 patterns
+    learned = expand_methods(["learned"])
+    assert "stacked_mlp" not in learned  # opt-in: not in the default sweep, so not in its family's list
+    assert learned == [m for m in ALL if REGISTRY[m].family == "learned" and REGISTRY[m].default_sweep]
+    assert expand_methods("window,baseline,window") == list_predictors("baseline")  # order kept, no repeats
+    assert expand_methods(["stacked_mlp"]) == ["stacked_mlp"]  # a name is itself, opt-in or not
+    with pytest.raises(KeyError, match="unknown predictor or family"):
+        expand_methods("nope")
+
+
 def test_register_rejects_duplicates_and_non_predictors():
     class Dup(Predictor):
         name = "distance"
