@@ -56,6 +56,11 @@ _EXPORTS: dict[str, str] = {
     "best_recall_table": "sparsefinder.evaluation.pareto",
     "sparsity_accuracy_curve": "sparsefinder.evaluation.approximate",
     "interpret": "sparsefinder.evaluation.interpret",
+    "analyse": "sparsefinder.evaluation.analysis",
+    "predict_batch": "sparsefinder.evaluation.analysis",
+    # results: which artifacts go with a model, a result and a method
+    "resolve_result": "sparsefinder.results",
+    "result_artifacts": "sparsefinder.results",
 }
 # Names whose defining module exports them under another name.
 _ALIASES: dict[str, str] = {"load_catalogue": "load_registry"}
