@@ -430,7 +430,9 @@ def sweep_result(out: Path, log: Callable[[str], None] | None = None,
     fitted state to ``out/fitted`` and the sweep to ``out/sweep.parquet``; returns the sweep table."""
     from sparsefinder.corpora.store import ExtractionStore
     from sparsefinder.evaluation.fitted import save_fitted
-    from sparsefinder.evaluation.sweep import fit_predictors, run_sweep, save_sweep
+    from sparsefinder.evaluation.sweep.fit import fit_predictors
+    from sparsefinder.evaluation.sweep.run import run_sweep
+    from sparsefinder.evaluation.sweep.table import save_sweep
     from sparsefinder.predictors.learned.budgets import TokenContext
     from sparsefinder.training.projections import Projections
 

@@ -395,3 +395,21 @@ def test_best_recall_at_against_manual():
     values = table.to_numpy()
     finite = ~np.isnan(values)
     assert all(np.all(np.diff(row[ok]) <= 1e-12) for row, ok in zip(values, finite, strict=True))
+
+
+def test_fast_paths_are_registered_by_class_and_planned():
+    """Importing the sweep registers the nested and shared dense kernels; a method re-registered with
+    another class under the same name would not inherit them (they are keyed by class)."""
+    from sparsefinder.evaluation.sweep.batch import NESTED, SHARED_DENSE
+    from sparsefinder.evaluation.sweep.configs import _Config
+    from sparsefinder.evaluation.sweep.plan import _plan
+
+    nested = {m for m, cls in REGISTRY.items() if cls in NESTED}
+    shared = {m for m, cls in REGISTRY.items() if cls in SHARED_DENSE}
+    assert nested == {"distance", "window", "position", "longformer", "bigbird", "random", "blocks"}
+    assert shared == {"bucketing", "kmeans", "reformer", "routing"}
+    configs = [_Config(i, "window", {"window": w}, f"w{w}", get_predictor("window", window=w))
+               for i, w in enumerate((1, 3, 5))]
+    configs.append(_Config(3, "strided", {}, "s", get_predictor("strided")))
+    units = _plan(configs)
+    assert [u.kind for u in units] == ["nested", "generic"] and len(units[0].configs) == 3

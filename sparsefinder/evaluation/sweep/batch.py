@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,3 +178,27 @@ def _nested_counts(lv: _Levels, n_levels: int, batch: _Batch) -> Counts:
         cost = lv.core_cost.double()[..., None] + added
     return {k: v.permute(2, 0, 1) for k, v in
             {"pred_edges": pred, "hits": hits, "covered_queries": covered, "cost": cost}.items()}
+
+
+def _generic_counts(batch: _Batch, pred: Predictor) -> Counts:
+    """Counts of one configuration through the predictor itself (every method has this path)."""
+    q, k = batch.inputs(type(pred))
+    graph, cost = pred.predict_with_cost(q, k, batch.lengths, batch.causal, **batch.predictor_context())
+    return _dense_counts(graph.edges, cost, batch)
+
+
+@dataclass(frozen=True)
+class _Nested:
+    """A method whose grid parameter ``param`` only adds edges as it grows: the whole grid in one pass."""
+
+    param: str
+    levels: Callable[[_Batch, Predictor, list[Any]], _Levels]
+    descending: bool = False  # grid order in which the graphs grow
+    usable: Callable[[_Batch], bool] = lambda batch: True
+
+
+# Fast paths, keyed by the predictor *class*: a method re-registered under the same name with
+# another class runs the generic path, never a kernel written for the old one. Filled by
+# nested.py and dense.py, beside the kernels themselves.
+NESTED: dict[type[Predictor], _Nested] = {}
+SHARED_DENSE: dict[type[Predictor], Callable[[_Batch, Predictor], Counts]] = {}

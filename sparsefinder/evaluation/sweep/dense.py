@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from sparsefinder.evaluation.sweep.batch import Counts, _Batch, _dense_counts, _finish
+from sparsefinder.evaluation.sweep.batch import SHARED_DENSE, Counts, _Batch, _dense_counts, _finish
 from sparsefinder.graphs import real_tokens
 from sparsefinder.predictors.base import (
     REGISTRY,
@@ -184,17 +182,12 @@ def _kmeans_counts(batch: _Batch, pred: Predictor) -> Counts:
     return _dense_counts(edges, total, batch)
 
 
-SHARED_DENSE: dict[str, Callable[[_Batch, Predictor], Counts]] = {
+# Dense kernels of one configuration that share per-batch work and avoid the predictors' matmuls,
+# registered by class (see batch.SHARED_DENSE).
+for _name, _kernel in {
     "bucketing": _bucketing_counts,
     "kmeans": _kmeans_counts,
     "reformer": _reformer_counts,
     "routing": _routing_counts,
-}
-"""Dense kernels of one configuration that share per-batch work and avoid the predictors' matmuls."""
-_SHARED_CLASSES = {name: REGISTRY[name] for name in SHARED_DENSE}
-
-
-def _generic_counts(batch: _Batch, pred: Predictor) -> Counts:
-    q, k = batch.inputs(type(pred))
-    graph, cost = pred.predict_with_cost(q, k, batch.lengths, batch.causal, **batch.predictor_context())
-    return _dense_counts(graph.edges, cost, batch)
+}.items():
+    SHARED_DENSE[REGISTRY[_name]] = _kernel

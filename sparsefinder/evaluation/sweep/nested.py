@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from sparsefinder.evaluation.sweep.batch import _Batch, _level_dtype, _Levels, _never
+from sparsefinder.evaluation.sweep.batch import NESTED, _Batch, _level_dtype, _Levels, _Nested, _never
 from sparsefinder.graphs import num_valid_pairs, real_tokens
 from sparsefinder.predictors.base import (
     REGISTRY,
@@ -196,15 +195,8 @@ def _blocks_levels(batch: _Batch, pred: Predictor, values: list[Any]) -> _Levels
     return _Levels(core, shared_pattern(batch.lengths, n, pred.window, pred.global_tokens))
 
 
-@dataclass(frozen=True)
-class _Nested:
-    param: str
-    levels: Callable[[_Batch, Predictor, list[Any]], _Levels]
-    descending: bool = False  # grid order in which the graphs grow
-    usable: Callable[[_Batch], bool] = lambda batch: True
-
-
-NESTED: dict[str, _Nested] = {
+# Registered by class (see batch.NESTED); the names are the registry's.
+for _name, _spec in {
     "distance": _Nested("threshold", _distance_levels),
     "window": _Nested("window", _window_levels),
     "position": _Nested("window", _window_levels),
@@ -213,6 +205,5 @@ NESTED: dict[str, _Nested] = {
     # With a "match" context random matches another graph's edge counts: not one nested family.
     "random": _Nested("sparsity", _random_levels, descending=True, usable=lambda batch: "match" not in batch.context),
     "blocks": _Nested("top_k", _blocks_levels),
-}
-"""Methods whose grid parameter only adds edges as it grows: scored for the whole grid in one pass."""
-_NESTED_CLASSES = {name: REGISTRY[name] for name in NESTED}
+}.items():
+    NESTED[REGISTRY[_name]] = _spec

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from sparsefinder.evaluation.sweep.batch import Counts, _Batch, _nested_counts
+from sparsefinder.evaluation.sweep.batch import NESTED, SHARED_DENSE, Counts, _Batch, _generic_counts, _nested_counts
 from sparsefinder.evaluation.sweep.configs import (
     OPTIONAL_CONTEXT,
     SUPPLIED_CONTEXT,
@@ -17,8 +17,6 @@ from sparsefinder.evaluation.sweep.configs import (
     _config_params,
     canonical_params,
 )
-from sparsefinder.evaluation.sweep.dense import _SHARED_CLASSES, SHARED_DENSE, _generic_counts
-from sparsefinder.evaluation.sweep.nested import _NESTED_CLASSES, NESTED
 from sparsefinder.predictors.base import REGISTRY, get_predictor
 
 
@@ -31,16 +29,15 @@ class _Unit:
 
     def run(self, batch: _Batch) -> Counts:
         pred = self.configs[0].for_layer(batch.layer)
-        method = self.configs[0].method
         if self.kind == "nested":
-            spec = NESTED[method]
+            spec = NESTED[type(pred)]
             if spec.usable(batch):
                 values = [getattr(c.predictor, spec.param) for c in self.configs]
                 return _nested_counts(spec.levels(batch, pred, values), len(values), batch)
             parts = [_generic_counts(batch, c.for_layer(batch.layer)) for c in self.configs]
             return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
         if self.kind == "shared":
-            return SHARED_DENSE[method](batch, pred)
+            return SHARED_DENSE[type(pred)](batch, pred)
         return _generic_counts(batch, pred)
 
 
@@ -62,17 +59,17 @@ def _plan(configs: list[_Config]) -> list[_Unit]:
     groups: dict[tuple[str, str, str], list[_Config]] = {}
     for c in configs:
         cls = REGISTRY[c.method]
-        if c.method in NESTED and cls is _NESTED_CLASSES[c.method]:
-            spec = NESTED[c.method]
+        if cls in NESTED:
+            spec = NESTED[cls]
             rest = {k: v for k, v in c.predictor.get_params().items() if k != spec.param}
             key = (c.method, canonical_params(rest), _state_digest([c]))
             groups.setdefault(key, []).append(c)
-        elif c.method in SHARED_DENSE and cls is _SHARED_CLASSES[c.method]:
+        elif cls in SHARED_DENSE:
             units.append(_Unit([c], "shared"))
         else:
             units.append(_Unit([c], "generic"))
     for (method, _, _), members in groups.items():
-        spec = NESTED[method]
+        spec = NESTED[REGISTRY[method]]
         members.sort(key=lambda c: getattr(c.predictor, spec.param), reverse=spec.descending)
         units.append(_Unit(members, "nested"))
     units.sort(key=lambda u: min(c.index for c in u.configs))
