@@ -71,6 +71,14 @@ def alpha_label(alpha) -> str:
     return f"per-head ({arr.shape[0]}×{arr.shape[1]})" if arr.ndim == 2 else "per-head"
 
 
+def page(title: str, caption: str) -> tuple[str, ModelSpec]:
+    """A page's title and caption; returns the session's model name and its catalogue entry."""
+    name = st.session_state[MODEL]
+    st.title(title)
+    st.caption(caption)
+    return name, registry()[name]
+
+
 def active_result(name: str) -> rs.Result:
     """The result this session selected in the sidebar (``st.session_state[RESULT]``), resolved."""
     return rs.resolve_result(name, st.session_state.get(RESULT, SHIPPED))

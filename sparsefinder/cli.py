@@ -373,6 +373,21 @@ def _curve_artifacts(args, model):
     return rs.result_artifacts(rs.override_result(result, args.projections, args.fitted), model)
 
 
+_ARTIFACT_HELP = {
+    "store": "extraction of the corpus (sparsefinder extract)",
+    "projections": "projections directory (sparsefinder train)",
+    "fitted": "fitted predictors directory (sparsefinder sweep --save-fitted)",
+}
+
+
+def artifact_args(sp: argparse.ArgumentParser, *flags: str, required: tuple[str, ...] = (), **helps: str) -> None:
+    """The artifact folders a subcommand reads (``--store``, ``--projections``, ``--fitted``), named alike
+    everywhere; ``helps`` says what a folder is for in this subcommand."""
+    for flag in flags:
+        key = flag.lstrip("-")
+        sp.add_argument(flag, required=flag in required, default=None, help=helps.get(key, _ARTIFACT_HELP[key]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsefinder", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -428,10 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("sweep", help="every predictor over its grid on an extracted corpus, per layer and head")
-    sp.add_argument("--store", required=True, help="extraction to evaluate on (e.g. the validation split)")
-    sp.add_argument("--projections", default=None, help="projections directory (sparsefinder train)")
+    artifact_args(sp, "--store", "--projections", "--fitted", required=("--store",),
+                  store="extraction to evaluate on (e.g. the validation split)",
+                  fitted="load fitted predictors from this directory instead of fitting")
     sp.add_argument("--fit-store", default=None, help="extraction to fit k-means/blocks/routing on (training split)")
-    sp.add_argument("--fitted", default=None, help="load fitted predictors from this directory instead of fitting")
     sp.add_argument("--save-fitted", default=None, help="save the fitted predictors to this directory")
     sp.add_argument("--max-points", type=int, default=20_000, help="points per head for fitting centroids")
     sp.add_argument("--methods", default=None,
@@ -447,9 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_sweep)
 
     sp = sub.add_parser("interpret", help="POS tags per k-means cluster, gold-edge distances and POS pairs per head")
-    sp.add_argument("--store", required=True, help="extraction of the corpus (sparsefinder extract)")
-    sp.add_argument("--projections", required=True, help="projections directory (sparsefinder train)")
-    sp.add_argument("--fitted", required=True, help="fitted predictors with k-means centroids (sweep --save-fitted)")
+    artifact_args(sp, "--store", "--projections", "--fitted", required=("--store", "--projections", "--fitted"),
+                  fitted="fitted predictors with k-means centroids (sweep --save-fitted)")
     sp.add_argument("--out", required=True, help="output directory (Parquet tables + manifest.json)")
     sp.add_argument("--conllu", default=None, help="take POS tags from this CoNLL-U file (the store's corpus) "
                                                    "instead of spaCy")

@@ -32,13 +32,10 @@ def params_widget_key(method: str) -> str:
 
 
 def main() -> None:
-    name = ss[state.MODEL]
-    spec = state.registry()[name]
-    st.title("Compare methods")
-    st.caption(
-        "The same head under several methods: each method's predicted graph against the gold graph on one "
-        "sentence (TP blue, FP orange, FN pink), and its numbers here and over the sweep corpus."
-    )
+    name, spec = state.page("Compare methods",
+                            "The same head under several methods: each method's predicted graph against the gold "
+                            "graph on one sentence (TP blue, FP orange, FN pink), and its numbers here and over "
+                            "the sweep corpus.")
     text = state.graph_text_input()
     if not text:
         st.warning("Enter a sentence to compare the methods on.")

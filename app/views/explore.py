@@ -30,14 +30,9 @@ def sentence_label(i: int, text: str) -> str:
 
 
 def main() -> None:
-    name = ss[state.MODEL]
-    spec = state.registry()[name]
-
-    st.title("Explore gold attention")
-    st.caption(
-        "The gold graph of a head is the support of its entmax probabilities (p > 0); "
-        "its sparsity is the share of token pairs that get exactly zero attention."
-    )
+    name, spec = state.page("Explore gold attention",
+                            "The gold graph of a head is the support of its entmax probabilities (p > 0); "
+                            "its sparsity is the share of token pairs that get exactly zero attention.")
 
     source = state.persistent_widget(st.radio, state.SOURCE, "Input", options=state.SOURCES, horizontal=True)
     if source == state.SOURCES[0]:
