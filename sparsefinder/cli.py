@@ -14,9 +14,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _alpha(value: str) -> float:
-    a = float(value)
-    if a < 1:
-        raise argparse.ArgumentTypeError("alpha must be >= 1")
+    from sparsefinder.kernels.entmax import check_alpha
+
+    try:
+        a = float(value)
+        check_alpha(a)
+    except ValueError as e:
+        msg = str(e) if "finite" in str(e) else f"alpha must be a number, got {value!r}"
+        raise argparse.ArgumentTypeError(msg) from None
     return a
 
 

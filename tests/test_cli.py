@@ -89,3 +89,37 @@ def test_sweep_fits_saves_and_reloads_predictors(tmp_path, tiny_model_dir, capsy
     (tmp_path / "f" / "fitted.safetensors").write_bytes(b"garbage")
     with pytest.raises(FittedFileError, match="unreadable"):
         load_fitted(tmp_path / "f")
+
+
+@pytest.mark.parametrize("alpha", ["nan", "inf", "-inf", "0.5", "abc"])
+def test_alpha_must_be_finite_and_at_least_one(alpha, capsys, tiny_model_dir):
+    with pytest.raises(SystemExit) as exc:
+        main(["gold", "--model", str(tiny_model_dir("bert")), f"--alpha={alpha}", "Hello world."])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "alpha must be a" in err and "Traceback" not in err
+
+
+def test_alpha_is_checked_where_it_enters(tmp_path, monkeypatch, tiny_model_dir):
+    import math
+
+    import torch
+
+    from sparsefinder.kernels.entmax import check_alpha, entmax
+    from sparsefinder.model.catalogue import load_registry
+
+    for bad in (math.nan, math.inf, 0.9, [[1.5, math.nan]], []):
+        with pytest.raises(ValueError, match="finite number >= 1"):
+            check_alpha(bad)
+    for good in (1.0, 1.5, 2.0, [[1.0, 1.7]]):
+        check_alpha(good)
+    with pytest.raises(ValueError, match="finite number >= 1"):
+        entmax(torch.zeros(2, 3), torch.tensor([[math.nan], [1.5]]))
+    model = load_model(str(tiny_model_dir("bert")), device="cpu")
+    with pytest.raises(ValueError, match="finite number >= 1"):
+        model.set_alpha(math.nan)
+    for bad in (math.nan, "1.5"):  # json writes NaN as a bare literal that json.loads accepts
+        (tmp_path / "models.json").write_text(json.dumps(
+            {"default": "m", "models": {"m": {"path": "pkg:none", "alpha": bad}}}), encoding="utf-8")
+        with pytest.raises(ValueError, match="the alpha of 'm' must be a finite number"):
+            load_registry(tmp_path / "models.json")

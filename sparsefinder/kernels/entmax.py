@@ -22,6 +22,22 @@ from sparsefinder.kernels.entmax15 import entmax15_fast
 Alpha = float | torch.Tensor
 
 
+def check_alpha(alpha: Alpha | list, what: str = "alpha") -> None:
+    """Refuse an alpha that is not a finite number >= 1 (1 is softmax), scalar or per head.
+
+    NaN compares false with every bound, so ``alpha < 1`` alone lets it through and
+    every probability becomes NaN; ``inf`` would silently mean argmax-free uniform rows.
+    """
+    try:
+        values = torch.as_tensor(alpha, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{what} must be a finite number >= 1 (1 = softmax), got {alpha!r}") from None
+    bad = values[~torch.isfinite(values) | (values < 1)]
+    if values.numel() == 0 or bad.numel():
+        shown = f"{float(bad[0]):g}" if bad.numel() else "an empty table"
+        raise ValueError(f"{what} must be a finite number >= 1 (1 = softmax), got {shown}")
+
+
 def is_scalar_alpha(alpha: Alpha, value: float) -> bool:
     if isinstance(alpha, torch.Tensor):
         return bool(alpha.numel() > 0 and torch.all(alpha == value))
@@ -40,10 +56,11 @@ def entmax(scores: torch.Tensor, alpha: Alpha = 1.5, n_iter: int = 50) -> torch.
         return entmax15_fast(scores, dim=-1)
     if is_scalar_alpha(alpha, 1.0):
         return torch.softmax(scores, dim=-1)
+    check_alpha(alpha)
     if isinstance(alpha, torch.Tensor):
         if torch.any(alpha <= 1):
             raise ValueError("every alpha must be > 1 (use softmax for alpha = 1)")
         alpha = alpha.to(device=scores.device, dtype=torch.float32).expand(*scores.shape[:-1], 1)
-    elif alpha <= 1:
+    elif alpha < 1:
         raise ValueError(f"alpha must be > 1, got {alpha}")
     return entmax_bisect(scores, alpha=alpha, dim=-1, n_iter=n_iter)

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsefinder.kernels.entmax import Alpha
+from sparsefinder.kernels.entmax import Alpha, check_alpha
 
 
 def data_dir() -> Path:
@@ -72,6 +72,7 @@ def load_registry(path: Path | None = None) -> dict[str, ModelSpec]:
     raw = json.loads(Path(path).read_text(encoding="utf-8"))
     specs = {}
     for name, entry in raw["models"].items():
+        check_alpha(entry.get("alpha", 1.5), what=f"models.json: the alpha of {name!r}")
         specs[name] = ModelSpec(
             name=name,
             path=entry["path"],

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from sparsefinder.graphs import AttentionGraph
-from sparsefinder.kernels.entmax import Alpha
+from sparsefinder.kernels.entmax import Alpha, check_alpha
 from sparsefinder.model import attention
 from sparsefinder.model.adapter import apply_adapter, weights_checksum
 from sparsefinder.model.catalogue import ModelSpec, get_spec
@@ -139,6 +139,7 @@ class EntmaxModel:
         """Set alpha: a float, or a ``(layers, heads)`` tensor/list (per-head alpha)."""
         if isinstance(alpha, list | tuple):
             alpha = torch.tensor(alpha, dtype=torch.float32)
+        check_alpha(alpha)
         if isinstance(alpha, torch.Tensor) and alpha.numel() > 1:
             if tuple(alpha.shape) != (self.num_layers, self.num_heads):
                 raise ValueError(
