@@ -25,12 +25,33 @@ def _alpha(value: str) -> float:
     return a
 
 
+def _device(value: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; a CUDA device only where there is one."""
+    import torch
+
+    if value == "auto":
+        return value
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {value!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"--device {value}: no CUDA device is available here (use auto or cpu)")
+    return value
+
+
 def _load_corpus(args):
     from sparsefinder.corpora import readers as corpus
 
     if args.corpus == "default":
         return corpus.default_corpus(split=None if args.split == "all" else args.split, seed=args.seed)
     path = Path(args.corpus)
+    # Checked before reading: a huge file, a directory or /dev/zero must not be read into memory first.
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a regular file" if path.exists() else f"{path}: no such file")
+    size = path.stat().st_size
+    if size > corpus.MAX_BYTES:
+        raise ValueError(f"{path.name}: {size:,} bytes, more than the limit of {corpus.MAX_BYTES:,}")
     return corpus.read_corpus(path.read_bytes(), path.name)
 
 
@@ -395,12 +416,13 @@ def artifact_args(sp: argparse.ArgumentParser, *flags: str, required: tuple[str,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsefinder", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(sp):
         sp.add_argument("--model", default=None, help="registered model name or a local model directory")
         sp.add_argument("--alpha", type=_alpha, default=None, help="entmax alpha (default: the model's)")
-        sp.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+        sp.add_argument("--device", type=_device, default="auto", help="auto (cuda if available), cpu or cuda")
 
     sp = sub.add_parser("models", help="list the registered models")
     sp.set_defaults(func=cmd_models)
@@ -444,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--device", type=_device, default="cpu")
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("sweep", help="every predictor over its grid on an extracted corpus, per layer and head")
@@ -552,10 +574,17 @@ def main(argv: list[str] | None = None) -> int:
         args.model = default_model_name()
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (FileNotFoundError, KeyError, ValueError) as e:  # what was asked for is wrong: a usage error
+        if args.debug:
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as e:  # the work itself failed
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -123,3 +123,40 @@ def test_alpha_is_checked_where_it_enters(tmp_path, monkeypatch, tiny_model_dir)
             {"default": "m", "models": {"m": {"path": "pkg:none", "alpha": bad}}}), encoding="utf-8")
         with pytest.raises(ValueError, match="the alpha of 'm' must be a finite number"):
             load_registry(tmp_path / "models.json")
+
+
+def test_bad_corpus_paths_and_devices_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    import sparsefinder.corpora.readers as readers
+
+    out = str(tmp_path / "o")
+    assert main(["extract", "--corpus", str(tmp_path), "--out", out]) == 2  # a directory
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a regular file" in err and "Traceback" not in err
+    assert main(["extract", "--corpus", str(tmp_path / "none.txt"), "--out", out]) == 2
+    assert "no such file" in capsys.readouterr().err
+    # the size cap is checked on the file's size, before it is read
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"word " * 50)
+    monkeypatch.setattr(readers, "MAX_BYTES", 100)
+    monkeypatch.setattr(readers, "read_corpus", lambda *a, **k: pytest.fail("read before the size check"))
+    assert main(["extract", "--corpus", str(big), "--out", out]) == 2
+    assert "250 bytes, more than the limit of 100" in capsys.readouterr().err
+    for device in ("bogus", "cuda:0" if not __import__("torch").cuda.is_available() else "bogus2"):
+        with pytest.raises(SystemExit) as exc:
+            main(["gold", "--device", device, "Hello."])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "device" in err and "Traceback" not in err
+
+
+def test_failures_exit_1_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    import sparsefinder.cli as cli
+
+    def broken(args):
+        raise RuntimeError("the disk is full")
+
+    monkeypatch.setattr(cli, "cmd_models", broken)
+    assert main(["models"]) == 1
+    assert capsys.readouterr().err == "error: RuntimeError: the disk is full\n"
+    with pytest.raises(RuntimeError, match="the disk is full"):
+        main(["--debug", "models"])
