@@ -69,9 +69,14 @@ def fingerprint(path: str | Path | None) -> str:
 
 # -- where results live ------------------------------------------------------------
 def default_runs_dir() -> Path:
-    """Where saved results go: ``$SPARSEFINDER_RUNS``, default ``runs/ui`` beside the package."""
+    """Where saved results go: ``$SPARSEFINDER_RUNS``; else ``runs/ui`` in the checkout the package runs
+    from, or under the working directory for an installed wheel (never inside site-packages)."""
     env = os.environ.get(RUNS_ENV)
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "runs" / "ui"
+    if env:
+        return Path(env)
+    checkout = Path(__file__).resolve().parent.parent
+    base = checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
+    return base / "runs" / "ui"
 
 
 def result_name_error(name: str) -> str | None:

@@ -18,11 +18,13 @@ from sparsefinder.kernels.entmax import Alpha, check_alpha
 
 
 def data_dir() -> Path:
-    """The project's ``data/`` directory (``SPARSEFINDER_DATA`` overrides it)."""
+    """The shipped artifacts: ``$SPARSEFINDER_DATA``, else the wheel's own copy (``sparsefinder/_data``),
+    else the checkout's ``data/`` (an editable install)."""
     env = os.environ.get("SPARSEFINDER_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "data"
+    packaged = Path(__file__).resolve().parents[1] / "_data"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "data"
 
 
 @dataclass(frozen=True)
