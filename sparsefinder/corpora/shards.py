@@ -106,7 +106,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsefinder.artifacts import ST_DTYPES
+from sparsefinder.artifacts import ST_DTYPES, read_json
 
 FORMAT = "sparsefinder-extraction"
 FORMAT_VERSION = 1
@@ -269,12 +269,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not root.is_dir():
         raise StoreError(f"{root} is not an extraction store: no such directory")
     mpath = root / MANIFEST_FILE
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise StoreError(f"{root} is not an extraction store: {MANIFEST_FILE} is missing") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreError(f"manifest {mpath} is corrupt: not valid JSON ({e})") from e
+    manifest = read_json(mpath, StoreError, f"{root} is not an extraction store: {MANIFEST_FILE} is missing",
+                         f"manifest {mpath} is corrupt: not valid JSON")
     _validate_manifest(manifest, mpath)
     for entry in manifest["shards"]:
         for key, size_key in (("file", "bytes"), ("strings_file", "strings_bytes")):

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import numpy as np
 import torch
 
-from sparsefinder.artifacts import adapter_summary, alpha_to_json, file_sha256, weights_fingerprint
+from sparsefinder.artifacts import file_sha256, model_mismatches
 from sparsefinder.corpora.shards import (  # noqa: F401 - the format's names stay importable from the store
     FORMAT,
     FORMAT_VERSION,
@@ -195,30 +195,26 @@ class ExtractionStore:
         are labels: a store made from the same weights under another name is accepted.
         """
         m = self.manifest
+        found, have = model_mismatches(m, model)
         problems: list[str] = []
-        if model.num_layers != m["num_layers"] or model.num_heads != m["num_heads"]:
+        if "num_layers" in found or "num_heads" in found:
             problems.append(
-                f"shape: model has {model.num_layers} layers x {model.num_heads} heads, "
+                f"shape: model has {have['num_layers']} layers x {have['num_heads']} heads, "
                 f"store {m['num_layers']} x {m['num_heads']}"
             )
-        if bool(model.causal) != m["causal"]:
-            problems.append(f"causal: model {bool(model.causal)}, store {m['causal']}")
-        want, have = np.asarray(m["alpha"], dtype=np.float64), np.asarray(alpha_to_json(model.alpha), np.float64)
-        if want.shape != have.shape or not np.allclose(want, have, rtol=0, atol=1e-6):
-            problems.append(f"alpha: model {alpha_to_json(model.alpha)}, store {m['alpha']}")
-        base = getattr(model, "base_checksum", None)
-        if base and m.get("base_checksum") and base != m["base_checksum"]:
-            problems.append(f"base weights checksum: model {base[:12]}…, store {m['base_checksum'][:12]}…")
-        adapter = adapter_summary(getattr(model, "adapter_manifest", None))
-        stored_adapter = m.get("adapter")
-        if (adapter is None) != (stored_adapter is None) or (
-            adapter and stored_adapter and adapter["manifest_sha256"] != stored_adapter.get("manifest_sha256")
-        ):
+        if "causal" in found:
+            problems.append(f"causal: model {have['causal']}, store {m['causal']}")
+        if "alpha" in found:
+            problems.append(f"alpha: model {have['alpha']}, store {m['alpha']}")
+        if "base_checksum" in found:
+            problems.append(
+                f"base weights checksum: model {have['base_checksum'][:12]}…, store {m['base_checksum'][:12]}…"
+            )
+        if "adapter" in found:
             problems.append("adapter: the model's adapter differs from the one the store was extracted with")
-        if m.get("weights_sha256") and not problems:  # hashing costs a pass over the weights; skip if already refused
-            fp = weights_fingerprint(model.model)
-            if fp != m["weights_sha256"]:
-                problems.append(f"weights: fingerprint {fp[:12]}… differs from the store's {m['weights_sha256'][:12]}…")
+        if "weights_sha256" in found:
+            problems.append(f"weights: fingerprint {have['weights_sha256'][:12]}… differs from the store's "
+                            f"{m['weights_sha256'][:12]}…")
         if problems:
             raise StoreMismatchError(
                 f"store {self.path} was extracted with model {m['model']!r}, not with this model "

@@ -40,7 +40,6 @@ store other than the one the projections were trained for, and corrupt files
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -52,7 +51,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sparsefinder.artifacts import adapter_summary, alpha_to_json, file_sha256, weights_fingerprint, write_json_atomic
+from sparsefinder.artifacts import (
+    file_sha256,
+    identity_mismatches,
+    model_mismatches,
+    read_json,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:  # only attributes of the model and the store are read; importing them would pull in transformers
     from sparsefinder.corpora.store import ExtractionStore
@@ -294,12 +299,8 @@ class Projections(torch.nn.Module):
         """The validated ``manifest.json`` of a projections directory."""
         root = Path(directory)
         mpath = root / MANIFEST_FILE
-        try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise ProjectionFileError(f"{root} holds no projections: {MANIFEST_FILE} is missing") from e
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ProjectionFileError(f"projections manifest {mpath} is corrupt: not valid JSON ({e})") from e
+        manifest = read_json(mpath, ProjectionFileError, f"{root} holds no projections: {MANIFEST_FILE} is missing",
+                             f"projections manifest {mpath} is corrupt: not valid JSON")
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ProjectionFileError(f"{mpath} is not a sparsefinder projections manifest")
         if manifest.get("format_version") != FORMAT_VERSION:
@@ -372,31 +373,27 @@ class Projections(torch.nn.Module):
 def _compare_identity(ours: dict[str, Any], theirs: dict[str, Any], what: str, names: bool = True) -> list[str]:
     """Differences between two model identities (manifest-style dicts); the weights fingerprint decides.
 
-    Like :meth:`ExtractionStore.check_model`, the model *name* is only a label:
-    it is compared only when either side lacks a weights fingerprint.
+    The rule is :func:`sparsefinder.artifacts.identity_mismatches`, as for
+    :meth:`ExtractionStore.check_model`: the model *name* is only a label,
+    compared only when either side lacks a weights fingerprint.
     """
+    return _describe(identity_mismatches(ours, theirs, names), ours, theirs, what)
+
+
+def _describe(found: list[str], ours: dict[str, Any], theirs: dict[str, Any], what: str) -> list[str]:
+    """The projections' wording of the mismatched identity fields ``found``."""
     problems = []
-    for key in ("num_layers", "num_heads", "head_dim"):
-        if theirs.get(key) is not None and ours.get(key) != theirs[key]:
-            problems.append(f"{key}: projections {ours.get(key)}, {what} {theirs[key]}")
-    if theirs.get("causal") is not None and bool(ours.get("causal")) != bool(theirs["causal"]):
-        problems.append(f"causal: projections {ours.get('causal')}, {what} {theirs['causal']}")
-    a, b = np.asarray(ours.get("alpha"), dtype=np.float64), np.asarray(theirs.get("alpha"), dtype=np.float64)
-    if a.shape != b.shape or not np.allclose(a, b, rtol=0, atol=1e-6):
-        problems.append(f"alpha: projections {ours.get('alpha')}, {what} {theirs.get('alpha')}")
-    if ours.get("base_checksum") and theirs.get("base_checksum") and ours["base_checksum"] != theirs["base_checksum"]:
-        problems.append("base weights checksum differs")
-    ad_ours, ad_theirs = ours.get("adapter"), theirs.get("adapter")
-    if (ad_ours is None) != (ad_theirs is None) or (
-        ad_ours and ad_theirs and ad_ours.get("manifest_sha256") != ad_theirs.get("manifest_sha256")
-    ):
-        problems.append("adapter differs")
-    fp_ours, fp_theirs = ours.get("weights_sha256"), theirs.get("weights_sha256")
-    if fp_ours and fp_theirs:
-        if fp_ours != fp_theirs:
-            problems.append(f"weights: fingerprint {fp_theirs[:12]}… differs from the projections' {fp_ours[:12]}…")
-    elif names and ours.get("model") != theirs.get("model"):
-        problems.append(f"model name: projections {ours.get('model')!r}, {what} {theirs.get('model')!r}")
+    for key in found:
+        if key == "base_checksum":
+            problems.append("base weights checksum differs")
+        elif key == "adapter":
+            problems.append("adapter differs")
+        elif key == "weights_sha256":
+            problems.append(f"weights: fingerprint {theirs[key][:12]}… differs from the projections' {ours[key][:12]}…")
+        elif key == "model":
+            problems.append(f"model name: projections {ours.get(key)!r}, {what} {theirs.get(key)!r}")
+        else:
+            problems.append(f"{key}: projections {ours.get(key)}, {what} {theirs.get(key)}")
     return problems
 
 
@@ -414,21 +411,8 @@ def check_model(manifest: dict[str, Any], model: EntmaxModel) -> None:
     Compared: layers, heads, head size, causal flag, alpha, base checksum and
     adapter where known, and the fingerprint of the weights actually loaded.
     """
-    identity = {
-        "model": model.name,
-        "num_layers": model.num_layers,
-        "num_heads": model.num_heads,
-        "head_dim": _model_head_dim(model),
-        "causal": bool(model.causal),
-        "alpha": alpha_to_json(model.alpha),
-        "base_checksum": getattr(model, "base_checksum", None),
-        "adapter": adapter_summary(getattr(model, "adapter_manifest", None)),
-    }
-    problems = _compare_identity(manifest, identity, "model", names=False)
-    if not problems:  # hashing is a pass over the weights; skip it when already refused
-        identity["weights_sha256"] = weights_fingerprint(model.model)
-        problems = _compare_identity(manifest, identity, "model")
-    _refuse(manifest, problems, f"model {model.name!r}")
+    found, identity = model_mismatches(manifest, model, head_dim=_model_head_dim(model), names=True)
+    _refuse(manifest, _describe(found, manifest, identity, "model"), f"model {model.name!r}")
 
 
 def check_store(manifest: dict[str, Any], store: ExtractionStore) -> None:
