@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparsefinder.corpora.words import align_tokens, annotate
 from sparsefinder.predictors.base import REGISTRY, Predictor, get_predictor
 from sparsefinder.predictors.methods import SUPPLIED, parse_params, predict_layer, unsupported_reason
 
@@ -154,8 +155,6 @@ def prepare_batches(
     order = np.argsort(enc_all["attention_mask"].sum(1).numpy(), kind="stable")
     words = None
     if syntax:
-        from sparsefinder.corpora.annotate import annotate
-
         words = annotate(texts)
     embed = model.model.get_input_embeddings().weight.detach().cpu() if lexical else None
     batches = []
@@ -171,8 +170,6 @@ def prepare_batches(
                 inputs["input_ids"], lengths, enc["special_tokens_mask"], mask_id, ids, seed=seed)
         context: dict[str, Any] = {}
         if words is not None:
-            from sparsefinder.corpora.annotate import align_tokens
-
             heads, word_ids = [], []
             for b, i in enumerate(ids):
                 n = int(lengths[b])

@@ -363,7 +363,7 @@ def interpret_store(
     whose sentence ``i`` is the store's sentence ``i``) or else from spaCy.
     ``n_clusters`` restricts the cluster counts (default: every fitted one).
     """
-    from sparsefinder.corpora.annotate import annotate, conllu_annotations
+    from sparsefinder.corpora.words import annotate, conllu_annotations
 
     sentences = [store.sentence(i) for i in range(len(store))]
     texts = [s.text for s in sentences]

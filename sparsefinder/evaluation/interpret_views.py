@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sparsefinder.corpora.annotate import MISSING, SPECIAL, UNALIGNED
+from sparsefinder.corpora.words import MISSING, SPECIAL, UNALIGNED
 
 if TYPE_CHECKING:
     from sparsefinder.evaluation.interpret import InterpretTables, SentenceLike
