@@ -4,8 +4,8 @@ Every artifact folder of the project (extraction store, projections, fitted pred
 learned windows, adapters) is a JSON manifest beside safetensors or Parquet files: nothing is pickled and
 ``torch.load`` is never used. This module holds what they share: the atomic manifest write, the file
 digest, a safetensors writer that fills arrays in place, and the fields that identify a model (its weights'
-fingerprint, its alpha, its adapter) so an artifact can refuse another model. The formats themselves are
-described in ``docs/formats.md``.
+fingerprint, its alpha, its adapter) with the one rule that compares them (:func:`identity_mismatches`), so
+every artifact refuses another model alike. The formats themselves are described in ``docs/formats.md``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +116,102 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def read_json(path: Path, error: type[Exception], missing: str, corrupt: str) -> Any:
+    """The parsed JSON file ``path``; ``error(missing)`` when it is absent, ``error(corrupt + " (reason)")`` when it
+    is not UTF-8 JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise error(missing) from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{corrupt} ({e})") from e
+
+
+def read_manifest_and_tensors(directory: Path, manifest_file: str, tensors_file: str) -> tuple[Any, dict]:
+    """An artifact folder's parsed JSON manifest and its safetensors tensors (CPU ``torch`` tensors).
+
+    Raises what the readers raise (``FileNotFoundError``, JSON or safetensors
+    errors); each artifact words them in its own error.
+    """
+    from safetensors.torch import load_file
+
+    manifest = json.loads((directory / manifest_file).read_text(encoding="utf-8"))
+    return manifest, load_file(str(directory / tensors_file))
+
+
+# --------------------------------------------------------------------------- model identity
+
+IDENTITY_FIELDS = ("num_layers", "num_heads", "head_dim", "causal", "alpha", "base_checksum", "adapter",
+                   "weights_sha256", "model")
+"""The fields of a manifest that identify the model an artifact was made with, in the order they are compared."""
+
+
+def model_identity(model: Any, head_dim: int | None = None) -> dict[str, Any]:
+    """The identity fields of a loaded model (an :class:`~sparsefinder.model.entmax_model.EntmaxModel`'s
+    attributes) as a manifest records them, without the weights' fingerprint (a pass over the weights)."""
+    return {
+        "model": model.name,
+        "num_layers": model.num_layers,
+        "num_heads": model.num_heads,
+        "head_dim": head_dim,
+        "causal": bool(model.causal),
+        "alpha": alpha_to_json(model.alpha),
+        "base_checksum": getattr(model, "base_checksum", None),
+        "adapter": adapter_summary(getattr(model, "adapter_manifest", None)),
+    }
+
+
+def identity_mismatches(recorded: Mapping[str, Any], current: Mapping[str, Any], names: bool = True) -> list[str]:
+    """The :data:`IDENTITY_FIELDS` in which the identity ``current`` differs from the ``recorded`` one, in order.
+
+    The shape fields and the causal flag count where ``current`` gives them;
+    alpha must agree to 1e-6 (scalar or per head); base checksums count when
+    both sides have one; adapters by the hash of their manifest (or one side
+    having none). The weights' fingerprint decides when both sides have one:
+    model *names* are only labels, compared (with ``names``) only when a
+    fingerprint is missing.
+    """
+    found = []
+    for key in ("num_layers", "num_heads", "head_dim"):
+        if current.get(key) is not None and recorded.get(key) != current[key]:
+            found.append(key)
+    if current.get("causal") is not None and bool(recorded.get("causal")) != bool(current["causal"]):
+        found.append("causal")
+    a, b = np.asarray(recorded.get("alpha"), dtype=np.float64), np.asarray(current.get("alpha"), dtype=np.float64)
+    if a.shape != b.shape or not np.allclose(a, b, rtol=0, atol=1e-6):
+        found.append("alpha")
+    base_r, base_c = recorded.get("base_checksum"), current.get("base_checksum")
+    if base_r and base_c and base_r != base_c:
+        found.append("base_checksum")
+    ad_r, ad_c = recorded.get("adapter"), current.get("adapter")
+    if (ad_r is None) != (ad_c is None) or (
+        ad_r and ad_c and ad_r.get("manifest_sha256") != ad_c.get("manifest_sha256")
+    ):
+        found.append("adapter")
+    fp_r, fp_c = recorded.get("weights_sha256"), current.get("weights_sha256")
+    if fp_r and fp_c:
+        if fp_r != fp_c:
+            found.append("weights_sha256")
+    elif names and recorded.get("model") != current.get("model"):
+        found.append("model")
+    return found
+
+
+def model_mismatches(
+    recorded: Mapping[str, Any], model: Any, head_dim: int | None = None, names: bool = False
+) -> tuple[list[str], dict[str, Any]]:
+    """:func:`identity_mismatches` of a loaded model against a manifest, and the model's identity.
+
+    The weights are fingerprinted (:func:`weights_fingerprint`, added to the
+    returned identity) only when everything else agrees and the manifest
+    records a fingerprint to compare with.
+    """
+    current = model_identity(model, head_dim)
+    found = identity_mismatches(recorded, current, names=False)
+    if found:  # hashing is a pass over the weights; skip it when already refused
+        return found, current
+    if recorded.get("weights_sha256"):
+        current["weights_sha256"] = weights_fingerprint(model.model)
+    return identity_mismatches(recorded, current, names=names), current

@@ -6,7 +6,7 @@ reads lazily. The byte-level format (``manifest.json`` plus safetensors and
 JSON shards; layer-major ``queries``/``keys`` of shape ``(L, T, H, d)``, gold
 supports as per-layer ``numpy.packbits`` of each sentence's ``(H, n, n)``
 boolean matrix, index arrays that make every sentence a slice) is specified
-in full in the docstring of :mod:`sparsefinder.corpora.store`, so that the files can
+in full in the docstring of :mod:`sparsefinder.corpora.shards`, so that the files can
 be read without this package.
 
 How it runs, and why:
@@ -55,7 +55,7 @@ from sparsefinder.artifacts import (
     weights_fingerprint,
     write_json_atomic,
 )
-from sparsefinder.corpora.store import FORMAT, FORMAT_VERSION, MANIFEST_FILE, SHARD_PATTERN, STORE_DTYPES
+from sparsefinder.corpora.shards import FORMAT, FORMAT_VERSION, MANIFEST_FILE, SHARD_PATTERN, STORE_DTYPES
 from sparsefinder.model.entmax_model import EntmaxModel, TruncationWarning
 
 DEFAULT_SHARD_SIZE = 1024

@@ -9,7 +9,9 @@ uploads as bytes, so every reader takes a path *or* raw bytes plus a name.
 Readers are strict: input must be UTF-8, malformed lines are rejected with a
 :class:`CorpusError` that names the file and the line, and size limits keep one
 upload from exhausting the server. Silent repairs would make gold graphs and
-tags refer to different words than the user thinks.
+tags refer to different words than the user thinks. The sentences and corpora
+they return are defined in :mod:`sparsefinder.corpora.corpus`; the CoNLL-U
+parsing itself is :mod:`sparsefinder.corpora.conllu`.
 
 The default corpus needs no download: the Lee news corpus ships inside the
 installed ``gensim`` package. Its documents are split into sentences with spaCy
@@ -30,13 +32,15 @@ import re
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sparsefinder.corpora.conllu import parse_conllu
+from sparsefinder.corpora.corpus import NEWLINE as _NEWLINE
+from sparsefinder.corpora.corpus import Corpus, CorpusError, Sentence, Source
 from sparsefinder.corpora.spacy_model import SPACY_MODEL, load_spacy
 
 MAX_BYTES = 20 * 1024 * 1024
@@ -59,59 +63,7 @@ _SPACY_EXCLUDE = ("tagger", "attribute_ruler", "lemmatizer", "ner", "senter")
 _LEE_FILES = ("test/test_data/lee_background.cor", "test/test_data/lee.cor")
 _SPLIT_VERSION = 1  # bump when the splitting/filtering logic below changes
 _MAX_SPLIT_CHARS = 1_000_000  # spaCy's own default nlp.max_length
-_NEWLINE = re.compile(r"\r\n|\r|\n")
 _NEWLINE_BYTES = re.compile(rb"\r\n|\r|\n")
-
-Source = str | os.PathLike[str] | bytes | bytearray | memoryview
-"""A file path, or the raw bytes of an upload."""
-
-
-class CorpusError(ValueError):
-    """Input that cannot be read as a corpus; the message names the file and line."""
-
-
-@dataclass(frozen=True)
-class Sentence:
-    """One sentence; the word-level fields are set only for CoNLL-U input.
-
-    ``char_spans[k]`` is the ``(start, end)`` of word ``k`` in ``text``. Words of
-    a multiword token (``du`` = ``de`` + ``le``) all get the span of the token,
-    since only the token appears in the text. ``char_spans`` is ``None`` when
-    the words cannot be found in order in ``text``.
-    """
-
-    text: str
-    words: tuple[str, ...] | None = None
-    upos: tuple[str, ...] | None = None
-    heads: tuple[int, ...] | None = None
-    deprels: tuple[str, ...] | None = None
-    char_spans: tuple[tuple[int, int], ...] | None = None
-
-    def __post_init__(self) -> None:
-        # Per-word fields indexed by word position must agree, or alignments downstream go wrong silently.
-        if self.words is None:
-            return
-        n = len(self.words)
-        for field in ("upos", "heads", "deprels", "char_spans"):
-            value = getattr(self, field)
-            if value is not None and len(value) != n:
-                raise ValueError(f"Sentence.{field} has {len(value)} entries for {n} words")
-
-
-@dataclass
-class Corpus:
-    """A named list of sentences with a human-readable provenance string."""
-
-    name: str
-    sentences: list[Sentence]
-    source: str
-
-    def texts(self) -> list[str]:
-        """The sentence texts, in order (what a model is run on)."""
-        return [s.text for s in self.sentences]
-
-    def __len__(self) -> int:
-        return len(self.sentences)
 
 
 # --------------------------------------------------------------------------- input
@@ -271,21 +223,6 @@ def _find_column(header: list[str], column: str, name: str, delim: str) -> int:
                       f"available columns: {available}")
 
 
-_ID_WORD = re.compile(r"[1-9][0-9]*")
-_ID_RANGE = re.compile(r"([1-9][0-9]*)-([1-9][0-9]*)")
-_ID_EMPTY = re.compile(r"(0|[1-9][0-9]*)\.[1-9][0-9]*")
-
-
-@dataclass
-class _Word:
-    form: str
-    upos: str
-    head: str
-    deprel: str
-    misc: str
-    line: int
-
-
 def read_conllu(src: Source, name: str | None = None) -> Corpus:
     """CoNLL-U (or 10-column CoNLL-X): words, UPOS, heads and deprels of each sentence.
 
@@ -298,116 +235,9 @@ def read_conllu(src: Source, name: str | None = None) -> Corpus:
     """
     text, name, where = _read(src, name)
     out = _Collector(name)
-    words: list[_Word] = []
-    tokens: list[tuple[str, list[int], bool]] = []  # surface form, word indices, space after
-    mwt_end = 0  # last word ID covered by the current multiword token
-    sent_text: str | None = None
-    start = 0
-
-    def err(line: int, msg: str) -> CorpusError:
-        return CorpusError(f"{name}: line {line}: {msg}")
-
-    def flush() -> None:
-        nonlocal words, tokens, sent_text, mwt_end, start
-        if words:
-            if mwt_end > len(words):
-                raise err(start, f"multiword token ends at word {mwt_end} but the sentence has {len(words)} words")
-            out.add(_conllu_sentence(words, tokens, sent_text, err), start)
-        words, tokens, sent_text, mwt_end, start = [], [], None, 0, 0
-
-    for lineno, raw in enumerate(_NEWLINE.split(text), start=1):
-        if not raw.strip():
-            flush()
-            continue
-        if start == 0:  # first line of a sentence block, reported for sentence-level errors
-            start = lineno
-        if raw.startswith("#"):
-            m = re.match(r"#\s*text\s*=\s?(.*)$", raw)
-            if m and not words:
-                sent_text = m.group(1).strip()
-            continue
-        cols = raw.split("\t")
-        if len(cols) != 10:
-            raise err(lineno, f"expected 10 tab-separated columns, found {len(cols)}")
-        wid, form, _lemma, upos, _xpos, _feats, head, deprel, _deps, misc = cols
-        if _ID_EMPTY.fullmatch(wid):
-            continue
-        space_after = "SpaceAfter=No" not in misc.split("|")
-        m = _ID_RANGE.fullmatch(wid)
-        if m:
-            first, last = int(m.group(1)), int(m.group(2))
-            if first != len(words) + 1:
-                raise err(lineno, f"multiword token range {wid} does not start at the next word {len(words) + 1}")
-            if last <= first:
-                raise err(lineno, f"multiword token range {wid} must span at least two words")
-            tokens.append((form, list(range(first - 1, last)), space_after))
-            mwt_end = last
-            continue
-        if not _ID_WORD.fullmatch(wid):
-            raise err(lineno, f"ID {wid!r} is not an integer, a range (1-2) or an empty node (1.1)")
-        if int(wid) != len(words) + 1:
-            raise err(lineno, f"word ID {wid} out of sequence (expected {len(words) + 1})")
-        words.append(_Word(form, upos, head, deprel, misc, lineno))
-        if len(words) > mwt_end:  # not inside a multiword token
-            tokens.append((form, [len(words) - 1], space_after))
-    flush()
+    for sentence, line in parse_conllu(text, name):
+        out.add(sentence, line)
     return Corpus(name, out.done(), f"{where}, CoNLL-U")
-
-
-def _column(words: list[_Word], attr: str) -> tuple[str, ...] | None:
-    values = tuple(getattr(w, attr) for w in words)
-    return None if all(v == "_" for v in values) else values
-
-
-def _conllu_sentence(words: list[_Word], tokens: list[tuple[str, list[int], bool]], sent_text: str | None,
-                     err: Callable[[int, str], CorpusError]) -> Sentence:
-    n = len(words)
-    heads: tuple[int, ...] | None = None
-    if not all(w.head == "_" for w in words):  # all '_' = unparsed; otherwise every HEAD must be valid
-        parsed = []
-        for w in words:
-            if not re.fullmatch(r"0|[1-9][0-9]*", w.head):
-                raise err(w.line, f"HEAD {w.head!r} is not an integer")
-            h = int(w.head)
-            if h > n:
-                raise err(w.line, f"HEAD {h} is out of range (the sentence has {n} words)")
-            parsed.append(h)
-        heads = tuple(parsed)
-
-    if sent_text is None:
-        parts = []
-        for k, (form, _idx, space_after) in enumerate(tokens):
-            parts.append(form)
-            if space_after and k < len(tokens) - 1:
-                parts.append(" ")
-        sent_text = "".join(parts)
-    return Sentence(
-        text=sent_text,
-        words=tuple(w.form for w in words),
-        upos=_column(words, "upos"),
-        heads=heads,
-        deprels=_column(words, "deprel"),
-        char_spans=_align(sent_text, tokens, n),
-    )
-
-
-def _align(text: str, tokens: list[tuple[str, list[int], bool]], n: int) -> tuple[tuple[int, int], ...] | None:
-    """Spans of the words in ``text``: each surface token must follow the previous one, whitespace between.
-
-    Returns ``None`` rather than a guess when the text does not spell the tokens
-    in order, since a wrong span would attach tags to the wrong subwords.
-    """
-    spans: list[tuple[int, int]] = [(0, 0)] * n
-    pos = 0
-    for form, idx, _space in tokens:
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        if not form or not text.startswith(form, pos):
-            return None
-        for k in idx:
-            spans[k] = (pos, pos + len(form))
-        pos += len(form)
-    return tuple(spans)
 
 
 _READERS = {".txt": "text", ".text": "text", ".csv": "csv", ".tsv": "csv", ".tab": "csv",

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from sparsefinder.artifacts import read_manifest_and_tensors
 from sparsefinder.evaluation.sweep.fit import FittedPredictors
 from sparsefinder.predictors.base import get_predictor
 
@@ -83,8 +84,7 @@ def load_fitted(directory: str | Path) -> FittedPredictors:
     """Inverse of :func:`save_fitted` (provenance in ``.info``); reads format versions 1 and 2."""
     directory = Path(directory)
     try:
-        manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / FITTED_FILE))
+        manifest, tensors = read_manifest_and_tensors(directory, MANIFEST_FILE, FITTED_FILE)
     except FileNotFoundError as e:
         raise FittedFileError(f"fitted predictors missing in {directory}: {e.filename}") from e
     except Exception as e:  # json or safetensors errors: the files are corrupt

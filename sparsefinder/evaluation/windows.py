@@ -49,6 +49,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from sparsefinder.artifacts import read_manifest_and_tensors
 from sparsefinder.predictors.base import CoreResult, NotFittedError, Predictor, global_token_mask
 from sparsefinder.predictors.constraints import Constraint, Real
 
@@ -313,12 +314,9 @@ def save_windows(runs: Mapping[str, LearnedWindows], directory: str | Path, info
 
 def load_windows(directory: str | Path) -> dict[str, dict[int, LearnedWindowPredictor]]:
     """``{key: {layer: LearnedWindowPredictor}}`` from :func:`save_windows` (for the curves' ``learned``)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     try:
-        manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / WINDOWS_FILE))
+        manifest, tensors = read_manifest_and_tensors(directory, MANIFEST_FILE, WINDOWS_FILE)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"learned windows missing in {directory}: {e.filename}") from e
     except Exception as e:  # corrupt JSON or safetensors

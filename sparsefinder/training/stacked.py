@@ -42,7 +42,7 @@ from sparsefinder.graphs import AttentionGraph, valid_pair_mask
 from sparsefinder.predictors.learned.budgets import token_hashes
 from sparsefinder.predictors.learned.stacked import Stacked
 from sparsefinder.training.losses import listwise_loss
-from sparsefinder.training.projections import Projections, derive_seed, project
+from sparsefinder.training.projection_maps import Projections, derive_seed, project
 
 
 def _projected(params: dict[str, torch.Tensor], x: torch.Tensor, side: str) -> torch.Tensor:
