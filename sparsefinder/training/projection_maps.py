@@ -317,6 +317,12 @@ class Projections(torch.nn.Module):
             raise ProjectionFileError(f"projections manifest {mpath} is corrupt: missing or mistyped {bad}")
         return manifest
 
+    def check_store(self, store: ExtractionStore) -> None:
+        """Refuse (:class:`ProjectionMismatchError`) a store extracted with another model than these
+        projections' (nothing to check for projections without a recorded model)."""
+        if isinstance(self.manifest, dict) and self.manifest.get("model") is not None:
+            check_store(self.manifest, store)
+
     @classmethod
     def load(
         cls,

@@ -6,14 +6,16 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from sparsefinder.corpora.store import ExtractionStore
 from sparsefinder.metrics import CONFIG_COLUMNS, COUNT_COLUMNS, RATIO_COLUMNS
 from sparsefinder.predictors.base import REGISTRY, Predictor
+
+if TYPE_CHECKING:
+    from sparsefinder.corpora.store import ExtractionStore
 
 SWEEP_FORMAT = "sparsefinder-sweep"
 SWEEP_FORMAT_VERSION = 1
@@ -100,11 +102,10 @@ def _check_projections(projections: Any, store: ExtractionStore) -> None:
         have, want = getattr(projections, attr, None), getattr(store, attr)
         if have is not None and int(have) != int(want):
             raise ValueError(f"projections have {attr} = {have} but the store has {want}")
-    manifest = getattr(projections, "manifest", None)
-    if isinstance(manifest, dict) and manifest.get("model") is not None:
-        from sparsefinder.training.projections import check_store
-
-        check_store(manifest, store)
+    # Duck-typed, so the sweep's planning floor does not import the training package.
+    check = getattr(projections, "check_store", None)
+    if callable(check):
+        check(store)
 
 
 def _project(projections: Any, layer: int, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
