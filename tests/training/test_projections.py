@@ -19,7 +19,7 @@ from sparsefinder import __version__
 from sparsefinder.corpora.extract import extract_corpus
 from sparsefinder.corpora.store import ExtractionStore
 from sparsefinder.graphs import AttentionGraph
-from sparsefinder.model.entmax_model import EntmaxModel, load_model
+from sparsefinder.model.entmax_model import load_model
 from sparsefinder.training.losses import margin_loss, sample_negatives
 from sparsefinder.training.projections import (
     MANIFEST_FILE,
@@ -42,16 +42,6 @@ FAST = dict(batch_size=4, lr=1e-2, progress=False, log=None)
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def bert(tiny_model_dir) -> EntmaxModel:
-    return load_model(str(tiny_model_dir("bert")), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def gpt2(tiny_model_dir) -> EntmaxModel:
-    return load_model(str(tiny_model_dir("gpt2")), device="cpu")
 
 
 @pytest.fixture(scope="module")
