@@ -15,26 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import torch
+from common import median_ms
 
 from sparsefinder.corpora.store import ExtractionStore
 from sparsefinder.predictors import get_predictor
 from sparsefinder.training.projections import Projections
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * float(np.median(times))
 
 
 def main() -> int:

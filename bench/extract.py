@@ -23,26 +23,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from common import load_default_model
 
 from sparsefinder.corpora.extract import DEFAULT_SHARD_SIZE, extract_corpus
 from sparsefinder.corpora.readers import default_corpus
 from sparsefinder.corpora.store import ExtractionStore
-from sparsefinder.model.adapter import ADAPTER_FILE, MANIFEST_FILE
-from sparsefinder.model.catalogue import default_model_name, get_spec
-from sparsefinder.model.entmax_model import EntmaxModel, load_model
-
-FALLBACK_MODEL = "minilm-entmax15-untuned"
-
-
-def load_default_model(device: str) -> EntmaxModel:
-    """The registry's default model, or the untuned one when the default's adapter files are not there."""
-    name = default_model_name()
-    adapter = get_spec(name).resolve_adapter()
-    if adapter is not None and not ((adapter / MANIFEST_FILE).is_file() and (adapter / ADAPTER_FILE).is_file()):
-        print(f"note: adapter files of the default model {name!r} are missing ({adapter}); "
-              f"falling back to {FALLBACK_MODEL!r}")
-        name = FALLBACK_MODEL
-    return load_model(name, device=device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from common import median_ms
 
 from sparsefinder.corpora.store import ExtractionStore
 from sparsefinder.predictors import get_predictor
@@ -136,16 +137,6 @@ def timing_inputs(val: ExtractionStore, n: int, layers: list[int]) -> tuple[list
     out = {layer: (torch.cat(qs[layer], 1)[None, :, :n].contiguous(), torch.cat(ks[layer], 1)[None, :, :n].contiguous())
            for layer in layers}
     return toks[:n], out
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * float(np.median(times))
 
 
 def time_costs(val: ExtractionStore, n: int, layers: list[int], projs: dict, fitted_models: dict,

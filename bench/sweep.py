@@ -33,29 +33,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
+from common import load_default_model
 
 from sparsefinder.corpora.store import ExtractionStore, StoreError
 from sparsefinder.evaluation.pareto import best_recall_table
 from sparsefinder.evaluation.sweep import canonical_params, default_grids, fit_predictors, run_sweep, save_sweep
 from sparsefinder.metrics import RATIO_COLUMNS, graph_metrics
 from sparsefinder.predictors import REGISTRY, get_predictor
-
-FALLBACK_MODEL = "minilm-entmax15-untuned"
-
-
-def load_default_model(device: str = "cpu"):
-    """The registry's default model, or the untuned one when the default's adapter files are not there."""
-    from sparsefinder.model.adapter import ADAPTER_FILE, MANIFEST_FILE
-    from sparsefinder.model.catalogue import default_model_name, get_spec
-    from sparsefinder.model.entmax_model import load_model
-
-    name = default_model_name()
-    adapter = get_spec(name).resolve_adapter()
-    if adapter is not None and not ((adapter / MANIFEST_FILE).is_file() and (adapter / ADAPTER_FILE).is_file()):
-        print(f"note: adapter files of the default model {name!r} are missing ({adapter}); "
-              f"falling back to {FALLBACK_MODEL!r}")
-        name = FALLBACK_MODEL
-    return load_model(name, device=device)
 
 
 def open_or_extract(path: str | None, progress: bool, split: str = "validation") -> ExtractionStore:

@@ -12,7 +12,6 @@ together, plus the training recall at the same densities and fit times.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -20,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from common import experiment_parser
 
 from sparsefinder.corpora.store import ExtractionStore
 from sparsefinder.predictors import get_predictor
@@ -29,11 +29,7 @@ from sparsefinder.training.projections import Projections
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train", default="runs/default/train")
-    ap.add_argument("--val", default="runs/default/val")
-    ap.add_argument("--projections", default="data/projections/minilm-entmax15-listwise-r8")
-    ap.add_argument("--layers", default="0,3")
+    ap = experiment_parser(__doc__)
     ap.add_argument("--levels", default="0.7,0.8")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--hidden", type=int, default=16)

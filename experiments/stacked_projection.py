@@ -36,7 +36,6 @@ Newton's method. Here, per layer:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -45,6 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from common import experiment_parser
 
 from sparsefinder.corpora.store import ExtractionStore, LayerBatch
 from sparsefinder.graphs import valid_pair_mask
@@ -105,12 +105,26 @@ def val_bce(pred: Stacked, params: dict[str, torch.Tensor], vb: LayerBatch) -> f
     return total / max(count, 1)
 
 
+def fit_and_record(stage: str, params: dict[str, torch.Tensor], tb: LayerBatch, vb: LayerBatch,
+                   curves: dict[str, list[HeadCurve]], table: dict[str, list[np.ndarray]],
+                   bce: dict[str, list[float]]) -> Stacked:
+    """``Stacked`` fitted on ``params``, its curves, training recall and validation BCE added under ``stage``.
+
+    ``DistanceBudget`` (threshold per head) is fitted and recorded too, under ``dist_`` + ``stage``: it is the other
+    consumer of the projection, so a change of the projection has a side effect on it.
+    """
+    stacked, c = fit_and_score(Stacked(), params, tb, vb)
+    curves[stage] += c
+    table[stage].append(stacked.train_recall_.numpy())
+    dist, c = fit_and_score(DistanceBudget(), params, tb, vb)
+    curves[f"dist_{stage}"] += c
+    table[f"dist_{stage}"].append(dist.train_recall_.numpy())
+    bce[stage].append(val_bce(stacked, params, vb))
+    return stacked
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train", default="runs/default/train")
-    ap.add_argument("--val", default="runs/default/val")
-    ap.add_argument("--projections", default="data/projections/minilm-entmax15-listwise-r8")
-    ap.add_argument("--layers", default="0,3")
+    ap = experiment_parser(__doc__)
     ap.add_argument("--train-sentences", type=int, default=None, help="first N training sentences (default all)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16, help="sentences per step")
@@ -148,14 +162,7 @@ def main() -> int:
         tb = next(train.iter_batches(layer, len(train_idx), indices=train_idx))
         vb = next(val.iter_batches(layer, len(val)))
         params0 = proj.layer_parameters(layer)
-        base, c = fit_and_score(Stacked(), params0, tb, vb)
-        curves["baseline"] += c
-        table["baseline"].append(base.train_recall_.numpy())
-        # Side effect on the other consumer of the projection: the distance predictor, threshold per head.
-        dist, c = fit_and_score(DistanceBudget(), params0, tb, vb)
-        curves["dist_baseline"] += c
-        table["dist_baseline"].append(dist.train_recall_.numpy())
-        bce["baseline"].append(val_bce(base, params0, vb))
+        base = fit_and_record("baseline", params0, tb, vb, curves, table, bce)
         print(f"layer {layer}: baseline fitted and scored in {time.perf_counter() - t0:.0f}s, "
               f"validation BCE {bce['baseline'][-1]:.4f}", flush=True)
         t1 = time.perf_counter()
@@ -167,13 +174,7 @@ def main() -> int:
         print(f"layer {layer}: joint training {dt:.0f}s, training loss per 50 steps "
               + " ".join(f"{x:.4f}" for x in losses), flush=True)
         t2 = time.perf_counter()
-        joint, c = fit_and_score(Stacked(), params, tb, vb)
-        curves["joint"] += c
-        table["joint"].append(joint.train_recall_.numpy())
-        dist, c = fit_and_score(DistanceBudget(), params, tb, vb)
-        curves["dist_joint"] += c
-        table["dist_joint"].append(dist.train_recall_.numpy())
-        bce["joint"].append(val_bce(joint, params, vb))
+        fit_and_record("joint", params, tb, vb, curves, table, bce)
         print(f"layer {layer}: re-fitted and scored in {time.perf_counter() - t2:.0f}s, "
               f"validation BCE {bce['joint'][-1]:.4f}", flush=True)
 

@@ -84,6 +84,31 @@ def tiny_model_dir(tmp_path_factory):
     return make
 
 
+# Module scope: one load serves a module's tests, and whatever a module sets on its model stays in that module.
+@pytest.fixture(scope="module")
+def bert(tiny_model_dir):
+    """The tiny random BERT of ``tiny_model_dir``, loaded on the CPU."""
+    from sparsefinder.model.entmax_model import load_model
+
+    return load_model(str(tiny_model_dir("bert")), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_model_dir):
+    """The tiny random GPT-2 (causal) of ``tiny_model_dir``, loaded on the CPU."""
+    from sparsefinder.model.entmax_model import load_model
+
+    return load_model(str(tiny_model_dir("gpt2")), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def mlm(tiny_model_dir):
+    """The tiny random BERT with its masked-LM head, loaded on the CPU for the end-task metrics."""
+    from sparsefinder.model.entmax_model import load_model
+
+    return load_model(str(tiny_model_dir("bert-mlm")), device="cpu", task="masked-lm")
+
+
 @pytest.fixture(scope="session")
 def untuned_model():
     """The default architecture with entmax swapped in and no adapter (CPU)."""

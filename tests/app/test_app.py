@@ -443,6 +443,16 @@ def pareto_app(lib, **params) -> AppTest:
     return at
 
 
+def pareto_at_head(lib, resolution: str, layer: int, head: int) -> AppTest:
+    """The Pareto page at ``resolution`` ("per head", "per layer", ...) with ``layer`` and ``head`` selected."""
+    at = pareto_app(lib)
+    at.radio(key="_w_pareto_resolution").set_value(resolution).run()
+    at.selectbox(key="_w_layer").set_value(layer).run()
+    at.selectbox(key="_w_head").set_value(head).run()
+    assert not at.exception, at.exception
+    return at
+
+
 def test_pareto_default_state(lib, sweep_frame):
     from sparsefinder.evaluation.pareto import pareto_front
 
@@ -499,11 +509,7 @@ def test_pareto_config_metrics_match_library_and_update(lib, sweep_frame):
 def test_pareto_per_head_resolution(lib, sweep_frame):
     from sparsefinder.evaluation.pareto import pareto_front
 
-    at = pareto_app(lib)
-    at.radio(key="_w_pareto_resolution").set_value("per head").run()
-    at.selectbox(key="_w_layer").set_value(2).run()
-    at.selectbox(key="_w_head").set_value(7).run()
-    assert not at.exception, at.exception
+    at = pareto_at_head(lib, "per head", 2, 7)
     want = pareto_front(sweep_frame[(sweep_frame["layer"] == 2) & (sweep_frame["head"] == 7)],
                         by=("method", "layer", "head"))
     want = want[want["on_front"]].sort_values(["method", "params"]).reset_index(drop=True)
@@ -574,11 +580,7 @@ def test_compare_default_and_switches(lib, sweep_frame):
 
 
 def test_pareto_per_layer_resolution(lib, sweep_frame):
-    at = pareto_app(lib)
-    at.radio(key="_w_pareto_resolution").set_value("per layer").run()
-    at.selectbox(key="_w_layer").set_value(1).run()
-    at.selectbox(key="_w_head").set_value(3).run()
-    assert not at.exception, at.exception
+    at = pareto_at_head(lib, "per layer", 1, 3)
     assert any("(layer 1)" in s["layout"]["title"]["text"] for s in plotly_specs(at))
     _check_config(at, lib)
 

@@ -29,6 +29,7 @@ from sparsefinder.evaluation.sweep import canonical_params, run_sweep
 from sparsefinder.graphs import AttentionGraph
 from sparsefinder.metrics import COUNT_COLUMNS, RATIO_COLUMNS, graph_metrics
 from sparsefinder.predictors import get_predictor
+from tests.helpers import assert_aggregates_match
 
 TRICKY = [
     "It isn't state-of-the-art, and I can't pay 3,000.50 dollars.",
@@ -314,17 +315,10 @@ def _reference_rows(store, method, point, ctx_of) -> pd.DataFrame:
 def _assert_rows_match(frame: pd.DataFrame, store, method: str, points: list[dict[str, Any]], ctx_of) -> None:
     for point in points:
         ref = _reference_rows(store, method, point, ctx_of)
-        means = ref.groupby(["layer", "head"])[list(RATIO_COLUMNS)].mean()
-        sums = ref.groupby(["layer", "head"])[list(COUNT_COLUMNS)].sum()
         got = frame[(frame.method == method) & (frame.params == canonical_params(point))]
         got = got.sort_values(["layer", "head"])
         assert len(got) == store.num_layers * store.num_heads
-        for col in RATIO_COLUMNS:
-            np.testing.assert_allclose(got[col].to_numpy(), means[col].to_numpy(), rtol=1e-12, atol=1e-12,
-                                       err_msg=f"{method} {point} {col}")
-        for col in COUNT_COLUMNS:
-            np.testing.assert_allclose(got[col].to_numpy(), sums[col].to_numpy(), rtol=1e-12,
-                                       err_msg=f"{method} {point} {col}")
+        assert_aggregates_match(got, ref, ["layer", "head"], f"{method} {point}")
 
 
 def test_syntax_and_lexical_sweep_match_predict_per_sentence(tiny_store):

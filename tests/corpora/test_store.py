@@ -35,16 +35,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bert(tiny_model_dir) -> EntmaxModel:
-    return load_model(str(tiny_model_dir("bert")), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def gpt2(tiny_model_dir) -> EntmaxModel:
-    return load_model(str(tiny_model_dir("gpt2")), device="cpu")
-
-
 def _extract(model: EntmaxModel, out: Path, **kw) -> ExtractionStore:
     with pytest.warns(TruncationWarning):  # the one over-long text, reported once
         extract_corpus(model, TEXTS, out, progress=False, **kw)

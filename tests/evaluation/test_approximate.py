@@ -15,7 +15,6 @@ from sparsefinder.evaluation import approximate as ap
 from sparsefinder.graphs import valid_pair_mask
 from sparsefinder.kernels.entmax import entmax
 from sparsefinder.model import attention
-from sparsefinder.model.entmax_model import load_model
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -25,16 +24,6 @@ TEXTS = [
     "The committee approved the new budget after a long debate on Tuesday.",
     "Dogs bark.",
 ]
-
-
-@pytest.fixture(scope="module")
-def bert(tiny_model_dir):
-    return load_model(str(tiny_model_dir("bert")), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def mlm(tiny_model_dir):
-    return load_model(str(tiny_model_dir("bert-mlm")), device="cpu", task="masked-lm")
 
 
 def window_graphs(width: int) -> ap.GraphFn:

@@ -39,6 +39,7 @@ from sparsefinder.evaluation.interpret import (
     top_pos_pairs,
 )
 from sparsefinder.training.projections import Projections
+from tests.helpers import grid_frame
 
 TAGS = ["NOUN", "VERB", "DET", "SPECIAL", "ADJ"]
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog"]
@@ -307,14 +308,10 @@ def test_head_summary_and_pos_pairs_match_loops():
 
 def test_head_predictability_matches_a_loop():
     rng = np.random.default_rng(0)
-    rows = []
-    for method in ("kmeans", "window"):
-        for p in range(4):
-            for layer in range(2):
-                for head in range(3):
-                    rows.append({"method": method, "params": f'{{"p":{p}}}', "layer": layer, "head": head,
-                                 "recall": float(rng.random()), "sparsity": float(rng.random())})
-    frame = pd.DataFrame(rows)
+    frame = grid_frame(("kmeans", "window"), [f'{{"p":{p}}}' for p in range(4)],
+                       [(layer, head) for layer in range(2) for head in range(3)],
+                       lambda: {"recall": float(rng.random()), "sparsity": float(rng.random())})
+    rows = frame.to_dict("records")
     best = head_predictability(frame, 0.6)
     assert len(best) == 6
     for r in best.itertuples(index=False):

@@ -34,6 +34,7 @@ from sparsefinder.predictors import REGISTRY, get_predictor
 from sparsefinder.predictors.baselines import balanced_membership
 from sparsefinder.predictors.clustering import sq_dists
 from sparsefinder.training.projections import Projections
+from tests.helpers import assert_aggregates_match, grid_frame
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -165,14 +166,7 @@ def test_sweep_equals_straightforward_computation(setup):
                 got = frame[(frame.method == method) & (frame.params == key) & (frame.layer == layer)]
                 got = got.sort_values("head")
                 assert len(got) == store.num_heads, (method, key)
-                means = ref.groupby("head")[list(RATIO_COLUMNS)].mean()
-                sums = ref.groupby("head")[list(COUNT_COLUMNS)].sum()
-                for col in RATIO_COLUMNS:
-                    np.testing.assert_allclose(got[col].to_numpy(), means[col].to_numpy(), rtol=1e-12, atol=1e-12,
-                                               err_msg=f"{method} {key} layer {layer} {col}")
-                for col in COUNT_COLUMNS:
-                    np.testing.assert_allclose(got[col].to_numpy(), sums[col].to_numpy(), rtol=1e-12,
-                                               err_msg=f"{method} {key} layer {layer} {col}")
+                assert_aggregates_match(got, ref, "head", f"{method} {key} layer {layer}")
                 assert (got["sentences"] == len(store)).all()
                 per = sentences[(sentences.method == method) & (sentences.params == key) & (sentences.layer == layer)]
                 per = per.sort_values(["sentence", "head"])
@@ -367,14 +361,9 @@ def test_pareto_front_averages_over_heads_and_handles_nan():
 
 def test_best_recall_at_against_manual():
     rng = np.random.default_rng(0)
-    rows = []
-    for method in ("m1", "m2"):
-        for p in range(6):
-            for head in range(3):
-                rows.append({"method": method, "params": f"p{p}", "layer": head // 2, "head": head % 2,
-                             "sparsity": rng.uniform(0.3, 1.0), "recall": rng.uniform(), **{
-                                 c: 0.0 for c in RATIO_COLUMNS if c not in ("sparsity", "recall")}})
-    frame = pd.DataFrame(rows)
+    frame = grid_frame(("m1", "m2"), [f"p{p}" for p in range(6)], [(head // 2, head % 2) for head in range(3)],
+                       lambda: {"sparsity": rng.uniform(0.3, 1.0), "recall": rng.uniform(),
+                                **{c: 0.0 for c in RATIO_COLUMNS if c not in ("sparsity", "recall")}})
     for t in (0.5, 0.7, 0.9):
         got = best_recall_at(frame, t).set_index("method")
         for method in ("m1", "m2"):

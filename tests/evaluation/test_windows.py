@@ -38,11 +38,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bert(tiny_model_dir):
-    return load_model(str(tiny_model_dir("bert")), device="cpu")
-
-
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.floats(-2.0, 9.0), min_size=1, max_size=4), st.lists(st.integers(0, 9), min_size=1, max_size=3),
        st.booleans(), st.booleans())

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_predictors_common import FAST, is_valid, loop_global, loop_window, random_qk
+from test_predictors_common import FAST, is_valid, loop_global, loop_shared_graph, loop_window, random_qk
 
 from sparsefinder.predictors import get_predictor
 from sparsefinder.predictors.base import sentence_rng
@@ -177,19 +178,13 @@ def test_reformer_matches_loops(spec, n_buckets, rounds, seed, ties):
     rot = pred.rotations(2, q.shape[-1]).numpy()
     assert rot.shape == (rounds, 2, q.shape[-1], n_buckets // 2)
     qn, kn = q.numpy(), k.numpy()
-    n = q.shape[2]
-    edges = np.zeros((len(lengths), 2, n, n), dtype=bool)
-    expected_cost = np.zeros((len(lengths), 2))
-    for b, length in enumerate(lengths.tolist()):
-        for h in range(2):
-            hq = [[loop_lsh_bucket(qn[b, h, i], rot[t, h]) for t in range(rounds)] for i in range(length)]
-            hk = [[loop_lsh_bucket(kn[b, h, j], rot[t, h]) for t in range(rounds)] for j in range(length)]
-            for i in range(length):
-                for j in range(length):
-                    if is_valid(i, j, length, causal):
-                        shared = sum(hq[i][t] == hk[j][t] for t in range(rounds))
-                        edges[b, h, i, j] = shared > 0
-                        expected_cost[b, h] += shared
+
+    def shares(b: int, h: int, length: int) -> Callable[[int, int], int]:
+        hq = [[loop_lsh_bucket(qn[b, h, i], rot[t, h]) for t in range(rounds)] for i in range(length)]
+        hk = [[loop_lsh_bucket(kn[b, h, j], rot[t, h]) for t in range(rounds)] for j in range(length)]
+        return lambda i, j: sum(hq[i][t] == hk[j][t] for t in range(rounds))
+
+    edges, expected_cost = loop_shared_graph(q.shape[:3], lengths, causal, shares)
     assert np.array_equal(graph.edges.numpy(), edges)
     assert np.array_equal(cost.numpy(), expected_cost)
 
@@ -237,19 +232,13 @@ def test_routing_matches_loops(spec, n_clusters, seed):
     assert np.allclose(np.linalg.norm(centroids, axis=-1), 1.0)
     graph, cost = pred.predict_with_cost(q, k, lengths, causal=causal)
     qn, kn = q.numpy(), k.numpy()
-    n = q.shape[2]
-    edges = np.zeros((len(lengths), 2, n, n), dtype=bool)
-    expected_cost = np.zeros((len(lengths), 2))
-    for b, length in enumerate(lengths.tolist()):
-        for h in range(2):
-            gq = loop_balanced(qn[b, h], centroids[h], length)
-            gk = loop_balanced(kn[b, h], centroids[h], length)
-            for i in range(length):
-                for j in range(length):
-                    if is_valid(i, j, length, causal):
-                        shared = sum(i in gq[c] and j in gk[c] for c in range(n_clusters))
-                        edges[b, h, i, j] = shared > 0
-                        expected_cost[b, h] += shared
+
+    def shares(b: int, h: int, length: int) -> Callable[[int, int], int]:
+        gq = loop_balanced(qn[b, h], centroids[h], length)
+        gk = loop_balanced(kn[b, h], centroids[h], length)
+        return lambda i, j: sum(i in gq[c] and j in gk[c] for c in range(n_clusters))
+
+    edges, expected_cost = loop_shared_graph(q.shape[:3], lengths, causal, shares)
     assert np.array_equal(graph.edges.numpy(), edges)
     assert np.array_equal(cost.numpy(), expected_cost)
 

@@ -7,6 +7,7 @@ references of the shared patterns) that the other ``test_predictors_*`` files im
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -118,6 +119,33 @@ def loop_global(length: int, n: int) -> np.ndarray:
         for j in range(n):
             out[i, j] = i in special or j in special
     return out
+
+
+# (b, h, length) -> (i, j) -> how many groups query i and key j of sentence b, head h share.
+PairShares = Callable[[int, int, int], Callable[[int, int], int]]
+
+
+def loop_shared_graph(shape: Sequence[int], lengths: torch.Tensor, causal: bool,
+                      pair_shares: PairShares) -> tuple[np.ndarray, np.ndarray]:
+    """Loop reference of the grouping predictors (buckets, clusters, hashes): ``(B, H, N, N)`` edges, ``(B, H)`` cost.
+
+    ``shape`` is ``(B, H, N)``. ``pair_shares(b, h, length)`` gives, for sentence ``b`` and head ``h``, how many groups
+    query ``i`` and key ``j`` share; a valid pair is an edge when that is positive and costs that many comparisons.
+    """
+    b_, h_, n = shape
+    edges = np.zeros((b_, h_, n, n), dtype=bool)
+    cost = np.zeros((b_, h_))
+    for b in range(b_):
+        m = int(lengths[b])
+        for h in range(h_):
+            shares = pair_shares(b, h, m)
+            for i in range(m):
+                for j in range(m):
+                    if is_valid(i, j, m, causal):
+                        shared = shares(i, j)
+                        edges[b, h, i, j] = shared > 0
+                        cost[b, h] += shared
+    return edges, cost
 
 
 def as_graph_edges(raw: np.ndarray, lengths: torch.Tensor, causal: bool) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from test_predictors_common import FAST, is_valid, random_qk
+from test_predictors_common import FAST, is_valid, loop_shared_graph, random_qk
 
 from sparsefinder.graphs import AttentionGraph
 from sparsefinder.predictors import get_predictor
@@ -103,21 +104,14 @@ def loop_bins(values: list[float], n_bins: int) -> list[int]:
 def loop_bucketing(q, k, lengths, beta, causal):
     """Edges and grouped cost: a pair costs once per dimension where it shares a bin."""
     q, k = q.numpy(), k.numpy()
-    b_, h_, n, r = q.shape
-    edges = np.zeros((b_, h_, n, n), dtype=bool)
-    cost = np.zeros((b_, h_))
-    for b in range(b_):
-        m = int(lengths[b])
-        for h in range(h_):
-            bq = [loop_bins([q[b, h, i, e] for i in range(m)], beta) for e in range(r)]
-            bk = [loop_bins([k[b, h, j, e] for j in range(m)], beta) for e in range(r)]
-            for i in range(m):
-                for j in range(m):
-                    if is_valid(i, j, m, causal):
-                        shared = sum(bq[e][i] == bk[e][j] for e in range(r))
-                        edges[b, h, i, j] = shared > 0
-                        cost[b, h] += shared
-    return edges, cost
+    r = q.shape[3]
+
+    def shares(b: int, h: int, m: int) -> Callable[[int, int], int]:
+        bq = [loop_bins([q[b, h, i, e] for i in range(m)], beta) for e in range(r)]
+        bk = [loop_bins([k[b, h, j, e] for j in range(m)], beta) for e in range(r)]
+        return lambda i, j: sum(bq[e][i] == bk[e][j] for e in range(r))
+
+    return loop_shared_graph(q.shape[:3], lengths, causal, shares)
 
 
 @given(batches, st.integers(1, 9))
@@ -193,21 +187,13 @@ def loop_top_sets(x, centroids, t):
 
 def loop_cluster_graph(q, k, lengths, centroids, t, causal):
     q, k, centroids = q.numpy(), k.numpy(), centroids.numpy()
-    b_, h_, n, _ = q.shape
-    edges = np.zeros((b_, h_, n, n), dtype=bool)
-    cost = np.zeros((b_, h_))
-    for b in range(b_):
-        m = int(lengths[b])
-        for h in range(h_):
-            sq = [loop_top_sets(q[b, h, i], centroids[h], t) for i in range(m)]
-            sk = [loop_top_sets(k[b, h, j], centroids[h], t) for j in range(m)]
-            for i in range(m):
-                for j in range(m):
-                    if is_valid(i, j, m, causal):
-                        shared = len(sq[i] & sk[j])  # set intersection, not rank-aligned matching
-                        edges[b, h, i, j] = shared > 0
-                        cost[b, h] += shared
-    return edges, cost
+
+    def shares(b: int, h: int, m: int) -> Callable[[int, int], int]:
+        sq = [loop_top_sets(q[b, h, i], centroids[h], t) for i in range(m)]
+        sk = [loop_top_sets(k[b, h, j], centroids[h], t) for j in range(m)]
+        return lambda i, j: len(sq[i] & sk[j])  # set intersection, not rank-aligned matching
+
+    return loop_shared_graph(q.shape[:3], lengths, causal, shares)
 
 
 @given(batches, st.integers(1, 4), st.integers(1, 4), st.integers(0, 3))

@@ -14,6 +14,7 @@ from sparsefinder.cli import build_parser
 from sparsefinder.graphs import AttentionGraph
 from sparsefinder.training.losses import listwise_loss
 from sparsefinder.training.projections import train_projections
+from tests.helpers import graph_cases
 
 
 def random_case(seed: int, B: int, H: int, N: int, r: int, causal: bool, density: float):
@@ -46,14 +47,7 @@ def loop_listwise(qp: torch.Tensor, kp: torch.Tensor, gold: AttentionGraph) -> f
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    B=st.integers(1, 3),
-    H=st.integers(1, 2),
-    N=st.integers(1, 6),
-    causal=st.booleans(),
-    density=st.sampled_from([0.0, 0.2, 0.6, 1.0]),
-)
+@given(**graph_cases(2, 6, density=st.sampled_from([0.0, 0.2, 0.6, 1.0])))
 def test_listwise_loss_matches_loop(seed, B, H, N, causal, density):
     qp, kp, gold = random_case(seed, B, H, N, 3, causal, density)
     got = float(listwise_loss(qp, kp, gold))

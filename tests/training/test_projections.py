@@ -19,7 +19,7 @@ from sparsefinder import __version__
 from sparsefinder.corpora.extract import extract_corpus
 from sparsefinder.corpora.store import ExtractionStore
 from sparsefinder.graphs import AttentionGraph
-from sparsefinder.model.entmax_model import EntmaxModel, load_model
+from sparsefinder.model.entmax_model import load_model
 from sparsefinder.training.losses import margin_loss, sample_negatives
 from sparsefinder.training.projections import (
     MANIFEST_FILE,
@@ -31,6 +31,7 @@ from sparsefinder.training.projections import (
     projection_manifest,
     train_projections,
 )
+from tests.helpers import graph_cases
 
 SUBJECTS = ["The cat", "A dog", "My friend", "The old man", "Her sister", "Our teacher"]
 PREDICATES = ["saw the bird", "ate an apple quickly", "went to the market on Monday", "reads books",
@@ -42,16 +43,6 @@ FAST = dict(batch_size=4, lr=1e-2, progress=False, log=None)
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def bert(tiny_model_dir) -> EntmaxModel:
-    return load_model(str(tiny_model_dir("bert")), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def gpt2(tiny_model_dir) -> EntmaxModel:
-    return load_model(str(tiny_model_dir("gpt2")), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -144,14 +135,7 @@ def random_graph(seed: int, B: int, H: int, N: int, causal: bool, density: float
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    B=st.integers(1, 3),
-    H=st.integers(1, 3),
-    N=st.integers(1, 8),
-    causal=st.booleans(),
-    density=st.sampled_from([0.0, 0.1, 0.4, 0.7, 1.0]),
-)
+@given(**graph_cases(3, 8, density=st.sampled_from([0.0, 0.1, 0.4, 0.7, 1.0])))
 def test_sample_negatives_invariants(seed, B, H, N, causal, density):
     gold = random_graph(seed, B, H, N, causal, density)
     neg = sample_negatives(gold, torch.Generator().manual_seed(seed))
@@ -207,14 +191,7 @@ def test_margin_loss_hand_example():
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    B=st.integers(1, 3),
-    H=st.integers(1, 3),
-    N=st.integers(1, 7),
-    causal=st.booleans(),
-    margin=st.sampled_from([0.5, 1.0, 3.0]),
-)
+@given(**graph_cases(3, 7, margin=st.sampled_from([0.5, 1.0, 3.0])))
 def test_margin_loss_matches_loop(seed, B, H, N, causal, margin):
     gold = random_graph(seed, B, H, N, causal, 0.3)
     g = torch.Generator().manual_seed(seed)
