@@ -309,7 +309,6 @@ def cmd_curves(args) -> int:
 
     corpus, texts, model = _corpus_texts_model(args)
     found = _curve_artifacts(args, model)
-    projections, fitted = found.projections, found.fitted
     if args.methods:
         from sparsefinder.predictors.base import expand_methods
 
@@ -335,7 +334,7 @@ def cmd_curves(args) -> int:
     print(f"{len(texts)} sentences of {corpus.name}; methods {methods}; layers {args.layers}")
     frame = ap.sparsity_accuracy_curve(
         model, texts, methods, grids, layers=args.layers.split(";") if ";" in args.layers else
-        args.layers.split(","), projections=projections, fitted=fitted, learned=learned,
+        args.layers.split(","), artifacts=found.for_method, learned=learned,
         batch_size=args.batch_size, seed=args.seed, progress=True,
     )
     manifest = {"arguments": {k: v for k, v in vars(args).items() if k != "func"}, "corpus": corpus.name,

@@ -50,7 +50,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -260,6 +260,7 @@ def sparsity_accuracy_curve(
     layers: Sequence[str | Sequence[int]] = ("all",),
     projections: Any = None,
     fitted: Mapping | None = None,
+    artifacts: Callable[[str], tuple[Any, Mapping | None]] | None = None,
     learned: Mapping[str, Mapping[str, Mapping[int, Predictor]]] | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -275,7 +276,9 @@ def sparsity_accuracy_curve(
     subsets (:func:`parse_layers`), each run separately; ``learned``:
     ``{method: {params: {layer: Predictor}}}`` of already fitted predictors run
     as given (e.g. learned windows), each on the layer subset it was learned for;
-    ``references``: add the ``exact`` and ``gold`` rows. Returns
+    ``artifacts``: ``method -> (projections, fitted)`` when methods run with different
+    artifacts (:meth:`sparsefinder.results.ResultArtifacts.for_method`), else ``projections``
+    and ``fitted`` serve every method; ``references``: add the ``exact`` and ``gold`` rows. Returns
     :data:`CURVE_COLUMNS` (``params`` as canonical JSON), provenance in
     ``frame.attrs["curves"]``.
     """
@@ -309,7 +312,8 @@ def sparsity_accuracy_curve(
             continue
         points = grids.get(m, REGISTRY[m].grid())
         for point in points:
-            fn = method_graphs(m, point, projections, fitted, causal=model.causal)
+            proj, fit = artifacts(m) if artifacts is not None else (projections, fitted)
+            fn = method_graphs(m, point, proj, fit, causal=model.causal)
             for label, subset in subsets:
                 configs.append((m, params_key(point), label, subset, fn))
     reference = run_approximation(model, batches, None, progress=progress, desc="exact")

@@ -6,6 +6,7 @@ import math
 import threading
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
@@ -253,6 +254,30 @@ def test_curve_with_projected_method_and_mlm(mlm):
     assert list(frame.method) == ["distance", "random"]
     assert frame.mlm_loss.notna().all() and frame.mlm_accuracy.between(0, 1).all()
     assert frame.loc[frame.method == "random", "sparsity"].iloc[0] == pytest.approx(0.5, abs=0.02)
+
+
+def test_curve_artifacts_per_method_equal_the_same_artifacts_given_once(mlm):
+    """``artifacts`` picks each method's (projections, fitted): given the same pair for every method it
+    must equal the run with ``projections=``; a method handed none cannot run."""
+    from sparsefinder.training.projections import Projections
+
+    proj = Projections(mlm.num_layers, mlm.num_heads, 8, 4, True, layers=list(range(mlm.num_layers)))
+    grids = {"distance": [{"threshold": 5.0}], "window": [{"window": 2}]}
+    asked = []
+
+    def artifacts(method):
+        asked.append(method)
+        return (proj if method == "distance" else None), None
+
+    cols = ["method", "params", "sparsity", "recall", "cos_mean"]
+    per_method = ap.sparsity_accuracy_curve(mlm, TEXTS, ["distance", "window"], grids, artifacts=artifacts,
+                                            batch_size=4, references=False)
+    once = ap.sparsity_accuracy_curve(mlm, TEXTS, ["distance", "window"], grids, projections=proj, batch_size=4,
+                                      references=False)
+    assert sorted(set(asked)) == ["distance", "window"]
+    pd.testing.assert_frame_equal(per_method[cols], once[cols])
+    with pytest.raises(ValueError, match="cannot run distance"):
+        ap.sparsity_accuracy_curve(mlm, TEXTS, ["distance"], grids, artifacts=lambda m: (None, None), batch_size=4)
 
 
 def test_bad_input_errors(bert):
