@@ -61,6 +61,17 @@ def _save_tiny(tmp: Path, family: str, seed: int = 0) -> Path:
         model = GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab, n_positions=64,
                                       initializer_range=0.5, bos_token_id=tokenizer.cls_token_id,
                                       eos_token_id=tokenizer.sep_token_id))
+    elif family in ("llama", "mistral", "qwen2"):
+        # Grouped-query decoders: 4 query heads share 2 key/value heads; rotary positions.
+        import transformers
+
+        names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+        config = getattr(transformers, f"{names}Config")(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=vocab, max_position_embeddings=64, initializer_range=0.5,
+            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+            pad_token_id=tokenizer.pad_token_id)
+        model = getattr(transformers, f"{names}Model")(config)
     else:
         raise ValueError(family)
     out = tmp / family

@@ -34,11 +34,22 @@ SupportFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Ten
 
 @dataclass
 class AttentionRecord:
-    """What one attention call saw: ``(B, H, N, d)`` queries/keys, ``(B, H, N, N)`` probs."""
+    """What one attention call saw: ``(B, H, N, d)`` queries/keys, ``(B, H, N, N)`` probs.
+
+    Keys are per *query* head, as the attention used them: under grouped-query attention
+    query head ``h`` reads key head ``h // kv_groups`` (``kv_groups`` query heads per key head).
+    """
 
     queries: torch.Tensor
     keys: torch.Tensor
     probs: torch.Tensor
+    kv_groups: int = 1
+
+
+def expand_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(B, H_kv, N, d)`` -> ``(B, H_kv * groups, N, d)``: each key/value head repeated for its query heads
+    (what transformers' eager ``repeat_kv`` does for grouped- and multi-query attention)."""
+    return states if groups == 1 else states.repeat_interleave(groups, dim=1)
 
 
 @dataclass
@@ -126,6 +137,10 @@ def entmax_attention_forward(
     tagger = _tagger.get()
     if tagger is not None:
         tagger.append((module, None if attention_mask is None else attention_mask.detach()))
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"{query.shape[1]} query heads cannot share {key.shape[1]} key heads evenly")
+    groups = query.shape[1] // key.shape[1]
+    key, value = expand_kv(key, groups), expand_kv(value, groups)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
@@ -151,9 +166,9 @@ def entmax_attention_forward(
     if sink is not None:
         kept = probs if sink.keep_probs else probs[:0]
         if sink.detach:
-            sink.records.append(AttentionRecord(query.detach(), key.detach(), kept.detach()))
+            sink.records.append(AttentionRecord(query.detach(), key.detach(), kept.detach(), groups))
         else:
-            sink.records.append(AttentionRecord(query, key, kept))
+            sink.records.append(AttentionRecord(query, key, kept, groups))
     if dropout > 0.0 and module.training:
         probs_used = torch.nn.functional.dropout(probs, p=dropout, training=True)
     else:
