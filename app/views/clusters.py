@@ -47,8 +47,8 @@ def compute_store_tables(model_name: str, store: str, version: str, artifacts: s
     """Tables of a saved result's corpus (spaCy tags), written beside it so later sessions just read them."""
     from sparsefinder.corpora.store import ExtractionStore
 
-    tables = itp.interpret_store(ExtractionStore.open(store), cache.artifacts(model_name, _result).projections,
-                                 cache.artifacts(model_name, _result).fitted)
+    found = cache.artifacts(model_name, _result)
+    tables = itp.interpret_store(ExtractionStore.open(store), found.projections, found.fitted)
     tables.save(out)
     return tables
 
@@ -58,8 +58,8 @@ def text_tables(model_name: str, version: str, alpha: str, texts_hash: str, arti
                 _texts: tuple[str, ...], _result: Result) -> itp.InterpretTables:
     """Tables of the current text alone (every fitted cluster count)."""
     sentences, tags = text_sentences(model_name, version, alpha, texts_hash, _texts)
-    cents = itp.kmeans_centroids(cache.artifacts(model_name, _result).fitted)
-    return itp.interpret(sentences, tags, cache.artifacts(model_name, _result).projections, cents)
+    found = cache.artifacts(model_name, _result)
+    return itp.interpret(sentences, tags, found.projections, itp.kmeans_centroids(found.fitted))
 
 
 def text_sentences(model_name: str, version: str, alpha: str, texts_hash: str, texts: tuple[str, ...]):

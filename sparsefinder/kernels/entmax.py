@@ -61,6 +61,4 @@ def entmax(scores: torch.Tensor, alpha: Alpha = 1.5, n_iter: int = 50) -> torch.
         if torch.any(alpha <= 1):
             raise ValueError("every alpha must be > 1 (use softmax for alpha = 1)")
         alpha = alpha.to(device=scores.device, dtype=torch.float32).expand(*scores.shape[:-1], 1)
-    elif alpha < 1:
-        raise ValueError(f"alpha must be > 1, got {alpha}")
     return entmax_bisect(scores, alpha=alpha, dim=-1, n_iter=n_iter)

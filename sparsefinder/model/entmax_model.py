@@ -146,14 +146,10 @@ class EntmaxModel:
                     f"per-head alpha must be (layers, heads) = ({self.num_layers}, {self.num_heads}), "
                     f"got {tuple(alpha.shape)}"
                 )
-            if torch.any(alpha < 1):
-                raise ValueError("alpha must be >= 1")
             for i, m in enumerate(self.attention_modules):
                 m.entmax_alpha = alpha[i].to(self.device).view(1, -1, 1, 1)
         else:
             a = float(alpha)
-            if a < 1:
-                raise ValueError(f"alpha must be >= 1, got {a}")
             for m in self.attention_modules:
                 m.entmax_alpha = a
         self.alpha = alpha
