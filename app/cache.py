@@ -34,7 +34,9 @@ from sparsefinder.model.entmax_model import EntmaxModel, Extraction, load_model
 
 # -- model -----------------------------------------------------------------------------
 def alpha_key(alpha) -> str:
-    """A stable cache-key string for a scalar or per-head alpha."""
+    """A stable cache-key string for a scalar or per-head alpha (None: the model's own, fixed by its files)."""
+    if alpha is None:
+        return "own"
     arr = np.asarray(alpha, dtype=float)
     if arr.size == 1:
         return repr(float(arr))

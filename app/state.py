@@ -65,6 +65,8 @@ def default_model() -> str:
 
 def alpha_label(alpha) -> str:
     """Alpha as shown to people: ``1.5``, or ``per-head (L×H)`` for a per-head table."""
+    if alpha is None:
+        return "the model's own"
     arr = np.asarray(alpha, dtype=float)
     if arr.size == 1:
         return f"{float(arr):g}"
@@ -167,7 +169,7 @@ def model_sidebar() -> ModelSpec:
             "Model",
             options=names,
             format_func=lambda n: f"{n} (default)" if n == default_model() else n,
-            help="Only models registered in data/models.json can be chosen.",
+            help="Only catalogued models can be chosen: data/models.json and your own (sparsefinder models add).",
         )
         spec = specs[ss[MODEL]]
         st.markdown(f"**α (entmax alpha):** `{alpha_label(spec.alpha)}`")

@@ -56,12 +56,23 @@ def _load_corpus(args):
 
 
 def cmd_models(args) -> int:
+    """List the catalogue (shipped, then the user's), or add/remove a user entry."""
+    from sparsefinder.model import user_catalogue
     from sparsefinder.model.catalogue import default_model_name, load_registry
 
+    if args.action == "add":
+        where = user_catalogue.add_model(args.name, args.path, alpha=args.alpha, adapter=args.adapter,
+                                         description=args.description, task=args.task)
+        print(f"added {args.name} to {where}")
+        return 0
+    if args.action == "remove":
+        print(f"removed {args.name} from {user_catalogue.remove_model(args.name)}")
+        return 0
     default = default_model_name()
     for name, spec in load_registry().items():
         mark = "*" if name == default else " "
-        print(f"{mark} {name:28s} alpha={spec.alpha}  {spec.description}")
+        alpha = "own" if spec.alpha is None else spec.alpha
+        print(f"{mark} {name:28s} alpha={alpha}  [{spec.source}]  {spec.description}")
     return 0
 
 
@@ -423,8 +434,18 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--alpha", type=_alpha, default=None, help="entmax alpha (default: the model's)")
         sp.add_argument("--device", type=_device, default="auto", help="auto (cuda if available), cpu or cuda")
 
-    sp = sub.add_parser("models", help="list the registered models")
-    sp.set_defaults(func=cmd_models)
+    sp = sub.add_parser("models", help="list the registered models; add or remove your own")
+    sp.set_defaults(func=cmd_models, action="list")
+    msub = sp.add_subparsers(dest="action")
+    add = msub.add_parser("add", help="add a local model directory to your catalogue (checked first)")
+    add.add_argument("name")
+    add.add_argument("path", help="a transformers model directory (config.json, weights, tokenizer)")
+    add.add_argument("--alpha", type=_alpha, default=None, help="entmax alpha (default: the model's own, else 1.5)")
+    add.add_argument("--adapter", default=None, help="an adapter directory (sparsefinder distill)")
+    add.add_argument("--description", default="")
+    add.add_argument("--task", default="base", help="base or masked-lm")
+    rm = msub.add_parser("remove", help="remove a model from your catalogue")
+    rm.add_argument("name")
 
     sp = sub.add_parser("gold", help="gold sparsity of every layer and head for a text")
     sp.add_argument("text", nargs="?", help="text to analyse (default: standard input)")

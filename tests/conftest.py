@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests see the shipped catalogue only, never the developer's own (~/.config/sparsefinder/models.json).
+os.environ["SPARSEFINDER_CATALOGUE"] = os.path.join(os.path.dirname(__file__), ".no-user-catalogue.json")
 
 from pathlib import Path  # noqa: E402
 

@@ -12,6 +12,17 @@ from app import cache, state
 ss = st.session_state
 
 
+def attention_origin(model) -> str:
+    """One sentence: whether the model was trained with entmax or has entmax swapped in, and its alpha."""
+    alpha = state.alpha_label(model.alpha)
+    if model.native:
+        return (f"**Trained with entmax:** its own `config.json` declares α = `{alpha}` (`entmax_alpha`), "
+                "so it runs as it was trained, without an adapter.")
+    where = {"catalogue": "the catalogue entry", "argument": "the caller", "default": "the default"}.get(
+        model.alpha_source, model.alpha_source)
+    return f"**Softmax model with entmax swapped in:** α = `{alpha}`, from {where}."
+
+
 def main() -> None:
     name = ss[state.MODEL]
     specs = state.registry()
@@ -52,6 +63,7 @@ def main() -> None:
             f"Loaded on `{model.device}`: {model.num_layers} layers × {model.num_heads} heads, "
             f"at most {model.max_length} tokens per text, {'causal' if model.causal else 'bidirectional'} attention."
         )
+        st.markdown(attention_origin(model))
         st.subheader("Adapter manifest")
         if model.adapter_manifest:
             st.json(model.adapter_manifest)
@@ -67,6 +79,7 @@ def main() -> None:
                     "default": "yes" if n == state.default_model() else "",
                     "alpha": state.alpha_label(s.alpha),
                     "adapter": s.adapter or "none",
+                    "catalogue": s.source,
                     "description": s.description,
                 }
                 for n, s in specs.items()

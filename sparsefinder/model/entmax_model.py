@@ -20,7 +20,7 @@ from sparsefinder.graphs import AttentionGraph
 from sparsefinder.kernels.entmax import Alpha, check_alpha
 from sparsefinder.model import attention
 from sparsefinder.model.adapter import apply_adapter, weights_checksum
-from sparsefinder.model.catalogue import ModelSpec, get_spec
+from sparsefinder.model.catalogue import CONFIG_ALPHA, DEFAULT_ALPHA, ModelSpec, get_spec, native_alpha
 
 TASKS = {"base": AutoModel, "masked-lm": AutoModelForMaskedLM}
 
@@ -95,6 +95,7 @@ class EntmaxModel:
         device: torch.device | None = None,
         adapter_manifest: dict | None = None,
         base_checksum: str | None = None,
+        alpha_source: str = "argument",
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -102,6 +103,8 @@ class EntmaxModel:
         self.device = device or next(model.parameters()).device
         self.adapter_manifest = adapter_manifest
         self.base_checksum = base_checksum
+        # Where alpha came from: "argument", "catalogue", "model config" (trained with entmax) or "default".
+        self.alpha_source = alpha_source
         # Rust tokenizers mutate their truncation/padding state per call.
         self._tokenizer_lock = threading.Lock()
         config = model.config
@@ -125,8 +128,9 @@ class EntmaxModel:
             self.model(**_model_inputs(enc))
         if not calls:
             raise RuntimeError(
-                f"model {self.name!r} made no call to the registered attention function; "
-                "its architecture does not use transformers' attention interface"
+                f"model {self.name!r} ({type(self.model).__name__}) made no call to the registered attention "
+                "function: its attention is written inside the model class instead of going through "
+                "transformers' attention interface, so entmax cannot be swapped in"
             )
         modules = [m for m, _ in calls]
         for i, m in enumerate(modules):
@@ -153,6 +157,24 @@ class EntmaxModel:
             for m in self.attention_modules:
                 m.entmax_alpha = a
         self.alpha = alpha
+
+    @property
+    def native(self) -> bool:
+        """True when the model's own config declares its entmax alpha (a model trained with entmax)."""
+        return getattr(self.model.config, CONFIG_ALPHA, None) is not None
+
+    def save_pretrained(self, path: Path | str) -> Path:
+        """Save weights (adapter applied), tokenizer and config, with ``entmax_alpha`` recorded in the config.
+
+        The directory then loads with :func:`load_model` as a model trained with
+        entmax: its own alpha, no adapter.
+        """
+        path = Path(path)
+        alpha = self.alpha
+        self.model.config.update({CONFIG_ALPHA: alpha.tolist() if isinstance(alpha, torch.Tensor) else float(alpha)})
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
 
     # -- tokenisation --------------------------------------------------------
     def tokenize(self, texts: list[str]):
@@ -274,6 +296,14 @@ def load_model(
         spec = get_spec(name_or_path)
     model_dir = spec.resolve_path()
     model, tokenizer = load_hf(model_dir, task=task or spec.task, device=device)
+    # The caller's alpha, else the catalogue's, else the model's own (trained with entmax), else the default.
+    own = native_alpha(model.config)
+    chosen = next(
+        (a, source)
+        for a, source in ((alpha, "argument"), (spec.alpha, "catalogue"), (own, "model config"),
+                          (DEFAULT_ALPHA, "default"))
+        if a is not None
+    )
     manifest = None
     checksum = None
     adapter_dir = spec.resolve_adapter() if use_adapter else None
@@ -284,8 +314,9 @@ def load_model(
         model,
         tokenizer,
         name=spec.name,
-        alpha=spec.alpha if alpha is None else alpha,
+        alpha=chosen[0],
         device=resolve_device(device),
         adapter_manifest=manifest,
         base_checksum=checksum,
+        alpha_source=chosen[1],
     )

@@ -291,6 +291,36 @@ def test_about_renders_model_and_versions(app, lib):
     assert app.query_params["model"] == lib.name
 
 
+def test_a_model_of_the_users_catalogue_is_offered_and_its_own_entmax_shown(tiny_model_dir, tmp_path, monkeypatch):
+    """#13: a model added with ``sparsefinder models add`` appears in the menu; one trained with entmax
+    (``entmax_alpha`` in its config) says so on the About page, and Explore shows its own numbers."""
+    import transformers
+
+    from sparsefinder.model.user_catalogue import add_model
+
+    src = tiny_model_dir("bert")
+    native = tmp_path / "native-bert"
+    transformers.AutoModel.from_pretrained(src).save_pretrained(native)
+    transformers.AutoTokenizer.from_pretrained(src).save_pretrained(native)
+    config = transformers.AutoConfig.from_pretrained(src)
+    config.entmax_alpha = 1.75
+    config.save_pretrained(native)
+    monkeypatch.setenv("SPARSEFINDER_CATALOGUE", str(tmp_path / "user.json"))
+    add_model("my-native", native, description="tiny, trained with entmax")
+
+    at = make_app()
+    assert not at.exception
+    assert "my-native" in at.selectbox(key="_w_model").options
+    at.selectbox(key="_w_model").select("my-native").run()
+    assert not at.exception and not at.error
+    np.testing.assert_allclose(table(at), library_grid(load_model(str(native)), [DEFAULT_TEXT]), rtol=0, atol=5e-4)
+    at.switch_page("views/about.py").run()
+    assert not at.exception and not at.error
+    shown = texts_of(at.markdown)
+    assert "Trained with entmax" in shown and "1.75" in shown
+    assert at.table[0].value.loc["alpha", "value"] == "the model's own"
+
+
 # -- layering ------------------------------------------------------------------------
 def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
