@@ -3,8 +3,10 @@
 A graph holds ``edges[b, h, i, j]`` = query ``i`` attends to key ``j`` in
 sentence ``b``, head ``h``. Sentence ``b`` has ``lengths[b]`` real tokens at
 positions ``0 .. lengths[b] - 1``; everything after is padding. A *valid pair*
-``(i, j)`` has both positions real and, for a causal (decoder) model, ``j <= i``.
-Only valid pairs are ever edges, and only they count in any denominator.
+``(i, j)`` has both positions real and, for a causal (decoder) model, ``j <= i``;
+in a sliding-window layer (Mistral, Gemma-2/3, ModernBERT's local layers) also
+``|i - j| <= window``, the layer's own mask. Only valid pairs are ever edges, and
+only they count in any denominator.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import numpy as np
 import torch
 
 
-def valid_pair_mask(lengths: torch.Tensor, n: int, causal: bool = False) -> torch.Tensor:
-    """Boolean ``(B, 1, n, n)`` mask of the pairs that may be edges."""
+def valid_pair_mask(lengths: torch.Tensor, n: int, causal: bool = False, window: int | None = None) -> torch.Tensor:
+    """Boolean ``(B, 1, n, n)`` mask of the pairs that may be edges (``window``: largest ``|i - j|``)."""
     pos = torch.arange(n, device=lengths.device)
     real = pos[None, :] < lengths[:, None]  # (B, n)
     valid = real[:, :, None] & real[:, None, :]
     if causal:
         valid = valid & (pos[None, :, None] >= pos[None, None, :])
+    if window is not None:
+        valid = valid & ((pos[None, :, None] - pos[None, None, :]).abs() <= window)
     return valid[:, None]
 
 
@@ -36,9 +40,18 @@ def valid_query_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
     return (pos[None, :] < lengths[:, None])[:, None]
 
 
-def num_valid_pairs(lengths: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """Valid pairs per sentence: ``n²``, or ``n(n+1)/2`` when causal."""
+def num_valid_pairs(lengths: torch.Tensor, causal: bool = False, window: int | None = None) -> torch.Tensor:
+    r"""Valid pairs per sentence: ``n²``, or ``n(n+1)/2`` when causal.
+
+    With a window :math:`w < n`, the causal band holds :math:`n(w+1) - w(w+1)/2`
+    pairs (row ``i`` sees ``min(i, w) + 1`` keys) and the two-sided band
+    :math:`n(2w+1) - w(w+1)` (``w(w+1)/2`` pairs cut at each end).
+    """
     lengths = lengths.to(torch.long)
+    if window is not None:
+        w = torch.clamp(lengths - 1, min=0).clamp(max=window)  # a window wider than the sentence cuts nothing
+        one_sided = lengths * (w + 1) - w * (w + 1) // 2
+        return one_sided if causal else 2 * one_sided - lengths
     return lengths * (lengths + 1) // 2 if causal else lengths * lengths
 
 
@@ -53,6 +66,8 @@ class AttentionGraph:
     edges: torch.Tensor
     lengths: torch.Tensor
     causal: bool = False
+    # The layer's sliding window (largest |i - j| its mask allows), None for full attention.
+    window: int | None = None
 
     def __post_init__(self) -> None:
         if self.edges.dim() != 4 or self.edges.shape[-1] != self.edges.shape[-2]:
@@ -77,7 +92,7 @@ class AttentionGraph:
         return int(self.edges.shape[1])
 
     def valid_pairs(self) -> torch.Tensor:
-        return valid_pair_mask(self.lengths.to(self.edges.device), self.n, self.causal)
+        return valid_pair_mask(self.lengths.to(self.edges.device), self.n, self.causal, self.window)
 
     def valid_queries(self) -> torch.Tensor:
         return valid_query_mask(self.lengths.to(self.edges.device), self.n)
@@ -88,18 +103,18 @@ class AttentionGraph:
 
     def sparsity(self) -> torch.Tensor:
         """``(B, H)``: 1 − |edges| / valid pairs."""
-        pairs = num_valid_pairs(self.lengths, self.causal).to(self.edges.device).clamp(min=1)
+        pairs = num_valid_pairs(self.lengths, self.causal, self.window).to(self.edges.device).clamp(min=1)
         return 1.0 - self.num_edges().double() / pairs[:, None].double()
 
     def union(self, other: AttentionGraph) -> AttentionGraph:
         self._check_compatible(other)
-        return AttentionGraph(self.edges | other.edges, self.lengths, self.causal)
+        return AttentionGraph(self.edges | other.edges, self.lengths, self.causal, self.window)
 
     __or__ = union
 
     def intersection(self, other: AttentionGraph) -> AttentionGraph:
         self._check_compatible(other)
-        return AttentionGraph(self.edges & other.edges, self.lengths, self.causal)
+        return AttentionGraph(self.edges & other.edges, self.lengths, self.causal, self.window)
 
     __and__ = intersection
 
@@ -108,6 +123,8 @@ class AttentionGraph:
             raise ValueError(f"graph shapes differ: {tuple(self.edges.shape)} vs {tuple(other.edges.shape)}")
         if not torch.equal(self.lengths.cpu(), other.lengths.cpu()) or self.causal != other.causal:
             raise ValueError("graphs are over different sentences (lengths or causal flag differ)")
+        if self.window != other.window:
+            raise ValueError(f"graphs are over different layers: window {self.window} vs {other.window}")
 
     def sentence(self, b: int) -> torch.Tensor:
         """``(H, n_b, n_b)`` edges of sentence ``b`` without its padding."""
@@ -129,7 +146,9 @@ class AttentionGraph:
         return torch.from_numpy(flat.astype(bool).reshape(num_heads, n, n))
 
     @classmethod
-    def from_sentences(cls, sentences: list[torch.Tensor], causal: bool = False) -> AttentionGraph:
+    def from_sentences(
+        cls, sentences: list[torch.Tensor], causal: bool = False, window: int | None = None
+    ) -> AttentionGraph:
         """Pad per-sentence ``(H, n_b, n_b)`` edges into one batch graph."""
         if not sentences:
             raise ValueError("no sentences")
@@ -147,4 +166,4 @@ class AttentionGraph:
             m = s.shape[-1]
             edges[b, :, :m, :m] = s.to(torch.bool).cpu()
         lengths = torch.tensor([int(s.shape[-1]) for s in sentences], dtype=torch.long)
-        return cls(edges, lengths, causal)
+        return cls(edges, lengths, causal, window)

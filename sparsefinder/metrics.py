@@ -2,7 +2,8 @@ r"""Metrics of a predicted attention graph against the gold entmax graph (docs/m
 
 For one sentence ``b`` and head ``h`` let :math:`V` be its valid pairs (both
 positions real and, for a causal model, :math:`j \le i`; :math:`|V| = n^2`, or
-:math:`n(n+1)/2` when causal), :math:`Q` its real queries, :math:`G` the gold
+:math:`n(n+1)/2` when causal; in a sliding-window layer only the pairs its mask
+allows, :func:`sparsefinder.graphs.num_valid_pairs`), :math:`Q` its real queries, :math:`G` the gold
 edges and :math:`\hat G` the predicted ones (both subsets of :math:`V`):
 
 .. math::
@@ -79,6 +80,10 @@ def _check_same_batch(gold: AttentionGraph, pred: AttentionGraph) -> None:
         raise ValueError(
             f"gold and predicted graphs are over different batches: causal={gold.causal} vs causal={pred.causal}"
         )
+    # A predictor that knows nothing of the layer's window predicts over all pairs (window None);
+    # its edges outside the window are dropped in graph_metrics.
+    if pred.window is not None and pred.window != gold.window:
+        raise ValueError(f"gold and predicted graphs are over different layers: window {gold.window} vs {pred.window}")
 
 
 def _torch_ratios(
@@ -131,6 +136,8 @@ def graph_metrics(
     _check_same_batch(gold, pred)
     g = gold.edges
     p = pred.edges.to(g.device)
+    if gold.window is not None and pred.window is None:
+        p = p & gold.valid_pairs()
     batch, heads = int(g.shape[0]), int(g.shape[1])
     lengths = gold.lengths.to(g.device).long()
 
@@ -139,7 +146,7 @@ def graph_metrics(
     gold_edges = g.sum(dim=(-1, -2))
     pred_edges = p.sum(dim=(-1, -2))
     hits = (g & p).sum(dim=(-1, -2))
-    valid_pairs = num_valid_pairs(lengths, gold.causal)[:, None].expand(batch, heads)
+    valid_pairs = num_valid_pairs(lengths, gold.causal, gold.window)[:, None].expand(batch, heads)
     valid_queries = lengths[:, None].expand(batch, heads)
     # A query is covered when none of its gold keys is missing from the prediction;
     # padding rows have no edges and would look covered, hence the query mask.

@@ -74,6 +74,28 @@ def _save_tiny(tmp: Path, family: str, seed: int = 0) -> Path:
             bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
             pad_token_id=tokenizer.pad_token_id)
         model = getattr(transformers, f"{names}Model")(config)
+    elif family in ("mistral-sw", "gemma2", "phi3", "modernbert"):
+        # Sliding-window layers (window 4 keys, or |i - j| <= 2 for ModernBERT's local layers), alternating
+        # with full ones in Gemma-2 and ModernBERT; Gemma-2 also soft-caps its attention logits.
+        import transformers
+
+        ids = dict(vocab_size=vocab, max_position_embeddings=64, initializer_range=0.5,
+                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                   eos_token_id=tokenizer.sep_token_id)
+        decoder = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=64, sliding_window=4, **ids)
+        if family == "mistral-sw":
+            model = transformers.MistralModel(transformers.MistralConfig(**decoder))
+        elif family == "gemma2":
+            model = transformers.Gemma2Model(transformers.Gemma2Config(head_dim=8, attn_logit_softcapping=5.0,
+                                                                       **decoder))
+        elif family == "phi3":
+            model = transformers.Phi3Model(transformers.Phi3Config(**decoder))
+        else:
+            model = transformers.ModernBertModel(transformers.ModernBertConfig(
+                hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                local_attention=4, global_attn_every_n_layers=3, cls_token_id=tokenizer.cls_token_id,
+                sep_token_id=tokenizer.sep_token_id, **ids))
     else:
         raise ValueError(family)
     out = tmp / family

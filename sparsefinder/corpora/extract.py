@@ -152,6 +152,8 @@ def extract_corpus(
         "adapter": adapter_summary(getattr(model, "adapter_manifest", None)),
         "alpha": alpha_to_json(model.alpha),
         "causal": bool(model.causal),
+        # Per layer, the sliding window (largest |i - j|) its mask allows; null for full attention.
+        "windows": list(getattr(model, "windows", [None] * model.num_layers)),
         "num_layers": model.num_layers,
         "num_heads": model.num_heads,
         "head_dim": head_dim,

@@ -88,7 +88,8 @@ class StoredSentence:
     def gold_graph(self, layer: int) -> AttentionGraph:
         """The gold graph of one layer as a one-sentence batch."""
         g = self.gold(layer)
-        return AttentionGraph(g[None], torch.tensor([self.length]), self.causal)
+        window = self._store.windows[self._store._layer_index(layer)]
+        return AttentionGraph(g[None], torch.tensor([self.length]), self.causal, window)
 
 
 @dataclass
@@ -247,6 +248,11 @@ class ExtractionStore:
         return bool(self.manifest["causal"])
 
     @property
+    def windows(self) -> list[int | None]:
+        """Per layer, the sliding window its mask allowed (None: full attention; stores before windows: all None)."""
+        return list(self.manifest.get("windows") or [None] * self.num_layers)
+
+    @property
     def num_tokens(self) -> int:
         return int(self.manifest["num_tokens"])
 
@@ -387,7 +393,8 @@ class ExtractionStore:
         it = torch.from_numpy(np.asarray(idx, dtype=np.int64).copy())
         qs = [torch.from_numpy(q[i]) for i in range(len(layers))]
         ks = [torch.from_numpy(k_[i]) for i in range(len(layers))]
-        graphs = [AttentionGraph(torch.from_numpy(g[i]), lt, self.causal) for i in range(len(layers))]
+        windows = self.windows
+        graphs = [AttentionGraph(torch.from_numpy(g[i]), lt, self.causal, windows[li]) for i, li in enumerate(layers)]
         if layer is not None:
             return LayerBatch(it, lt, layer, qs[0], ks[0], graphs[0], tokens, self.causal)
         return StoredBatch(it, lt, qs, ks, graphs, tokens, self.causal)
@@ -433,9 +440,9 @@ class ExtractionStore:
 def _to_device(batch: LayerBatch | StoredBatch, device: torch.device) -> LayerBatch | StoredBatch:
     lengths = batch.lengths.to(device)
     if isinstance(batch, LayerBatch):
-        graph = AttentionGraph(batch.gold.edges.to(device), lengths, batch.causal)
+        graph = AttentionGraph(batch.gold.edges.to(device), lengths, batch.causal, batch.gold.window)
         return LayerBatch(batch.indices.to(device), lengths, batch.layer, batch.queries.to(device),
                           batch.keys.to(device), graph, batch.tokens, batch.causal)
-    graphs = [AttentionGraph(g.edges.to(device), lengths, batch.causal) for g in batch.graphs]
+    graphs = [AttentionGraph(g.edges.to(device), lengths, batch.causal, g.window) for g in batch.graphs]
     return StoredBatch(batch.indices.to(device), lengths, [q.to(device) for q in batch.queries],
                        [k.to(device) for k in batch.keys], graphs, batch.tokens, batch.causal)

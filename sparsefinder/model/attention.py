@@ -44,6 +44,9 @@ class AttentionRecord:
     keys: torch.Tensor
     probs: torch.Tensor
     kv_groups: int = 1
+    # The additive mask the layer received (0 = allowed), kept so the extraction can check that
+    # the pairs it scores are exactly the ones the layer's own mask allows (padding, causal, window).
+    mask: torch.Tensor | None = None
 
 
 def expand_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -144,6 +147,9 @@ def entmax_attention_forward(
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    softcap = kwargs.get("softcap")
+    if softcap:  # Gemma-2's logit soft-capping, applied before the mask as in transformers' eager attention
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = scores + attention_mask[..., : key.shape[-2]].float()
     restrict = _support.get()
@@ -165,10 +171,11 @@ def entmax_attention_forward(
     sink = _capture.get()
     if sink is not None:
         kept = probs if sink.keep_probs else probs[:0]
+        mask = None if attention_mask is None else attention_mask.detach()
         if sink.detach:
-            sink.records.append(AttentionRecord(query.detach(), key.detach(), kept.detach(), groups))
+            sink.records.append(AttentionRecord(query.detach(), key.detach(), kept.detach(), groups, mask))
         else:
-            sink.records.append(AttentionRecord(query, key, kept, groups))
+            sink.records.append(AttentionRecord(query, key, kept, groups, mask))
     if dropout > 0.0 and module.training:
         probs_used = torch.nn.functional.dropout(probs, p=dropout, training=True)
     else:

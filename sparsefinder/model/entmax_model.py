@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
-from sparsefinder.graphs import AttentionGraph
+from sparsefinder.graphs import AttentionGraph, valid_pair_mask
 from sparsefinder.kernels.entmax import Alpha, check_alpha
 from sparsefinder.model import attention
 from sparsefinder.model.adapter import apply_adapter, weights_checksum
@@ -57,6 +57,8 @@ class Extraction:
     hidden: torch.Tensor
     causal: bool
     truncated: list[bool]
+    # Per layer: the sliding window (largest |i - j| allowed), None for full attention.
+    windows: list[int | None] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -75,7 +77,10 @@ class Extraction:
         """Gold graph of one layer: ``p_ij > 0``."""
         if self.probs[layer].numel() == 0:
             raise ValueError("probabilities were not kept in this extraction")
-        return AttentionGraph(self.probs[layer].cpu() > 0, self.lengths, self.causal)
+        return AttentionGraph(self.probs[layer].cpu() > 0, self.lengths, self.causal, self.window(layer))
+
+    def window(self, layer: int) -> int | None:
+        return None if self.windows is None else self.windows[layer]
 
     def mean_pooled(self) -> torch.Tensor:
         """Mean of the last hidden states over real tokens (sentence-transformers pooling)."""
@@ -119,6 +124,7 @@ class EntmaxModel:
         self.num_heads = int(
             getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or config.n_heads
         )
+        self.windows = layer_windows(config, self.num_layers, self.causal)
         self.set_alpha(alpha)
 
     # -- setup -------------------------------------------------------------
@@ -220,6 +226,8 @@ class EntmaxModel:
             word_ids.append(enc.word_ids(b)[:n])
             special.append([bool(s) for s in enc["special_tokens_mask"][b, :n].tolist()])
         records = sink.records
+        for layer, record in enumerate(records):
+            check_mask(record.mask, lengths, self.causal, self.windows[layer], layer, self.name)
         return Extraction(
             texts=list(texts),
             tokens=tokens,
@@ -233,6 +241,7 @@ class EntmaxModel:
             hidden=hidden.float().cpu(),
             causal=self.causal,
             truncated=truncated,
+            windows=list(self.windows),
         )
 
     def embed(self, texts: list[str]) -> torch.Tensor:
@@ -243,6 +252,48 @@ class EntmaxModel:
             hidden = _last_hidden(self.model(**inputs)).float()
         mask = inputs["attention_mask"].to(hidden.dtype)[..., None]
         return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()
+
+
+def layer_windows(config, num_layers: int, causal: bool) -> list[int | None]:
+    """Each layer's sliding window as the largest ``|i - j|`` it allows, from the model's config.
+
+    ``sliding_window`` W with ``layer_types`` (``"sliding_attention"`` per layer: Gemma-2/3,
+    ModernBERT, Qwen2) or on every layer (Mistral, Phi-3). transformers' causal window keeps
+    W keys (``j > i - W``), its bidirectional one ``|i - j| <= W``; :func:`check_mask`
+    verifies this reading against the mask each layer actually receives.
+    """
+    width = getattr(config, "sliding_window", None)
+    if not width:
+        return [None] * num_layers
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        sliding = [bool(getattr(config, "use_sliding_window", True))] * num_layers
+    else:
+        sliding = [t == "sliding_attention" for t in types][:num_layers]
+        sliding += [False] * (num_layers - len(sliding))
+    window = int(width) - 1 if causal else int(width)
+    return [window if s else None for s in sliding]
+
+
+def check_mask(
+    mask: torch.Tensor | None, lengths: torch.Tensor, causal: bool, window: int | None, layer: int, name: str
+) -> None:
+    """Refuse an extraction whose layer mask allows other pairs than the valid pairs scored for it.
+
+    Every metric's denominator is the valid pairs; a model whose mask differs (an unknown
+    local-attention scheme, say) would otherwise be scored silently wrong.
+    """
+    if mask is None:
+        return
+    n = mask.shape[-2]
+    lengths = lengths.to(mask.device)
+    real = valid_pair_mask(lengths, n)
+    allowed = (mask[..., :n, :n] == 0).expand(len(lengths), -1, -1, -1)[:, :1] & real
+    if not torch.equal(allowed, valid_pair_mask(lengths, n, causal, window)):
+        raise RuntimeError(
+            f"model {name!r}, layer {layer}: its attention mask allows other pairs than the ones scored "
+            f"(causal={causal}, window={window}); this local-attention scheme is not supported yet"
+        )
 
 
 def _model_inputs(enc) -> dict:

@@ -65,7 +65,7 @@ class WordContext:
         return {"word_ids": [p["word_ids"] for p in per], "word_heads": [p["word_heads"] for p in per]}
 
 
-@pytest.fixture(scope="module", params=["bert", "gpt2"])
+@pytest.fixture(scope="module", params=["bert", "gpt2", "modernbert"])
 def setup(request, tiny_model_dir, tmp_path_factory):
     model = load_model(tiny_model_dir(request.param), device="cpu")
     out = tmp_path_factory.mktemp(f"sweep-{request.param}") / "store"

@@ -37,6 +37,7 @@ class _Batch:
     sentence_ids: torch.Tensor
     context: dict[str, Any]
     shared: dict[Any, Any] = field(default_factory=dict)
+    window: int | None = None  # the layer's sliding window (largest |i - j| its mask allows)
     cache: dict[Any, Any] = field(default_factory=dict)
     shape: tuple[int, int, int] = field(init=False)
     valid: torch.Tensor = field(init=False)
@@ -49,14 +50,15 @@ class _Batch:
     def __post_init__(self) -> None:
         b, h, n, _ = self.gold.shape
         self.shape = (b, h, n)
-        if "valid" not in self.shared:
-            self.shared["valid"] = valid_pair_mask(self.lengths, n, self.causal)  # (B, 1, N, N)
-        self.valid = self.shared["valid"]
+        key = ("valid", self.window)  # layers of one window share the mask
+        if key not in self.shared:
+            self.shared[key] = valid_pair_mask(self.lengths, n, self.causal, self.window)  # (B, 1, N, N)
+        self.valid = self.shared[key]
         self.real = real_tokens(self.lengths, n)  # (B, N)
         # Sums of bool tensors are much faster through a uint8 view with an explicit accumulator type.
         self.row_gold = self.gold.view(torch.uint8).sum(dim=-1, dtype=torch.int32)  # (B, H, N)
         self.gold_edges = self.row_gold.sum(dim=-1).long()
-        self.valid_pairs = num_valid_pairs(self.lengths, self.causal)[:, None].expand(b, h)
+        self.valid_pairs = num_valid_pairs(self.lengths, self.causal, self.window)[:, None].expand(b, h)
         self.valid_queries = self.lengths[:, None].expand(b, h)
 
     def inputs(self, cls: type[Predictor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +186,8 @@ def _generic_counts(batch: _Batch, pred: Predictor) -> Counts:
     """Counts of one configuration through the predictor itself (every method has this path)."""
     q, k = batch.inputs(type(pred))
     graph, cost = pred.predict_with_cost(q, k, batch.lengths, batch.causal, **batch.predictor_context())
-    return _dense_counts(graph.edges, cost, batch)
+    edges = graph.edges if batch.window is None else graph.edges & batch.valid  # as graph_metrics scores it
+    return _dense_counts(edges, cost, batch)
 
 
 @dataclass(frozen=True)

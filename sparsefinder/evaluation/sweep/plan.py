@@ -29,6 +29,11 @@ class _Unit:
 
     def run(self, batch: _Batch) -> Counts:
         pred = self.configs[0].for_layer(batch.layer)
+        if batch.window is not None:
+            # The fast paths assume the valid pairs the predictor itself sees; a sliding-window layer
+            # scores fewer, so each configuration goes through the predictor (exact, slower).
+            parts = [_generic_counts(batch, c.for_layer(batch.layer)) for c in self.configs]
+            return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
         if self.kind == "nested":
             spec = NESTED[type(pred)]
             if spec.usable(batch):

@@ -126,7 +126,7 @@ def run_sweep(
                     batch = _Batch(
                         layer=layer, lengths=lb.lengths.long(), causal=lb.causal, gold=lb.gold.edges,
                         raw_q=lb.queries, raw_k=lb.keys, proj_q=proj_q, proj_k=proj_k, head_dim=store.head_dim,
-                        sentence_ids=lb.indices, context=extra_context, shared=shared,
+                        sentence_ids=lb.indices, context=extra_context, shared=shared, window=lb.gold.window,
                     )
                     timing["read+project"] += clock() - t
                     b, h, _ = batch.shape
