@@ -59,6 +59,8 @@ def main() -> None:
         with col_button:
             # Any change of the text reruns the page; the button reruns it explicitly.
             st.button("Analyse", type="primary", icon=":material/play_arrow:")
+        if len(text) >= MAX_TEXT_CHARS:  # Streamlit cuts a longer value at max_chars, silently
+            st.warning(f"The text is at the limit of {MAX_TEXT_CHARS:,} characters; anything beyond it was cut.")
         try:
             texts = split_texts(text, split)
         except CorpusError as e:

@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsefinder.corpora.readers import MAX_BYTES, MAX_UPLOAD_MIB, Corpus, CorpusError, corpus_stats, read_corpus, read_csv
+from sparsefinder.corpora.readers import (
+    MAX_BYTES,
+    MAX_UPLOAD_MIB,
+    Corpus,
+    CorpusError,
+    corpus_stats,
+    read_corpus,
+    read_csv,
+)
 
 
 @dataclass(frozen=True)
