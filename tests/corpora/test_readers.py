@@ -98,7 +98,11 @@ def test_read_text_from_path_and_bytes(tmp_path: Path) -> None:
 def test_read_text_keeps_every_nonblank_line(lines: list[str]) -> None:
     expected = [line.strip() for line in lines if line.strip()]
     data = "\n".join(lines).encode()
-    if not expected:
+    if "\x00" in data.decode():  # NUL is refused (UTF-16 without a BOM would read as NUL-filled lines)
+        first = next(k for k, line in enumerate(lines, start=1) if "\x00" in line)
+        with pytest.raises(CorpusError, match=rf"line {first}: file contains NUL bytes"):
+            read_text(data)
+    elif not expected:
         with pytest.raises(CorpusError):
             read_text(data)
     else:
