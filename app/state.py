@@ -9,11 +9,14 @@ methods is the library's (:mod:`sparsefinder.results`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 
 import numpy as np
 import streamlit as st
+from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, StopException
 
 from app import cache
 from sparsefinder import results as rs
@@ -43,6 +46,7 @@ METHOD = "method"
 PARAMS = "params"
 URL_KEYS = (MODEL, LAYER, HEAD, RESULT, METHOD, PARAMS)
 _INITIALISED = "_view_initialised"
+_URL_PARAMS = "_url_params"  # the params the URL asked for, until the sidebar has checked them
 SHIPPED = rs.SHIPPED
 NO_METHOD = "(gold only)"
 
@@ -86,6 +90,39 @@ def active_result(name: str) -> rs.Result:
     return rs.resolve_result(name, st.session_state.get(RESULT, SHIPPED))
 
 
+# -- errors -------------------------------------------------------------------------
+LOG = logging.getLogger("sparsefinder.app")
+#: Longest exception message shown on a page (the rest is in the server log).
+MAX_ERROR_CHARS = 300
+
+
+def error_message(e: BaseException) -> str:
+    """What a visitor sees of an unexpected error: its type and the first line of its message, capped."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    if len(first) > MAX_ERROR_CHARS:
+        first = first[: MAX_ERROR_CHARS - 1] + "…"
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+@contextlib.contextmanager
+def error_boundary(where: str = "page") -> Iterator[None]:
+    """Show an unexpected error as one short message and log its traceback to the server log only.
+
+    Wraps every page's run and every fragment (also usable as a decorator, under
+    ``@st.fragment``), so a visitor never sees a stack trace with the server's paths.
+    Streamlit's control flow (``st.rerun``, ``st.stop``, ``st.switch_page``) raises
+    ``RerunException``/``StopException``: they are not errors and pass through.
+    """
+    try:
+        yield
+    except (RerunException, StopException):
+        raise
+    except Exception as e:
+        LOG.exception("unexpected error in the %s", where)
+        st.error(f"Something went wrong and this {where} stopped: {error_message(e)}. "
+                 "The details are in the server log.", icon=":material/error:")
+
+
 # -- view state ------------------------------------------------------------------
 def _as_int(value, default: int = 0) -> int:
     try:
@@ -115,15 +152,20 @@ def init_view_state() -> None:
     for key in (RESULT, METHOD, PARAMS):
         if qp.get(key):
             ss[key] = str(qp.get(key))
+    if not qp.get(METHOD):  # hyperparameters mean nothing without their method (sync drops them)
+        ss.pop(PARAMS, None)
+    elif qp.get(PARAMS):
+        ss[_URL_PARAMS] = str(qp.get(PARAMS))
     ss[_INITIALISED] = True
 
 
 def sync_query_params() -> None:
     """Mirror the view (model, layer, head, result, method, params) into the URL."""
     qp = st.query_params
+    no_method = st.session_state.get(METHOD) in (None, "", NO_METHOD)
     for key in URL_KEYS:
         raw = st.session_state.get(key)
-        value = "" if raw is None else str(raw)
+        value = "" if raw is None or (key == PARAMS and no_method) else str(raw)
         if key in (RESULT, METHOD, PARAMS) and value in ("", SHIPPED, NO_METHOD):
             if key in qp:  # the defaults stay out of the URL
                 del qp[key]
@@ -192,6 +234,7 @@ def versions() -> dict[str, str]:
 def method_sidebar(name: str) -> tuple[str | None, str | None]:
     """Sidebar: the active result, the method and its hyperparameters. Returns ``(method, params)``."""
     ss = st.session_state
+    requested = ss.pop(_URL_PARAMS, None)  # checked on this run only: later misses are method switches
     with st.sidebar:
         choices = rs.result_choices(name)
         persistent_widget(
@@ -212,7 +255,11 @@ def method_sidebar(name: str) -> tuple[str | None, str | None]:
             return None, None
         options = rs.params_options(method, cache.sweep_table(result))
         if ss.get(PARAMS) not in options:
-            ss[PARAMS] = options[0]
+            fallback = rs.default_params(method, options)
+            if requested is not None and ss.get(PARAMS) == requested:
+                st.warning(f"The link's hyperparameters `{requested}` are not a configuration of {method}; "
+                           f"showing its default `{fallback}`.")
+            ss[PARAMS] = fallback
         params = persistent_widget(st.selectbox, PARAMS, "Hyperparameters", options=options)
     return method, params
 

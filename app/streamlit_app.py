@@ -18,14 +18,20 @@ if str(ROOT) not in sys.path:  # `from app import state` in the pages
 
 from app import state  # noqa: E402
 
-st.set_page_config(page_title="sparsefinder", page_icon=":material/grid_on:", layout="wide")
+# A local file: a material-icon or emoji page_icon makes every page load fetch it from a font host.
+FAVICON = Path(__file__).resolve().parent / "favicon.png"
+st.set_page_config(page_title="sparsefinder", page_icon=str(FAVICON), layout="wide")
 
-state.init_view_state()
-state.model_sidebar()
-try:
-    state.method_sidebar(st.session_state[state.MODEL])
-except Exception as e:  # a broken artifact must not take every page down
-    st.sidebar.error(f"Could not read the results or methods: {type(e).__name__}: {e}")
+# Every run's work sits inside error boundaries (state.error_boundary): a visitor sees a short
+# message, the traceback goes to the server log, and .streamlit/config.toml hides Streamlit's own.
+with state.error_boundary("sidebar"):
+    state.init_view_state()
+    state.model_sidebar()
+    try:
+        state.method_sidebar(st.session_state[state.MODEL])
+    except Exception as e:  # a broken artifact must not take every page down
+        state.LOG.exception("could not read the results or methods")
+        st.sidebar.error(f"Could not read the results or methods: {state.error_message(e)}")
 
 # Sections and pages. The page scripts live in app/views/, not app/pages/: Streamlit
 # treats a `pages/` folder beside the entrypoint as a legacy multipage app until
@@ -48,5 +54,6 @@ PAGES = {
 }
 
 page = st.navigation(PAGES)
-page.run()
-state.sync_query_params()
+with state.error_boundary("page"):
+    page.run()
+    state.sync_query_params()

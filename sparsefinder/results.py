@@ -379,14 +379,49 @@ def corpus_texts(store: Path | None) -> tuple[str, ...]:
     return tuple(ExtractionStore.open(store).texts())
 
 
+def _params_order(params: str) -> tuple:
+    """Sort key of a canonical params key: its values compared as numbers (``window`` 1, 3, 11, not 1, 11, 3)."""
+    try:
+        point = json.loads(params)
+    except ValueError:
+        return (1, params)
+    if not isinstance(point, dict):
+        return (1, params)
+    # Numbers (and bools) before other values of the same hyperparameter; each kind compared within itself.
+    return (0, tuple((k, (0, float(v), "") if isinstance(v, int | float) else (1, 0.0, json.dumps(v)))
+                     for k, v in sorted(point.items())))
+
+
 def params_options(method: str, frame: pd.DataFrame | None = None) -> list[str]:
-    """The method's configurations as canonical keys: those in the sweep table, else its own grid."""
+    """The method's configurations as canonical keys, in numeric order: those in the sweep table, else its grid."""
     from sparsefinder.predictors.base import REGISTRY
     from sparsefinder.predictors.methods import params_key
 
     if frame is not None and method in set(frame["method"]):
-        return sorted(frame.loc[frame["method"] == method, "params"].unique().tolist())
-    return [params_key(p) for p in REGISTRY[method].grid()]
+        keys = frame.loc[frame["method"] == method, "params"].unique().tolist()
+    else:
+        keys = [params_key(p) for p in REGISTRY[method].grid()]
+    return sorted(set(keys), key=_params_order)
+
+
+def default_params(method: str, options: list[str]) -> str:
+    """The configuration a method starts at: its constructor's defaults for the grid's hyperparameters when
+    that point is among ``options`` (``window`` 3, not the empty ``window`` 0), else the first option."""
+    import inspect
+
+    from sparsefinder.predictors.base import REGISTRY
+    from sparsefinder.predictors.methods import params_key
+
+    if not options:
+        raise ValueError(f"{method} has no configurations")
+    cls = REGISTRY.get(method)
+    if cls is not None:
+        sig = inspect.signature(cls.__init__)
+        names = [n for n in cls.param_grid if n in sig.parameters]
+        key = params_key({n: sig.parameters[n].default for n in names})
+        if key in options:
+            return key
+    return options[0]
 
 
 # -- making a saved result: extract -> train -> fit -> sweep ---------------------------------

@@ -7,7 +7,7 @@ import streamlit as st
 
 from app import cache, state
 from sparsefinder import results as rs
-from sparsefinder.corpora.readers import MAX_BYTES, CorpusError, corpus_stats, default_corpus
+from sparsefinder.corpora.readers import MAX_BYTES, MAX_UPLOAD_MIB, CorpusError, corpus_stats, default_corpus
 from sparsefinder.corpora.upload import read_upload
 
 ss = st.session_state
@@ -33,9 +33,11 @@ def load_source():
             return None, None
     st.caption(
         f"Plain text (one sentence per line), CSV/TSV with a header row, or CoNLL-U; UTF-8; at most "
-        f"{MAX_BYTES // (1024 * 1024)} MiB. Extraction uses the first {state.MAX_EXTRACT_SENTENCES:,} sentences."
+        f"{MAX_UPLOAD_MIB} MiB. Extraction uses the first {state.MAX_EXTRACT_SENTENCES:,} sentences."
     )
-    upload = st.file_uploader("Corpus file", type=["txt", "csv", "tsv", "conllu"], key="corpus_upload")
+    upload = st.file_uploader("Corpus file", type=["txt", "csv", "tsv", "conllu"], key="corpus_upload",
+                              max_upload_size=MAX_UPLOAD_MIB,
+                              help=f"At most {MAX_UPLOAD_MIB} MiB ({MAX_BYTES:,} bytes), UTF-8.")
     column = "text"
     if upload is not None and upload.name.lower().endswith((".csv", ".tsv")):
         column = st.text_input("Text column", value="text", key="corpus_column").strip() or "text"
@@ -47,7 +49,7 @@ def load_source():
         return None, None
     parsed = read_upload(upload.getvalue(), upload.name, column)
     if parsed.error is not None:
-        st.error(f"Could not read {upload.name}: {parsed.error}")
+        st.error(f"Could not read {parsed.error}")  # the error starts with the file's name
         return None, None
     return parsed.corpus, parsed.stats
 

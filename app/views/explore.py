@@ -7,7 +7,8 @@ import pandas as pd
 import streamlit as st
 
 from app import cache, state
-from sparsefinder.evaluation.analysis import SPLIT_MODES, split_texts, text_hash
+from sparsefinder.corpora.corpus import CorpusError
+from sparsefinder.evaluation.analysis import MAX_TEXT_CHARS, SPLIT_MODES, split_texts, text_hash
 from sparsefinder.plots.heatmaps import attention_heatmap, block_size, sparsity_heatmap
 
 ss = st.session_state
@@ -35,13 +36,16 @@ def main() -> None:
                             "its sparsity is the share of token pairs that get exactly zero attention.")
 
     source = state.persistent_widget(st.radio, state.SOURCE, "Input", options=state.SOURCES, horizontal=True)
+    split = SPLIT_MODES[0]
     if source == state.SOURCES[0]:
         text = state.persistent_widget(
             st.text_area,
             state.TEXT,
             "Text to analyse",
             height=110,
-            help="Each sentence (or each line) is analysed as one item of a batch.",
+            max_chars=MAX_TEXT_CHARS,
+            help=f"Each sentence (or each line) is analysed as one item of a batch; at most "
+                 f"{state.MAX_TEXTS} items and {MAX_TEXT_CHARS:,} characters.",
         )
         col_split, col_button = st.columns([3, 1], vertical_alignment="bottom")
         with col_split:
@@ -55,7 +59,13 @@ def main() -> None:
         with col_button:
             # Any change of the text reruns the page; the button reruns it explicitly.
             st.button("Analyse", type="primary", icon=":material/play_arrow:")
-        texts = split_texts(text, split)
+        if len(text) >= MAX_TEXT_CHARS:  # Streamlit cuts a longer value at max_chars, silently
+            st.warning(f"The text is at the limit of {MAX_TEXT_CHARS:,} characters; anything beyond it was cut.")
+        try:
+            texts = split_texts(text, split)
+        except CorpusError as e:
+            st.error(f"Cannot analyse this text: {e}.")
+            return
     else:
         result = state.active_result(name)
         try:
@@ -77,7 +87,9 @@ def main() -> None:
         st.warning("Enter some text to analyse: the text area is empty.")
         return
     if len(texts) > state.MAX_TEXTS:
-        st.warning(f"{len(texts)} sentences given; only the first {state.MAX_TEXTS} are analysed.")
+        unit = "line" if split == "lines" else "sentence"
+        st.warning(f"{len(texts)} {unit}s given; only the first {state.MAX_TEXTS} are analysed: a batch holds at "
+                   f"most {state.MAX_TEXTS} items, and in \"{split}\" mode each {unit} is one item.")
         texts = texts[: state.MAX_TEXTS]
     texts = tuple(texts)
 
@@ -176,6 +188,7 @@ def main() -> None:
 
 
 @st.fragment
+@state.error_boundary("part of the page")
 def head_section(name, version, alpha, key, texts, b, grid, tokens, num_layers, num_heads, prediction, method, params):
     """Layer/head selects and the head's heatmap, as a fragment: changing the head reruns only this part
     (not the model select, the overview and its tables), which keeps the switch fast in the browser."""

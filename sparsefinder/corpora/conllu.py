@@ -50,7 +50,7 @@ def parse_conllu(text: str, name: str) -> Iterator[tuple[Sentence, int]]:
         if words:
             if mwt_end > len(words):
                 raise err(start, f"multiword token ends at word {mwt_end} but the sentence has {len(words)} words")
-            done = (_conllu_sentence(words, tokens, sent_text, err), start)
+            done = (_conllu_sentence(words, tokens, sent_text, start, err), start)
         words, tokens, sent_text, mwt_end, start = [], [], None, 0, 0
         return done
 
@@ -100,7 +100,7 @@ def _column(words: list[_Word], attr: str) -> tuple[str, ...] | None:
 
 
 def _conllu_sentence(words: list[_Word], tokens: list[tuple[str, list[int], bool]], sent_text: str | None,
-                     err: Callable[[int, str], CorpusError]) -> Sentence:
+                     start: int, err: Callable[[int, str], CorpusError]) -> Sentence:
     n = len(words)
     heads: tuple[int, ...] | None = None
     if not all(w.head == "_" for w in words):  # all '_' = unparsed; otherwise every HEAD must be valid
@@ -113,6 +113,7 @@ def _conllu_sentence(words: list[_Word], tokens: list[tuple[str, list[int], bool
                 raise err(w.line, f"HEAD {h} is out of range (the sentence has {n} words)")
             parsed.append(h)
         heads = tuple(parsed)
+        _check_tree(words, heads, start, err)
 
     if sent_text is None:
         parts = []
@@ -129,6 +130,36 @@ def _conllu_sentence(words: list[_Word], tokens: list[tuple[str, list[int], bool
         deprels=_column(words, "deprel"),
         char_spans=_align(sent_text, tokens, n),
     )
+
+
+def _check_tree(words: list[_Word], heads: tuple[int, ...], start: int,
+                err: Callable[[int, str], CorpusError]) -> None:
+    """The HEADs must form one tree: exactly one root (HEAD 0), every word reaching it (no cycle).
+
+    The syntax masks and tree distances read the heads as a tree; a cycle or a
+    forest would give them paths that do not exist.
+    """
+    roots = [i for i, h in enumerate(heads) if h == 0]
+    if not roots:
+        raise err(start, "the sentence has no root (no word with HEAD 0); CoNLL-U needs exactly one")
+    if len(roots) > 1:
+        ids = ", ".join(str(i + 1) for i in roots)
+        raise err(words[roots[1]].line, f"the sentence has {len(roots)} roots (words {ids} have HEAD 0); "
+                                        "CoNLL-U needs exactly one")
+    reaches_root = [False] * len(heads)
+    reaches_root[roots[0]] = True
+    for i in range(len(heads)):
+        path, on_path, j = [], set(), i
+        while not reaches_root[j] and j not in on_path:
+            path.append(j)
+            on_path.add(j)
+            j = heads[j] - 1
+        if not reaches_root[j]:  # came back to a word on this path
+            loop = path[path.index(j):]
+            chain = " -> ".join(str(k + 1) for k in [*loop, j])
+            raise err(words[j].line, f"HEADs form a cycle ({chain}), not a tree")
+        for k in path:
+            reaches_root[k] = True
 
 
 def _align(text: str, tokens: list[tuple[str, list[int], bool]], n: int) -> tuple[tuple[int, int], ...] | None:

@@ -43,8 +43,10 @@ from sparsefinder.corpora.corpus import NEWLINE as _NEWLINE
 from sparsefinder.corpora.corpus import Corpus, CorpusError, Sentence, Source
 from sparsefinder.corpora.spacy_model import SPACY_MODEL, load_spacy
 
-MAX_BYTES = 20 * 1024 * 1024
-"""Largest accepted input (20 MB); larger uploads are refused before decoding."""
+MAX_UPLOAD_MIB = 20
+"""Largest accepted input in MiB: the readers', the Corpus page's and Streamlit's ``server.maxUploadSize``."""
+MAX_BYTES = MAX_UPLOAD_MIB * 1024 * 1024
+"""Largest accepted input in bytes (20 MiB); larger uploads are refused before decoding."""
 MAX_SENTENCES = 100_000
 """Most sentences one corpus may hold."""
 MAX_SENTENCE_CHARS = 10_000
@@ -93,9 +95,22 @@ def _load(src: Source, name: str | None) -> tuple[bytes, str]:
 
 
 def _decode(data: bytes, name: str) -> str:
-    """Strict UTF-8 (a BOM is allowed); a bad byte is reported with its line so the user can fix it."""
+    """Strict UTF-8 (a BOM is allowed); a bad byte is reported with its line so the user can fix it.
+
+    NUL is refused too: it is valid UTF-8 but no text has it, and every other byte
+    of a UTF-16 file without a byte-order mark is one, which would otherwise read
+    as sentences full of NULs.
+    """
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+    elif data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise CorpusError(f"{name}: line 1: file is UTF-16 (it starts with a UTF-16 byte-order mark), "
+                          "not UTF-8; save it as UTF-8 and try again")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = len(_NEWLINE_BYTES.findall(data, 0, nul)) + 1
+        raise CorpusError(f"{name}: line {line}: file contains NUL bytes; it looks like UTF-16 without a "
+                          "byte-order mark; save it as UTF-8 and try again")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -213,11 +228,15 @@ def _delim_name(delim: str) -> str:
 
 
 def _find_column(header: list[str], column: str, name: str, delim: str) -> int:
-    if column in header:
-        return header.index(column)
-    folded = [h.casefold() for h in header]
-    if folded.count(column.strip().casefold()) == 1:
-        return folded.index(column.strip().casefold())
+    # A repeated name is refused, exact or case-folded: picking one of the columns would be a silent guess.
+    for names, wanted in ((header, column), ([h.casefold() for h in header], column.strip().casefold())):
+        found = [i for i, h in enumerate(names) if h == wanted]
+        if len(found) > 1:
+            where = ", ".join(str(i + 1) for i in found)
+            raise CorpusError(f"{name}: line 1: column {column!r} appears {len(found)} times in the "
+                              f"{_delim_name(delim)} header (columns {where}); rename all but one")
+        if found:
+            return found[0]
     available = ", ".join(repr(h) for h in header)
     raise CorpusError(f"{name}: line 1: no column {column!r} in the {_delim_name(delim)} header; "
                       f"available columns: {available}")

@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsefinder.corpora.readers import MAX_BYTES, Corpus, CorpusError, corpus_stats, read_corpus, read_csv
+from sparsefinder.corpora.readers import (
+    MAX_BYTES,
+    MAX_UPLOAD_MIB,
+    Corpus,
+    CorpusError,
+    corpus_stats,
+    read_corpus,
+    read_csv,
+)
 
 
 @dataclass(frozen=True)
@@ -23,16 +31,21 @@ class ParsedUpload:
 
 
 def read_upload(data: bytes, filename: str, column: str = "text") -> ParsedUpload:
-    """Read an uploaded file (txt, csv, tsv, conllu) of at most ``MAX_BYTES``; ``column`` names a table's text."""
+    """Read an uploaded file (txt, csv, tsv, conllu) of at most ``MAX_BYTES``; ``column`` names a table's text.
+
+    An error names the file once, at its start (``"name: line 3: ..."``), so a page can show it as it is.
+    """
     if len(data) > MAX_BYTES:
-        return ParsedUpload(None, None, f"{filename}: {len(data):,} bytes, more than the limit of {MAX_BYTES:,}")
+        return ParsedUpload(None, None, f"{filename}: {len(data):,} bytes, more than the limit of "
+                                        f"{MAX_BYTES:,} bytes ({MAX_UPLOAD_MIB} MiB)")
     try:
         if Path(filename).suffix.lower() in (".csv", ".tsv", ".tab"):
             corpus = read_csv(data, column=column or "text", name=filename)
         else:
             corpus = read_corpus(data, filename)
     except CorpusError as e:
-        return ParsedUpload(None, None, str(e))
+        message = str(e)
+        return ParsedUpload(None, None, message if message.startswith(f"{filename}: ") else f"{filename}: {message}")
     if not len(corpus):
         return ParsedUpload(None, None, f"{filename}: no sentences found")
     return ParsedUpload(corpus, corpus_stats(corpus))

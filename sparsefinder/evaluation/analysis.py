@@ -20,18 +20,26 @@ from sparsefinder.metrics import graph_metrics
 from sparsefinder.predictors.methods import predict_layer
 
 SPLIT_MODES = ("sentences", "lines")
+MAX_TEXT_CHARS = 100_000
+"""Longest text :func:`split_texts` accepts: far more than the batch of sentences a page analyses, and
+small enough that splitting it stays well under a second (spaCy's own limit is 1,000,000)."""
 
 
 def split_texts(text: str, mode: str = "sentences") -> list[str]:
     """The texts to analyse: one per non-empty line, or per sentence within each line.
 
     Sentences come from the library's spaCy splitter (the one that splits the
-    default corpus), so abbreviations such as "Dr." do not end a sentence.
+    default corpus), so abbreviations such as "Dr." do not end a sentence. A text
+    longer than :data:`MAX_TEXT_CHARS` is a :class:`~sparsefinder.corpora.corpus.CorpusError`.
     """
+    from sparsefinder.corpora.corpus import CorpusError
     from sparsefinder.corpora.readers import split_sentences
 
     if mode not in SPLIT_MODES:
         raise ValueError(f"split mode must be one of {SPLIT_MODES}, got {mode!r}")
+    if len(text or "") > MAX_TEXT_CHARS:
+        raise CorpusError(f"the text has {len(text):,} characters, more than the limit of {MAX_TEXT_CHARS:,}; "
+                          "analyse it in parts")
     out: list[str] = []
     for line in (text or "").splitlines():
         line = line.strip()

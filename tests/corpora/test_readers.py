@@ -98,7 +98,11 @@ def test_read_text_from_path_and_bytes(tmp_path: Path) -> None:
 def test_read_text_keeps_every_nonblank_line(lines: list[str]) -> None:
     expected = [line.strip() for line in lines if line.strip()]
     data = "\n".join(lines).encode()
-    if not expected:
+    if "\x00" in data.decode():  # NUL is refused (UTF-16 without a BOM would read as NUL-filled lines)
+        first = next(k for k, line in enumerate(lines, start=1) if "\x00" in line)
+        with pytest.raises(CorpusError, match=rf"line {first}: file contains NUL bytes"):
+            read_text(data)
+    elif not expected:
         with pytest.raises(CorpusError):
             read_text(data)
     else:
@@ -480,3 +484,94 @@ def test_cache_key_depends_on_file_bytes_and_params() -> None:
     assert key != C._cache_key([("a.cor", b"abd")], params)
     assert key != C._cache_key([("b.cor", b"abc")], params)
     assert key != C._cache_key([("a.cor", b"abc")], {**params, "model_version": "0.0.0"})
+
+
+# --------------------------------------------------------------------------- bad input: encodings, trees, columns
+
+
+@pytest.mark.parametrize("reader", [read_text, read_csv, read_conllu])
+def test_utf16_without_bom_is_refused_not_read_as_nuls(reader) -> None:
+    text = "text\nHello there.\nSecond line here.\n"
+    with pytest.raises(CorpusError, match=r"^f\.x: line 1: file contains NUL bytes; it looks like UTF-16 without "
+                                          r"a byte-order mark"):
+        reader(text.encode("utf-16-le"), name="f.x")
+    # big-endian: the first NUL is the first byte
+    with pytest.raises(CorpusError, match="UTF-16 without a byte-order mark"):
+        reader(text.encode("utf-16-be"), name="f.x")
+
+
+def test_nul_names_its_line_and_utf16_with_bom_says_utf16() -> None:
+    with pytest.raises(CorpusError, match=r"^f\.txt: line 3: file contains NUL bytes"):
+        read_text(b"one\ntwo\nth\x00ree\n", name="f.txt")
+    with pytest.raises(CorpusError, match=r"^f\.txt: line 1: file is UTF-16 .*save it as UTF-8"):
+        read_text("Hello.\n".encode("utf-16"), name="f.txt")  # Python writes the BOM
+
+
+def _conllu_heads(heads: list[int]) -> bytes:
+    return ("\n".join(_line(i + 1, f"w{i}", h) for i, h in enumerate(heads)) + "\n").encode()
+
+
+@pytest.mark.parametrize(("heads", "line_no", "message"), [
+    ([2, 1], 3, "the sentence has no root"),  # the line its block starts on
+    ([0, 0, 1], 5, r"the sentence has 2 roots \(words 1, 2 have HEAD 0\)"),  # the second root's line
+    ([0, 2], 5, r"HEADs form a cycle \(2 -> 2\)"),
+    ([0, 3, 4, 2], 5, r"HEADs form a cycle \(2 -> 3 -> 4 -> 2\)"),
+])
+def test_conllu_heads_must_form_one_tree(heads: list[int], line_no: int, message: str) -> None:
+    data = b"# c\n\n# sent_id = 9\n" + _conllu_heads(heads)  # word i is on line i + 3
+    with pytest.raises(CorpusError, match=rf"^t\.conllu: line {line_no}: {message}"):
+        read_conllu(data, name="t.conllu")
+
+
+def _is_tree(heads: list[int]) -> bool:
+    """Independent check: one root, and a walk down the children from it reaches every word."""
+    roots = [i + 1 for i, h in enumerate(heads) if h == 0]
+    if len(roots) != 1:
+        return False
+    children: dict[int, list[int]] = {}
+    for i, h in enumerate(heads):
+        children.setdefault(h, []).append(i + 1)
+    seen, todo = set(), [roots[0]]
+    while todo:
+        w = todo.pop()
+        seen.add(w)
+        todo.extend(c for c in children.get(w, []) if c not in seen)
+    return len(seen) == len(heads)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 8).flatmap(lambda n: st.lists(st.integers(0, n), min_size=n, max_size=n)))
+def test_conllu_accepts_exactly_the_trees(heads: list[int]) -> None:
+    data = _conllu_heads(heads)
+    if _is_tree(heads):
+        (sent,) = read_conllu(data, name="t.conllu").sentences
+        assert sent.heads == tuple(heads)
+    else:
+        with pytest.raises(CorpusError, match=r"^t\.conllu: line \d+: .*(root|cycle)"):
+            read_conllu(data, name="t.conllu")
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"text,id,text\nhello there,1,other\n", r"column 'text' appears 2 times in the CSV header \(columns 1, 3\)"),
+    (b"Text,id,TEXT\nhello there,1,other\n", r"column 'text' appears 2 times"),
+    (b"text\ttext\na\tb\n", r"column 'text' appears 2 times in the TSV header"),
+])
+def test_csv_duplicated_text_column_is_refused(data: bytes, message: str) -> None:
+    name = "d.tsv" if b"\t" in data else "d.csv"
+    with pytest.raises(CorpusError, match=rf"^d\.[ct]sv: line 1: {message}"):
+        read_csv(data, name=name)
+    # an exact match still wins over a case-folded twin, as before
+    assert read_csv(b"text,Text\nkept,other\n", name="d.csv").texts() == ["kept"]
+
+
+@pytest.mark.parametrize(("name", "data"), [
+    ("a.txt", b"\xff\xfe\x00"), ("a.txt", b""), ("b.csv", b"id\n1\n"), ("c.conllu", _conllu_heads([2, 1])),
+    ("d.tsv", b"text\ttext\na\tb\n"), ("e.txt", "x\n".encode("utf-16-le")),
+])
+def test_upload_error_names_the_file_once_at_its_start(name: str, data: bytes) -> None:
+    from sparsefinder.corpora.upload import read_upload
+
+    parsed = read_upload(data, name)
+    assert parsed.corpus is None and parsed.error is not None
+    assert parsed.error.startswith(f"{name}: ") and parsed.error.count(name) == 1, parsed.error
+    assert "\n" not in parsed.error
