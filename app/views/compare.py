@@ -84,7 +84,7 @@ def main() -> None:
         options = rs.params_options(method, frame)
         view = params_widget_key(method)
         if view not in ss:
-            ss[view] = best.get(method, options[0])
+            ss[view] = best.get(method) or rs.default_params(method, options)
         with cols[i % len(cols)]:
             chosen[method] = state.persistent_widget(
                 st.selectbox, view, f"{method} configuration", options=options,
