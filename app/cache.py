@@ -123,6 +123,12 @@ def head_probabilities(model_name: str, version: str, alpha: str, texts_hash: st
     return an.head_probabilities(ex, sentence, layer, head)
 
 
+def allowed_pairs(model_name: str, version: str, alpha: str, texts_hash: str, sentence: int, layer: int,
+                  _texts: tuple[str, ...]):
+    """The pairs the layer's mask allows for one sentence (cheap: read off the cached extraction)."""
+    return an.allowed_pairs(extraction(model_name, version, alpha, texts_hash, _texts), sentence, layer)
+
+
 @st.cache_data(show_spinner=False, max_entries=256)
 def head_prediction(model_name: str, version: str, alpha: str, text_key: str, layer: int, head: int, method: str,
                     params: str, _text: str, artifacts_key: str = "", _result: rs.Result | None = None,

@@ -112,7 +112,7 @@ def main() -> None:
                 m = hp.metrics
                 title = f"{method} {params}<br>recall {m['recall']:.3f} · sparsity {m['sparsity']:.3f}"
                 height = min(380 + 12 * len(hp.tokens), 900)
-                fig = outcome_heatmap(hp.gold, hp.pred, hp.tokens, title, height=height)
+                fig = outcome_heatmap(hp.gold, hp.pred, hp.tokens, title, height=height, allowed=hp.allowed)
                 fig.update_layout(title_font_size=13, xaxis_title=None, margin=dict(l=10, r=10, t=150, b=10))
                 st.plotly_chart(fig, key=f"compare_heatmap_{method}")
                 state.download_figure(fig, f"compare-{name}-L{layer}H{head}-{method}", key=f"compare_html_{method}")

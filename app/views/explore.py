@@ -201,6 +201,7 @@ def head_section(name, version, alpha, key, texts, b, grid, tokens, num_layers, 
     try:
         with st.spinner(f"Computing layer {layer}, head {head}…"):
             probs = cache.head_probabilities(name, version, alpha, key, b, layer, head, texts)
+            allowed = cache.allowed_pairs(name, version, alpha, key, b, layer, texts)
     except Exception as e:
         st.error(f"Could not compute the probabilities: {type(e).__name__}: {e}")
         return
@@ -213,14 +214,19 @@ def head_section(name, version, alpha, key, texts, b, grid, tokens, num_layers, 
             cols = st.columns(4)
             for col, m in zip(cols, ("recall", "precision", "sparsity", "exact"), strict=True):
                 col.metric(m.capitalize(), f"{prediction.metrics[m][b, layer, head]:.4f}")
-    fig = attention_heatmap(probs, list(tokens), title=title, pred=pred)
+    if pred is not None:
+        pred = pred & allowed  # forbidden pairs are not scored, so not drawn
+    fig = attention_heatmap(probs, list(tokens), title=title, pred=pred, allowed=allowed)
     st.plotly_chart(fig, key="head_heatmap")
     state.download_figure(fig, f"head-{name}-L{layer}H{head}", key="head_html")
-    zeros = int((probs == 0).sum())
+    zeros = int(((probs == 0) & allowed).sum())
+    forbidden = int((~allowed).sum())
     size = block_size(len(tokens))
     st.caption(
         f"Rows are queries, columns keys. Grey cells are exact zeros (no edge): "
-        f"{zeros} of {probs.size} pairs. Repeated tokens carry their position, e.g. `the·7`."
+        f"{zeros} of {int(allowed.sum())} allowed pairs. Repeated tokens carry their position, e.g. `the·7`."
+        + (f" White cells ({forbidden}) are pairs this layer's mask forbids (future keys, or outside its "
+           "sliding window): not part of any graph." if forbidden else "")
         + (" Marks: blue TP, orange FP, pink FN." if pred is not None else "")
         + (f" {len(tokens)} tokens are drawn as blocks of {size} so the page stays responsive."
            if size > 1 else "")

@@ -96,7 +96,7 @@ def show_prediction(name: str, config: str, layer: int, head: int, frame: pd.Dat
             f"precision {row['precision']:.4f}, sparsity {row['sparsity']:.4f}, exact {row['exact']:.4f}."
         )
     title = f"{method} {params}, layer {layer}, head {head}: predicted vs gold"
-    heat = outcome_heatmap(hp.gold, hp.pred, hp.tokens, title)
+    heat = outcome_heatmap(hp.gold, hp.pred, hp.tokens, title, allowed=hp.allowed)
     st.plotly_chart(heat, key="pareto_heatmap")
     state.download_figure(heat, f"pareto-{name}-L{layer}H{head}-{method}", key="pareto_heatmap_html")
 

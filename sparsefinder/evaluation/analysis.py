@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
-from sparsefinder.graphs import AttentionGraph
+from sparsefinder.graphs import AttentionGraph, valid_pair_mask
 from sparsefinder.metrics import graph_metrics
 from sparsefinder.predictors.methods import predict_layer
 
@@ -107,6 +108,14 @@ def head_probabilities(extraction, sentence: int, layer: int, head: int) -> np.n
     return extraction.probs[layer][sentence, head, :n, :n].numpy().astype(np.float32, copy=True)
 
 
+def allowed_pairs(extraction, sentence: int, layer: int) -> np.ndarray:
+    """``(n, n)`` bool: the pairs the layer's mask allows for one sentence (all of them in a full
+    bidirectional layer; the lower triangle in a decoder; a band in a sliding-window layer)."""
+    n = int(extraction.lengths[sentence])
+    valid = valid_pair_mask(torch.tensor([n]), n, extraction.causal, extraction.window(layer))
+    return valid[0, 0].numpy()
+
+
 @dataclass(frozen=True)
 class HeadPrediction:
     """One head's gold and predicted graph on one sentence, and its metrics."""
@@ -116,6 +125,7 @@ class HeadPrediction:
     pred: np.ndarray  # (n, n) bool
     metrics: dict
     truncated: bool
+    allowed: np.ndarray | None = None  # (n, n) bool, the layer's valid pairs
 
 
 def predict_head(extraction, layer: int, head: int, method: str, params: str | Mapping[str, Any] | None,
@@ -126,12 +136,15 @@ def predict_head(extraction, layer: int, head: int, method: str, params: str | M
     gold = ex.gold(layer)
     m = graph_metrics(gold, pred)
     n = int(ex.lengths[0])
+    allowed = allowed_pairs(ex, 0, layer)
     return HeadPrediction(
         tokens=tuple(ex.tokens[0]),
         gold=gold.edges[0, head, :n, :n].numpy().copy(),
-        pred=pred.edges[0, head, :n, :n].cpu().numpy().copy(),
+        # A predictor unaware of the layer's window may propose forbidden pairs; they are not scored, nor drawn.
+        pred=pred.edges[0, head, :n, :n].cpu().numpy() & allowed,
         metrics={k: float(v[0, head]) for k, v in m.items()},
         truncated=bool(ex.truncated[0]),
+        allowed=allowed,
     )
 
 
@@ -159,7 +172,10 @@ def predict_batch(extraction, method: str, params: str | Mapping[str, Any] | Non
     per_layer, packed = [], []
     for layer in range(ex.num_layers):
         pred = predict_layer(ex, layer, method, params, projections=projections, fitted=fitted)
-        per_layer.append({k: v.numpy() for k, v in graph_metrics(ex.gold(layer), pred).items()})
+        gold = ex.gold(layer)
+        per_layer.append({k: v.numpy() for k, v in graph_metrics(gold, pred).items()})
+        if gold.window is not None and pred.window is None:  # keep only the pairs that are scored
+            pred = AttentionGraph(pred.edges & gold.valid_pairs(), pred.lengths, pred.causal, gold.window)
         packed.append([pred.pack(b) for b in range(batch)])
     return BatchPrediction(
         metrics={k: np.stack([m[k] for m in per_layer], axis=1) for k in per_layer[0]},

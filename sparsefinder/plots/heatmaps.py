@@ -14,6 +14,10 @@ import plotly.graph_objects as go
 
 #: Colour of cells whose probability is exactly zero (no edge in the gold graph).
 ZERO_COLOR = "#d9d9d9"
+# Pairs the layer's own mask forbids (a decoder's future keys, keys outside a sliding window): not part
+# of any graph, so drawn apart from exact zeros (which the model could have given a weight).
+NOT_ALLOWED_COLOR = "#ffffff"
+NOT_ALLOWED_HOVER = "not allowed by this layer's mask (future key or outside its window)"
 #: Colour scale of positive probabilities; its low end is dark, so tiny but
 #: non-zero probabilities never look like the light-grey exact zeros.
 PROB_COLORSCALE = "Viridis"
@@ -124,8 +128,13 @@ def attention_heatmap(
     title: str = "Entmax attention probabilities",
     pred: np.ndarray | None = None,
     max_side: int = MAX_SIDE,
+    allowed: np.ndarray | None = None,
 ) -> go.Figure:
     """Heatmap of one head's probabilities: query tokens on y, key tokens on x.
+
+    ``allowed`` (bool ``(n, n)``, the layer's valid pairs) marks the pairs its mask
+    forbids — a decoder's triangle, a sliding window's outside — in
+    :data:`NOT_ALLOWED_COLOR`, apart from the exact zeros the model chose.
 
     Exact zeros (pairs outside the gold graph) are drawn in :data:`ZERO_COLOR`
     as a separate trace, so they can never be confused with small positive
@@ -165,12 +174,16 @@ def attention_heatmap(
         hover_pos = "queries %{y}<br>keys %{x}<br>max p = %{z:.4g}<br>gold edges %{customdata}"
     zero = z == 0
     fig = go.Figure()
+    forbidden = _forbidden(allowed, p.shape, size)
+    if forbidden is not None:
+        zero = zero & ~forbidden
+        fig.add_trace(_forbidden_trace(forbidden, x, y))
     fig.add_trace(go.Heatmap(
         z=np.where(zero, 0.0, np.nan), x=x, y=y, zmin=0.0, zmax=1.0,
         colorscale=[[0.0, ZERO_COLOR], [1.0, ZERO_COLOR]], showscale=False, name="zero",
         hovertemplate=hover_zero + "<extra></extra>", xgap=1, ygap=1,
     ))
-    positive = np.where(zero, np.nan, z)
+    positive = np.where(zero | (forbidden if forbidden is not None else False), np.nan, z)
     fig.add_trace(go.Heatmap(
         z=positive, x=x, y=y, zmin=0.0,
         zmax=max(float(np.nanmax(positive)) if np.any(~zero) else 1.0, 1e-9),
@@ -194,6 +207,26 @@ def attention_heatmap(
         margin=dict(l=10, r=10, t=130 + 18 * len(notes), b=10),
     )
     return fig
+
+
+def _forbidden(allowed: np.ndarray | None, shape: tuple[int, ...], size: int) -> np.ndarray | None:
+    """Cells (or blocks of ``size``) without a single allowed pair, or None when every pair is allowed."""
+    if allowed is None:
+        return None
+    allowed = np.asarray(allowed, dtype=bool)
+    if allowed.shape != tuple(shape):
+        raise ValueError(f"allowed shape {allowed.shape} does not match probs shape {tuple(shape)}")
+    if allowed.all():
+        return None
+    return ~(allowed if size == 1 else block_reduce(allowed, size, "max").astype(bool))
+
+
+def _forbidden_trace(forbidden: np.ndarray, x, y) -> go.Heatmap:
+    return go.Heatmap(
+        z=np.where(forbidden, 0.0, np.nan), x=x, y=y, zmin=0.0, zmax=1.0, showscale=False, name="not allowed",
+        colorscale=[[0.0, NOT_ALLOWED_COLOR], [1.0, NOT_ALLOWED_COLOR]], xgap=1, ygap=1,
+        hovertemplate=f"query %{{y}}<br>key %{{x}}<br>{NOT_ALLOWED_HOVER}<extra></extra>",
+    )
 
 
 def _add_overlay(
@@ -297,8 +330,12 @@ def outcome_grid(gold: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return out
 
 
-def outcome_heatmap(gold: np.ndarray, pred: np.ndarray, tokens, title: str, height: int | None = None):
+def outcome_heatmap(gold: np.ndarray, pred: np.ndarray, tokens, title: str, height: int | None = None,
+                    allowed: np.ndarray | None = None):
     """Query × key heatmap of TP / FP / FN cells in :data:`OUTCOME_COLORS`, with a legend.
+
+    ``allowed`` (the layer's valid pairs) draws the pairs its mask forbids in
+    :data:`NOT_ALLOWED_COLOR`, apart from the pairs that are simply no edge.
 
     Above :data:`MAX_SIDE` tokens the grid is drawn as blocks of :func:`block_size`
     tokens, each in the colour of its worst outcome (FN over FP over TP); the
@@ -314,13 +351,17 @@ def outcome_heatmap(gold: np.ndarray, pred: np.ndarray, tokens, title: str, heig
     for i, o in enumerate(OUTCOMES):
         scale += [[i * step, OUTCOME_COLORS[o]], [(i + 1) * step, OUTCOME_COLORS[o]]]
     names = np.array(["no edge", "TP (gold & predicted)", "FP (predicted only)", "FN (missed gold edge)"])
+    forbidden = _forbidden(allowed, cells.shape, size)
     fig = go.Figure(
         go.Heatmap(
-            z=codes, x=labels, y=labels, zmin=-0.5, zmax=len(OUTCOMES) - 0.5, colorscale=scale, showscale=False,
+            z=codes if forbidden is None else np.where(forbidden, np.nan, codes),
+            x=labels, y=labels, zmin=-0.5, zmax=len(OUTCOMES) - 0.5, colorscale=scale, showscale=False,
             customdata=names[codes], xgap=1, ygap=1, name="outcome",
             hovertemplate="query %{y} → key %{x}<br>%{customdata}<extra></extra>",
         )
     )
+    if forbidden is not None:
+        fig.add_trace(_forbidden_trace(forbidden, labels, labels))
     for o, name in zip(OUTCOMES[1:], names[1:], strict=True):  # legend entries
         count = int((cells == OUTCOMES.index(o)).sum())
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"{name}: {count}",

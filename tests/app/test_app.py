@@ -321,6 +321,28 @@ def test_a_model_of_the_users_catalogue_is_offered_and_its_own_entmax_shown(tiny
     assert at.table[0].value.loc["alpha", "value"] == "the model's own"
 
 
+def test_a_registered_decoder_draws_its_triangle_as_not_allowed(tiny_model_dir, tmp_path, monkeypatch):
+    """#13: Explore on a registered tiny Llama: the future keys are drawn 'not allowed', not as exact zeros,
+    and the shown probabilities equal the library's."""
+    from sparsefinder.model.user_catalogue import add_model
+
+    monkeypatch.setenv("SPARSEFINDER_CATALOGUE", str(tmp_path / "user.json"))
+    add_model("tiny-llama", tiny_model_dir("llama"))
+    at = make_app("tiny-llama", layer=1, head=2)
+    assert not at.exception and not at.error
+    fig = head_figure(at)
+    forbidden_trace, zeros_trace, probs_trace = fig["data"]
+    expected = load_model("tiny-llama").extract([DEFAULT_TEXT]).probs[1][0, 2].numpy()
+    n = expected.shape[0]
+    future = np.triu(np.ones((n, n), bool), k=1)
+    assert forbidden_trace["name"] == "not allowed"
+    np.testing.assert_array_equal(~np.isnan(decode(forbidden_trace["z"]).astype(float)), future)
+    np.testing.assert_array_equal(~np.isnan(decode(zeros_trace["z"]).astype(float)), (expected == 0) & ~future)
+    shown = decode(probs_trace["z"]).astype(float)
+    np.testing.assert_allclose(np.nan_to_num(shown), expected, rtol=1e-6, atol=1e-7)
+    assert f"White cells ({int(future.sum())})" in texts_of(at.caption)
+
+
 # -- layering ------------------------------------------------------------------------
 def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))

@@ -91,3 +91,37 @@ def test_overlay_codes_and_blocks(n):
 def test_heatmap_refuses_mismatched_prediction():
     with pytest.raises(ValueError, match="pred shape"):
         attention_heatmap(np.zeros((3, 3)), ["a", "b", "c"], pred=np.zeros((2, 2), bool))
+
+
+@pytest.mark.parametrize("n", [7, MAX_SIDE + 37])
+def test_pairs_the_mask_forbids_are_drawn_apart_from_exact_zeros(n):
+    """A decoder's future keys (and a window's outside) are 'not allowed', never 'p = 0'; checked by loops."""
+    from sparsefinder.plots.heatmaps import outcome_heatmap
+
+    rng = np.random.default_rng(n)
+    i, j = np.indices((n, n))
+    allowed = (j <= i) & (i - j <= 5)  # a causal window of 6 keys
+    probs = np.where(allowed & (rng.random((n, n)) < 0.5), rng.random((n, n)), 0.0)
+    tokens = [f"t{k}" for k in range(n)]
+    fig = attention_heatmap(probs, tokens, allowed=allowed)
+    forbidden_trace, zero_trace, p_trace = fig.data
+    assert forbidden_trace.name == "not allowed" and "mask" in forbidden_trace.hovertemplate
+    s = block_size(n)
+    m = -(-n // s)
+    want_forbidden = np.zeros((m, m), bool)
+    want_zero = np.zeros((m, m), bool)
+    for bi in range(m):
+        for bj in range(m):
+            tile = (slice(bi * s, (bi + 1) * s), slice(bj * s, (bj + 1) * s))
+            want_forbidden[bi, bj] = not allowed[tile].any()
+            want_zero[bi, bj] = allowed[tile].any() and probs[tile].max() == 0
+    np.testing.assert_array_equal(~np.isnan(np.asarray(forbidden_trace.z, float)), want_forbidden)
+    np.testing.assert_array_equal(~np.isnan(np.asarray(zero_trace.z, float)), want_zero)
+    assert not (~np.isnan(np.asarray(p_trace.z, float)) & want_forbidden).any()
+    # Without a mask nothing is marked, as before.
+    assert len(attention_heatmap(probs, tokens).data) == 2
+    gold = probs > 0
+    out = outcome_heatmap(gold, gold & (rng.random((n, n)) < 0.7), tokens, "t", allowed=allowed)
+    shown = np.asarray(out.data[0].z, float)
+    np.testing.assert_array_equal(np.isnan(shown), want_forbidden)
+    assert out.data[1].name == "not allowed"
