@@ -96,6 +96,44 @@ def require_model(name: str) -> EntmaxModel:
     return outcome.model
 
 
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _load_at(name: str, version: str, alpha: float) -> LoadOutcome:
+    """A second instance of a registered model at another alpha (the Models page): alpha lives on the
+    attention modules, so changing it on the shared instance would change every session's results."""
+    try:
+        return LoadOutcome(load_model(name, alpha=alpha))
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        return LoadOutcome(None, f"{type(e).__name__}: {e}")
+
+
+def model_at(name: str, alpha: float | None) -> LoadOutcome:
+    """Model ``name`` at ``alpha`` (None or its catalogue alpha: the shared instance)."""
+    specs = load_registry()
+    if name not in specs:
+        return LoadOutcome(None, f"unknown model {name!r}")
+    if alpha is None or (spec_alpha := specs[name].alpha) is not None and alpha_key(spec_alpha) == alpha_key(alpha):
+        return get_model(name)
+    return _load_at(name, model_version(specs[name]), float(alpha))
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)  # both sides of a comparison, for two sessions
+def extraction_at(model_name: str, version: str, alpha: float | None, texts_hash: str,
+                  _texts: tuple[str, ...]) -> Extraction:
+    outcome = model_at(model_name, alpha)
+    if outcome.model is None:
+        raise RuntimeError(outcome.error)
+    return outcome.model.extract(list(_texts))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def model_comparison(a: tuple[str, str, float | None], b: tuple[str, str, float | None], texts_hash: str,
+                     _texts: tuple[str, ...]):
+    """Per-head gold sparsity of both sides and the Jaccard overlap of their gold graphs (one frame)."""
+    from sparsefinder.evaluation.compare_models import compare_extractions
+
+    return compare_extractions(extraction_at(*a, texts_hash, _texts), extraction_at(*b, texts_hash, _texts))
+
+
 # -- per-text results ------------------------------------------------------------------------
 @st.cache_resource(show_spinner=False, max_entries=2)
 def extraction(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...]) -> Extraction:

@@ -42,6 +42,7 @@ PAGES = {
     "Graphs": [
         st.Page("views/explore.py", title="Explore", icon=":material/grid_on:", url_path="explore", default=True),
         st.Page("views/compare.py", title="Compare", icon=":material/compare:", url_path="compare"),
+        st.Page("views/models.py", title="Compare models", icon=":material/difference:", url_path="models"),
         st.Page("views/pareto.py", title="Pareto", icon=":material/scatter_plot:", url_path="pareto"),
         st.Page("views/clusters.py", title="Clusters & POS", icon=":material/bubble_chart:", url_path="clusters"),
     ],
