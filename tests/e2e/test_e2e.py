@@ -302,6 +302,22 @@ def test_compare_page(server, page, lib):
     _assert_clean_log()
 
 
+def test_compare_models_page(server, page, lib):
+    """Distilled default model against its untuned copy: summary, three grids and two heads drawn."""
+    model, _ = lib
+    page.goto(f"{server}/models?model={model.name}")
+    page.get_by_text("Jaccard overlap").first.wait_for(timeout=240_000)
+    wait_idle(page)
+    charts = page.locator('[data-testid="stPlotlyChart"]')
+    deadline = time.monotonic() + 120
+    while charts.count() < 5 and time.monotonic() < deadline:
+        page.wait_for_timeout(300)
+    assert charts.count() >= 5
+    assert page.get_by_text("minilm-entmax15-untuned").count() >= 1
+    screenshot(page, "models.png", height=2600, doc="dashboard-models.png")
+    _assert_clean_log()
+
+
 def test_explore_method_overlay_and_switch(server, page, lib):
     """The sidebar's method overlays its graph on the head heatmap; switching it updates the numbers."""
     import json as _json
