@@ -52,16 +52,33 @@ RSS_BOUND_MB = 150.0
 #: After the sessions close, the server may take a little while to drop the transient memory of
 #: their last runs; the bound must hold within this time (polled, not slept).
 SETTLE_S = 60.0
-#: Methods a session cycles through: the ones that need no fitted state, so the test process can
-#: compute them from the library alone, and back to the gold graph only.
-METHODS = ("window", "strided", "topk", "(gold only)")
+#: Methods a session cycles through: a pattern, a paper method with fitted centroids, one on the
+#: learned projections, and back to the gold graph only.
+METHODS = ("window", "kmeans", "topk", "(gold only)")
 PAGES = ("Compare", "Pareto", "Clusters & POS", "Corpus", "About")
 
-SUBJECTS = ("The old sailor", "A young doctor", "My neighbour's cat", "The city council", "Three tired hikers",
-            "The new teacher", "A quiet librarian", "The football coach", "The warm-up visitor")
+SUBJECTS = (
+    "The old sailor",
+    "A young doctor",
+    "My neighbour's cat",
+    "The city council",
+    "Three tired hikers",
+    "The new teacher",
+    "A quiet librarian",
+    "The football coach",
+    "The warm-up visitor",
+)
 VERBS = ("painted", "repaired", "carried", "ignored", "described", "borrowed", "found", "sold")
-OBJECTS = ("a wooden boat", "the broken clock", "two heavy boxes", "an old letter", "the village map",
-           "a red umbrella", "the kitchen table", "some fresh bread")
+OBJECTS = (
+    "a wooden boat",
+    "the broken clock",
+    "two heavy boxes",
+    "an old letter",
+    "the village map",
+    "a red umbrella",
+    "the kitchen table",
+    "some fresh bread",
+)
 
 
 def session_text(session: int, iteration: int) -> str:
@@ -78,6 +95,7 @@ class Expected:
 
     text: str
     extraction: object
+    artifacts: object  # the shipped result's artifacts, as the app reads them
     grid: np.ndarray  # (layers, heads) gold sparsity
     tokens: int
     _batch: dict = field(default_factory=dict)
@@ -87,15 +105,17 @@ class Expected:
 
     def head_metrics(self, method: str, params: str, layer: int, head: int) -> dict[str, str]:
         if (method, params) not in self._batch:
-            self._batch[method, params] = sf.predict_batch(self.extraction, method, params).metrics
+            projections, fitted = self.artifacts.for_method(method)
+            self._batch[method, params] = sf.predict_batch(self.extraction, method, params, projections, fitted).metrics
         m = self._batch[method, params]
-        out = {name.capitalize(): f"{m[name][0, layer, head]:.4f}" for name in ("recall", "precision", "sparsity",
-                                                                                "exact")}
+        out = {
+            name.capitalize(): f"{m[name][0, layer, head]:.4f}" for name in ("recall", "precision", "sparsity", "exact")
+        }
         out[f"Mean recall of {method}"] = f"{m['recall'][0].mean():.4f}"
         return out
 
     def compare_title(self, method: str, params: str, layer: int, head: int) -> str:
-        m = predict_head(self.extraction, layer, head, method, params).metrics
+        m = predict_head(self.extraction, layer, head, method, params, *self.artifacts.for_method(method)).metrics
         return f"{method} {params}recall {m['recall']:.3f} · sparsity {m['sparsity']:.3f}"
 
 
@@ -104,13 +124,14 @@ class Library:
 
     def __init__(self, model) -> None:
         self.model = model
+        self.artifacts = sf.result_artifacts(sf.resolve_result(model.name), model)
         self.lock = threading.Lock()
 
     def _expected(self, text: str) -> Expected:
         with self.lock:
             ex = self.model.extract([text])
             analysis = sf.analyse(ex, [text])
-        return Expected(text, ex, analysis.sparsity[0], len(analysis.tokens[0]))
+        return Expected(text, ex, self.artifacts, analysis.sparsity[0], len(analysis.tokens[0]))
 
     async def expected(self, text: str) -> Expected:
         return await asyncio.to_thread(self._expected, text)
@@ -239,24 +260,41 @@ class Session:
         await expander.first.wait_for()
         if not await pg.locator(".st-key-gold_table table").is_visible():
             await expander.first.click()
-        await self.until(TABLE_EQUALS, {"sel": ".st-key-gold_table table", "want": exp.table()},
-                         f"{where}: the gold sparsity table of {exp.text!r}", READ_TABLE, ".st-key-gold_table table")
-        await self.until(METRICS_EQUAL, {"scope": None, "want": {"Tokens": str(exp.tokens),
-                                                                  "Mean gold sparsity": f"{exp.grid.mean():.4f}"}},
-                         f"{where}: the metrics of {exp.text!r}", READ_METRICS, None)
+        await self.until(
+            TABLE_EQUALS,
+            {"sel": ".st-key-gold_table table", "want": exp.table()},
+            f"{where}: the gold sparsity table of {exp.text!r}",
+            READ_TABLE,
+            ".st-key-gold_table table",
+        )
+        await self.until(
+            METRICS_EQUAL,
+            {"scope": None, "want": {"Tokens": str(exp.tokens), "Mean gold sparsity": f"{exp.grid.mean():.4f}"}},
+            f"{where}: the metrics of {exp.text!r}",
+            READ_METRICS,
+            None,
+        )
         await self.text(self.head_title())
         await self.idle()
         for label, value in (("Layer", self.layer), ("Head", self.head)):
             shown = await self.combo(label).input_value()
             if shown != str(value):
                 self.fail(f"{where}: the {label.lower()} selection was not kept: {shown} != {value}")
-        await self.until(URL_HAS_HEAD, [str(self.layer), str(self.head)], f"{where}: layer and head in the URL",
-                         "() => location.search")
+        await self.until(
+            URL_HAS_HEAD,
+            [str(self.layer), str(self.head)],
+            f"{where}: layer and head in the URL",
+            "() => location.search",
+        )
         if self.method != METHODS[-1]:
             want = await self.lib.call(exp.head_metrics, self.method, self.params, self.layer, self.head)
-            await self.until(METRICS_EQUAL, {"scope": None, "want": want},
-                             f"{where}: {self.method} {self.params} on layer {self.layer} head {self.head}",
-                             READ_METRICS, None)
+            await self.until(
+                METRICS_EQUAL,
+                {"scope": None, "want": want},
+                f"{where}: {self.method} {self.params} on layer {self.layer} head {self.head}",
+                READ_METRICS,
+                None,
+            )
         await self.no_errors(where)
 
     async def explore(self, text: str) -> None:
