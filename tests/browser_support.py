@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -56,10 +58,14 @@ def _assert_clean_log() -> None:
     assert not errors, "the server logged errors:\n" + "\n".join(errors[-20:])
 
 
-@pytest.fixture(scope="session")
-def server():
-    """Base URL of ``streamlit run app/streamlit_app.py`` on a free local port."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+@contextmanager
+def streamlit_server(log_path: Path = SERVER_LOG) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``streamlit run app/streamlit_app.py`` on a free local port, its stdout and stderr in ``log_path``.
+
+    Yields the base URL and the server process (for its resident memory); the
+    server is stopped on exit. Checking the log is the caller's.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     env = {
         **os.environ,
@@ -75,14 +81,18 @@ def server():
         "--server.address", "127.0.0.1",
         "--browser.gatherUsageStats", "false",
     ]  # fmt: skip
-    log = open(SERVER_LOG, "w", encoding="utf-8")  # noqa: SIM115 - closed in teardown
+    log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+
+    def text() -> str:
+        return log_path.read_text(encoding="utf-8", errors="replace")
+
     try:
         deadline = time.monotonic() + STARTUP_S
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"streamlit exited with {proc.returncode}:\n{_server_log()[-4000:]}")
+                pytest.fail(f"streamlit exited with {proc.returncode}:\n{text()[-4000:]}")
             try:
                 with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
                     if r.status == 200 and r.read().strip() == b"ok":
@@ -92,7 +102,7 @@ def server():
             if time.monotonic() > deadline:
                 pytest.fail(f"streamlit did not answer {url}/_stcore/health in {STARTUP_S}s")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
@@ -101,6 +111,53 @@ def server():
             proc.kill()
             proc.wait(timeout=10)
         log.close()
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory in bytes of process ``pid`` and all its descendants (psutil, else ``/proc``)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        root = psutil.Process(pid)
+        total = 0
+        for proc in (root, *root.children(recursive=True)):
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:  # a child that ended while we counted
+                pass
+        return total
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # the command name (field 2) may hold spaces and parentheses: the fields after its last ')'
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo.extend(c for c, parent in parents.items() if parent == p and c not in tree)
+    total = 0
+    for p in tree:
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024  # kB
+    return total
+
+
+@pytest.fixture(scope="session")
+def server():
+    """Base URL of ``streamlit run app/streamlit_app.py`` on a free local port."""
+    with streamlit_server(SERVER_LOG) as (url, _proc):
+        yield url
     _assert_clean_log()
 
 
