@@ -70,7 +70,7 @@ def default_model() -> str:
 def alpha_label(alpha) -> str:
     """Alpha as shown to people: ``1.5``, or ``per-head (L×H)`` for a per-head table."""
     if alpha is None:
-        return "the model's own"
+        return "the model's own, else 1.5"
     arr = np.asarray(alpha, dtype=float)
     if arr.size == 1:
         return f"{float(arr):g}"

@@ -318,7 +318,7 @@ def test_a_model_of_the_users_catalogue_is_offered_and_its_own_entmax_shown(tiny
     assert not at.exception and not at.error
     shown = texts_of(at.markdown)
     assert "Trained with entmax" in shown and "1.75" in shown
-    assert at.table[0].value.loc["alpha", "value"] == "the model's own"
+    assert at.table[0].value.loc["alpha", "value"] == "the model's own, else 1.5"
 
 
 def test_a_registered_decoder_draws_its_triangle_as_not_allowed(tiny_model_dir, tmp_path, monkeypatch):
