@@ -47,12 +47,16 @@ def register_paper_template() -> str:
     """
     if PAPER_TEMPLATE in pio.templates:
         return PAPER_TEMPLATE
-    axis = dict(showline=True, linecolor="black", linewidth=1, mirror=True, ticks="outside", tickcolor="black",
+    # automargin: figures set small margins (l=10) and rely on it to fit their tick labels.
+    axis = dict(automargin=True, showline=True, linecolor="black", linewidth=1, mirror=True, ticks="outside",
+                tickcolor="black",
                 showgrid=True, gridcolor="#e5e5e5", zeroline=False, title=dict(font=dict(size=13)),
                 tickfont=dict(size=11))
     template = go.layout.Template(layout=go.Layout(
         font=dict(family=PAPER_FONT, size=12, color="black"),
-        title=dict(font=dict(size=14), x=0.0, xanchor="left"),
+        # At the top edge: the heatmaps put their key axis (ticks and title) in the top margin, under it.
+        title=dict(font=dict(size=14), x=0.0, xanchor="left", yref="container", y=1.0, yanchor="top",
+                   pad=dict(t=12, l=8)),
         colorway=list(PAPER_COLORWAY),
         colorscale=dict(sequential="cividis", sequentialminus="cividis"),
         paper_bgcolor="white", plot_bgcolor="white",
@@ -133,10 +137,20 @@ def figure_bytes(fig: go.Figure, fmt: str, style: str = "default", width: int | 
     if scale is None:
         scale = DEFAULT_SCALE if fmt == "png" else 1.0
     # plotly raises RuntimeError itself when Kaleido or Chrome is missing: the CLI's "work failed" kind.
-    with warnings.catch_warnings():
-        # Inside export_session plotly's per-call browser options do not apply; we pass none.
-        warnings.filterwarnings("ignore", message="The kopts argument is ignored")
-        return pio.to_image(fig, format=fmt, width=width, height=height, scale=scale)
+    from kaleido.errors import JavascriptError
+
+    for attempt in range(2):
+        try:
+            with warnings.catch_warnings():
+                # Inside export_session plotly's per-call browser options do not apply; we pass none.
+                warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+                return pio.to_image(fig, format=fmt, width=width, height=height, scale=scale)
+        except JavascriptError:
+            # On a loaded machine Kaleido 1.5 sometimes runs its script before its page has defined it
+            # ("kaleido_scopes is not defined"); a second try in a fresh tab draws the figure.
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
 
 
 def save_figure(fig: go.Figure, path: str | Path, style: str = "default", width: int | None = None,
