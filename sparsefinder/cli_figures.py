@@ -127,7 +127,8 @@ def cmd_clusters(args: argparse.Namespace) -> int:
             raise ValueError(f"{result.label} has no interpretation tables: run sparsefinder interpret, "
                              "or give --tables DIR")
     tables = itp.InterpretTables.load(path)
-    n_clusters = args.clusters if args.clusters is not None else tables.n_clusters[0]
+    default = 8 if 8 in tables.n_clusters else tables.n_clusters[0]  # as interpret's printed summary
+    n_clusters = args.clusters if args.clusters is not None else default
     m = itp.cluster_pos_matrix(tables, args.layer, args.head, n_clusters, args.side, normalise=args.proportions)
     values = "proportions" if args.proportions else "counts"
     print(f"{args.side} clusters × POS ({values}), layer {args.layer} head {args.head}, {n_clusters} clusters:")
@@ -154,7 +155,7 @@ def add_table_parsers(sub, model_args) -> None:
     sp.add_argument("--result", default="shipped", help="the model's result: 'shipped' or a saved result's name")
     sp.add_argument("--layer", type=int, default=0)
     sp.add_argument("--head", type=int, default=0)
-    sp.add_argument("--clusters", type=int, default=None, help="cluster count (default: the tables' first)")
+    sp.add_argument("--clusters", type=int, default=None, help="cluster count (default: 8 if the tables have it)")
     sp.add_argument("--side", default="query", choices=["query", "key"])
     sp.add_argument("--proportions", action="store_true", help="row proportions instead of token counts")
     add_figure_args(sp, "the clusters × POS heatmap")
