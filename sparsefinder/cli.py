@@ -113,7 +113,7 @@ def cmd_gold(args) -> int:
         print(f"warning: {w.message}", file=sys.stderr)
     grid = [[float(v) for v in ex.gold(layer).sparsity().mean(0)] for layer in range(ex.num_layers)]
     if args.figure:
-        figures.write_figure(args, figures.gold_figure(args, ex, grid))
+        figures.write_figure(args, figures.gold_figure(args, ex))
     if args.json:
         print(json.dumps({"model": model.name, "tokens": ex.tokens, "gold_sparsity": grid}))
         return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 
 def add_figure_args(sp: argparse.ArgumentParser, what: str) -> None:
@@ -46,61 +45,27 @@ def write_figure(args: argparse.Namespace, fig, path: str | None = None) -> None
     print(f"wrote {out} ({out.stat().st_size:,} bytes, {time.perf_counter() - start:.1f} s)")
 
 
-def gold_figure(args: argparse.Namespace, ex, grid: list[list[float]]):
-    """``gold``'s figure: the layers × heads gold sparsity, or with ``--layer``/``--head`` one head of the
-    first text (its entmax probabilities, exact zeros in grey)."""
-    from sparsefinder.evaluation.analysis import head_probabilities
-    from sparsefinder.plots.heatmaps import attention_heatmap, sparsity_heatmap
+def gold_figure(args: argparse.Namespace, ex):
+    """``gold``'s figure: the layers × heads gold sparsity of the first text, or with ``--layer``/``--head``
+    one of its heads (entmax probabilities, exact zeros in grey)."""
+    from sparsefinder.figures import head_figure, overview_figure
 
     if args.layer is None and args.head is None:
-        return sparsity_heatmap(grid, title="Gold sparsity per layer and head")
-    layer, head = args.layer or 0, args.head or 0
-    if not (0 <= layer < ex.num_layers and 0 <= head < ex.num_heads):
-        raise ValueError(f"layer {layer}, head {head}: the model has {ex.num_layers} layers × {ex.num_heads} heads")
-    probs = head_probabilities(ex, 0, layer, head)
-    title = f"Layer {layer}, head {head}: entmax probabilities (gold sparsity {grid[layer][head]:.3f})"
-    return attention_heatmap(probs, list(ex.tokens[0]), title=title)
-
-
-def _model_result(args):
-    from sparsefinder import results as rs
-    from sparsefinder.model.catalogue import load_registry
-
-    if args.model not in load_registry():
-        raise ValueError(f"unknown model {args.model!r}: give a registered model (sparsefinder models) "
-                         "or the table itself")
-    return rs.resolve_result(args.model, args.result)
+        return overview_figure(ex)
+    return head_figure(ex, args.layer or 0, args.head or 0)
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
     """Each method's Pareto front of recall against sparsity from a sweep table (default: the model's)."""
-    from sparsefinder import results as rs
-    from sparsefinder.evaluation.pareto import pareto_front
     from sparsefinder.evaluation.sweep import load_sweep
+    from sparsefinder.figures import result_sweep, sweep_fronts
     from sparsefinder.plots.heatmaps import pareto_figure
 
-    if args.sweep:
-        frame = load_sweep(args.sweep)
-    else:
-        result = _model_result(args)
-        frame = rs.load_result_sweep(result)
-        if frame is None:
-            raise ValueError(f"{result.label} has no sweep table: run sparsefinder sweep, or give --sweep FILE")
-    if args.methods:
-        from sparsefinder.predictors.base import expand_methods
-
-        frame = frame[frame["method"].isin(expand_methods(args.methods))]
-    by, where = ("method",), "all layers and heads"
-    if args.layer is not None:
-        frame, by, where = frame[frame["layer"] == args.layer], ("method", "layer"), f"layer {args.layer}"
-    if args.head is not None:
-        if args.layer is None:
-            raise ValueError("--head needs --layer")
-        frame, by = frame[frame["head"] == args.head], ("method", "layer", "head")
-        where += f", head {args.head}"
-    if frame.empty:
-        raise ValueError(f"no sweep rows for {where}" + (f" and methods {args.methods}" if args.methods else ""))
-    front = pareto_front(frame, by=by)
+    frame = load_sweep(args.sweep) if args.sweep else result_sweep(args.model, args.result)
+    methods = args.methods.split(",") if args.methods else None
+    if args.head is not None and args.layer is None:
+        raise ValueError("--head needs --layer")
+    front, where = sweep_fronts(frame, args.layer, args.head, methods)
     winners = front[front["on_front"]].sort_values(["method", "sparsity"])
     print(f"Pareto fronts ({where}), {len(winners)} of {len(front)} configurations:")
     print(winners[["method", "params", "sparsity", "recall"]].round(3).to_string(index=False))
@@ -111,30 +76,15 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 def cmd_clusters(args: argparse.Namespace) -> int:
     """One head's k-means clusters × parts of speech from interpretation tables (default: the model's)."""
     from sparsefinder.evaluation import interpret as itp
-    from sparsefinder.plots.clusters import cluster_pos_heatmap
+    from sparsefinder.figures import cluster_pos_figure, default_clusters, result_interpretation
 
-    if args.tables:
-        path = Path(args.tables)
-    else:
-        result = _model_result(args)
-        if not result.is_default:
-            path = Path(result.store).parent / "interpret"
-        else:
-            from sparsefinder.model.catalogue import get_spec
-
-            path = get_spec(args.model).artifact("interpret")
-        if path is None or not (path / itp.MANIFEST_FILE).is_file():
-            raise ValueError(f"{result.label} has no interpretation tables: run sparsefinder interpret, "
-                             "or give --tables DIR")
-    tables = itp.InterpretTables.load(path)
-    default = 8 if 8 in tables.n_clusters else tables.n_clusters[0]  # as interpret's printed summary
-    n_clusters = args.clusters if args.clusters is not None else default
-    m = itp.cluster_pos_matrix(tables, args.layer, args.head, n_clusters, args.side, normalise=args.proportions)
+    tables = itp.InterpretTables.load(args.tables) if args.tables else result_interpretation(args.model, args.result)
+    c = args.clusters if args.clusters is not None else default_clusters(tables)
+    m = itp.cluster_pos_matrix(tables, args.layer, args.head, c, args.side, normalise=args.proportions)
     values = "proportions" if args.proportions else "counts"
-    print(f"{args.side} clusters × POS ({values}), layer {args.layer} head {args.head}, {n_clusters} clusters:")
+    print(f"{args.side} clusters × POS ({values}), layer {args.layer} head {args.head}, {c} clusters:")
     print(m.round(3).to_string())
-    title = f"{args.side.capitalize()} clusters × POS ({values}), layer {args.layer} head {args.head}"
-    write_figure(args, cluster_pos_heatmap(m, title, proportions=args.proportions))
+    write_figure(args, cluster_pos_figure(tables, args.layer, args.head, c, args.side, args.proportions))
     return 0
 
 
