@@ -22,7 +22,7 @@ from app import cache
 from sparsefinder import results as rs
 from sparsefinder.evaluation.analysis import SPLIT_MODES
 from sparsefinder.model.catalogue import ModelSpec, default_model_name, load_registry
-from sparsefinder.plots.export import MIME, figure_bytes
+from sparsefinder.plots.export import MIME, figure_bytes, image_export_problem
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
 #: Most sentences analysed in one batch (protects the shared server's memory).
@@ -280,8 +280,11 @@ def download_figure(fig, file_stem: str, key: str) -> None:
     The file (HTML with plotly.js inlined, ~5 MB; an image drawn by headless Chromium, ~2 s) is made
     only when the button is clicked: built eagerly it would be sent, or drawn, on every rerun of the page.
     """
+    problem = image_export_problem()
+    labels = [label for label, fmt in FIGURE_FORMATS.items() if fmt == "html" or problem is None]
     c1, c2, c3 = st.columns([2, 2, 3], vertical_alignment="bottom")
-    label = c1.selectbox("Figure format", list(FIGURE_FORMATS), key=f"{key}_format", label_visibility="collapsed")
+    label = c1.selectbox("Figure format", labels, key=f"{key}_format", label_visibility="collapsed",
+                         help=f"PNG, SVG and PDF: {problem}." if problem else None)
     paper = c2.toggle("Paper style", key=f"{key}_style",
                       help="Print fonts, black axes and Okabe–Ito colours (the CLI's --style paper).")
     fmt, style = FIGURE_FORMATS[label], "paper" if paper else "default"

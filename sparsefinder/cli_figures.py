@@ -8,6 +8,7 @@ every figure is written by :func:`sparsefinder.plots.export.save_figure`, as the
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 
@@ -42,7 +43,9 @@ def write_figure(args: argparse.Namespace, fig, path: str | None = None) -> None
 
     start = time.perf_counter()
     out = save_figure(fig, path, style=getattr(args, "style", "default"))
-    print(f"wrote {out} ({out.stat().st_size:,} bytes, {time.perf_counter() - start:.1f} s)")
+    # With --json, stdout is the JSON document alone.
+    print(f"wrote {out} ({out.stat().st_size:,} bytes, {time.perf_counter() - start:.1f} s)",
+          file=sys.stderr if getattr(args, "json", False) else sys.stdout)
 
 
 def gold_figure(args: argparse.Namespace, ex):

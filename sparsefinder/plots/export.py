@@ -13,6 +13,7 @@ Chromium start (~2 s) unless it is made inside :func:`export_session`, which kee
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,6 +152,21 @@ def figure_bytes(fig: go.Figure, fmt: str, style: str = "default", width: int | 
             if attempt:
                 raise
     raise AssertionError("unreachable")
+
+
+@functools.cache
+def image_export_problem() -> str | None:
+    """Why PNG, SVG and PDF cannot be drawn here (Kaleido or a Chromium missing), or None when they can.
+
+    Looked up once per process: Kaleido searches the usual places (Debian's ``/usr/bin/chromium``, the PATH).
+    """
+    try:
+        from choreographer.browsers.chromium import Chromium
+    except ImportError:
+        return "image export needs Kaleido (pip install kaleido)"
+    if Chromium.find_browser(skip_local=False) is None:
+        return "image export needs Chromium (apt-get install chromium)"
+    return None
 
 
 def save_figure(fig: go.Figure, path: str | Path, style: str = "default", width: int | None = None,

@@ -165,6 +165,11 @@ def test_figure_download_formats_are_made_only_on_click(lib, monkeypatch):  # no
     assert "Download the figure (PDF)" in labels and "Download the figure (HTML)" in labels  # the overview's
     # kaleido takes seconds per image: nothing is drawn until a button is clicked
     assert drawn == []
+    # without a browser to draw images, only HTML is offered, and the select says why
+    monkeypatch.setattr(state, "image_export_problem", lambda: "image export needs Chromium (apt-get install chromium)")
+    at = make_app(lib.name)
+    select = at.selectbox(key="head_html_format")
+    assert select.options == ["HTML (interactive)"] and "needs Chromium" in select.help
 
 
 def test_saved_result_is_used_by_the_other_pages(lib, monkeypatch, tmp_path):  # noqa: F811

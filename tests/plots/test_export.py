@@ -5,6 +5,7 @@ Each image starts headless Chromium; the exports are made once per module inside
 
 from __future__ import annotations
 
+import json
 import struct
 import subprocess
 import sys
@@ -128,6 +129,12 @@ def test_cli_gold_draws_one_head(tiny_model_dir, tmp_path, capsys):
     assert rc == 0 and f"wrote {path}" in capsys.readouterr().out
     html = path.read_text(encoding="utf-8")
     assert "Layer 1, head 0: entmax probabilities" in html and "[CLS]" in html
+    # --json keeps stdout a JSON document; the figure's note goes to stderr
+    assert main(["gold", "Hello.", "--model", str(tiny_model_dir("bert")), "--device", "cpu", "--json",
+                 "--figure", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["gold_sparsity"] and f"wrote {path}" in captured.err
+    assert "Gold sparsity per layer and head" in path.read_text(encoding="utf-8")
     assert main(["gold", "Hello.", "--model", str(tiny_model_dir("bert")), "--device", "cpu", "--layer", "9",
                  "--figure", str(path)]) == 2
     assert "layer 9, head 0: the model has" in capsys.readouterr().err
