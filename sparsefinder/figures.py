@@ -67,9 +67,10 @@ def overview_figure(ex, sentence: int = 0, prediction=None) -> go.Figure:
 
 
 def head_figure(ex, layer: int, head: int, sentence: int = 0, prediction=None) -> go.Figure:
-    """One head's entmax probabilities on one sentence of ``ex`` (exact zeros grey); with ``prediction``
+    """One head's entmax probabilities on one sentence of ``ex`` (exact zeros grey, pairs the layer's mask
+    forbids marked apart); with ``prediction``
     (:func:`~sparsefinder.evaluation.analysis.predict_batch` of the same ``ex``) its TP/FP/FN marks."""
-    from sparsefinder.evaluation.analysis import head_probabilities
+    from sparsefinder.evaluation.analysis import allowed_pairs, head_probabilities
     from sparsefinder.plots.heatmaps import attention_heatmap
 
     _check_sentence(ex, sentence)
@@ -78,11 +79,14 @@ def head_figure(ex, layer: int, head: int, sentence: int = 0, prediction=None) -
     probs = head_probabilities(ex, sentence, layer, head)
     sparsity = float(ex.gold(layer).sparsity()[sentence, head])
     title = f"Layer {layer}, head {head}: entmax probabilities (gold sparsity {sparsity:.3f})"
+    # The layer's valid pairs (a decoder's past, a sliding window): forbidden pairs are drawn apart from
+    # exact zeros and never scored, as on the Explore page.
+    allowed = allowed_pairs(ex, sentence, layer)
     pred = None
     if prediction is not None:
-        pred = prediction.edges(sentence, layer, probs.shape[0])[head]
+        pred = prediction.edges(sentence, layer, probs.shape[0])[head] & allowed
         title = f"Layer {layer}, head {head}: entmax probabilities and the predicted graph"
-    return attention_heatmap(probs, list(ex.tokens[sentence]), title=title, pred=pred)
+    return attention_heatmap(probs, list(ex.tokens[sentence]), title=title, pred=pred, allowed=allowed)
 
 
 def _check_sentence(ex, sentence: int) -> None:

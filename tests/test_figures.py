@@ -80,3 +80,20 @@ def test_shipped_clusters_figure():
     m = itp.cluster_pos_matrix(tables, 2, 3, 8, "query", normalise=True)
     np.testing.assert_allclose(np.asarray(fig.data[0].z, dtype=float), m.to_numpy(dtype=float))
     assert "8 clusters" in fig.layout.title.text
+
+
+def test_head_figure_of_a_decoder_marks_the_future_apart(tiny_model_dir):
+    model = sf.load_model(str(tiny_model_dir("gpt2")), device="cpu")
+    ex = model.extract(["The quick brown fox jumps."])
+    fig = sf.head_figure(ex, layer=0, head=0)
+    n = int(ex.lengths[0])
+    hovers = [t.hovertemplate or "" for t in fig.data]
+    assert any("not allowed by this layer's mask" in h for h in hovers)  # j > i: a causal layer's future keys
+    pred = sf.predict_batch(ex, "window", {"window": n})  # every allowed pair
+    counts = sf.head_figure(ex, 0, 0, prediction=pred).layout.meta["overlay_counts"]
+    gold = head_probabilities(ex, 0, 0, 0) > 0
+    past = np.tril(np.ones((n, n), dtype=bool))
+    edges = pred.edges(0, 0, n)[0]
+    # the marks count the past pairs only: TP every gold edge, FP the past pairs outside the gold graph
+    assert counts["FP"] == int((edges & past & ~gold).sum())
+    assert counts["TP"] == int(gold.sum()) and counts["FN"] == 0
