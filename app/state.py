@@ -22,6 +22,7 @@ from app import cache
 from sparsefinder import results as rs
 from sparsefinder.evaluation.analysis import SPLIT_MODES
 from sparsefinder.model.catalogue import ModelSpec, default_model_name, load_registry
+from sparsefinder.plots.export import MIME, figure_bytes, image_export_problem
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
 #: Most sentences analysed in one batch (protects the shared server's memory).
@@ -266,18 +267,30 @@ def method_sidebar(name: str) -> tuple[str | None, str | None]:
 
 def figure_html(fig) -> bytes:
     """A standalone HTML file of ``fig`` with plotly.js inlined (opens offline)."""
-    return fig.to_html(include_plotlyjs=True, full_html=True).encode("utf-8")
+    return figure_bytes(fig, "html")
+
+
+#: Download formats offered beside a figure: label → export format (sparsefinder.plots.export).
+FIGURE_FORMATS = {"HTML (interactive)": "html", "PNG": "png", "SVG": "svg", "PDF": "pdf"}
 
 
 def download_figure(fig, file_stem: str, key: str) -> None:
-    """A download button for ``fig`` as standalone, offline HTML.
+    """A format select, a paper-style toggle and one download button for ``fig``.
 
-    The file (plotly.js inlined, ~5 MB) is made only when the button is clicked:
-    built eagerly it would be sent to the browser on every rerun of the page.
+    The file (HTML with plotly.js inlined, ~5 MB; an image drawn by headless Chromium, ~2 s) is made
+    only when the button is clicked: built eagerly it would be sent, or drawn, on every rerun of the page.
     """
-    st.download_button(
-        "Download the figure (HTML)", lambda: figure_html(fig), file_name=f"{file_stem}.html", mime="text/html",
-        icon=":material/download:", key=key, on_click="ignore",
+    problem = image_export_problem()
+    labels = [label for label, fmt in FIGURE_FORMATS.items() if fmt == "html" or problem is None]
+    c1, c2, c3 = st.columns([2, 2, 3], vertical_alignment="bottom")
+    label = c1.selectbox("Figure format", labels, key=f"{key}_format", label_visibility="collapsed",
+                         help=f"PNG, SVG and PDF: {problem}." if problem else None)
+    paper = c2.toggle("Paper style", key=f"{key}_style",
+                      help="Print fonts, black axes and Okabe–Ito colours (the CLI's --style paper).")
+    fmt, style = FIGURE_FORMATS[label], "paper" if paper else "default"
+    c3.download_button(
+        f"Download the figure ({fmt.upper()})", lambda: figure_bytes(fig, fmt, style=style),
+        file_name=f"{file_stem}.{fmt}", mime=MIME[fmt], icon=":material/download:", key=key, on_click="ignore",
     )
 
 

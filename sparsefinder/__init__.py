@@ -13,7 +13,7 @@ transformers load on first use of a name that needs them)::
 
 The packages show the stages, each importing only from the floors below it:
 ``graphs``/``metrics``/``kernels``/``artifacts`` (primitives) → ``model``/``corpora`` (data) →
-``predictors``/``training`` (learning) → ``evaluation``/``plots`` → ``results`` → ``cli`` and the app.
+``predictors``/``training`` (learning) → ``evaluation``/``plots`` → ``results``/``figures`` → ``cli`` and the app.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "save_sweep": "sparsefinder.evaluation.sweep",
     "pareto_front": "sparsefinder.evaluation.pareto",
     "best_recall_table": "sparsefinder.evaluation.pareto",
+    "best_recall_at": "sparsefinder.evaluation.pareto",
     "sparsity_accuracy_curve": "sparsefinder.evaluation.approximate",
     "interpret": "sparsefinder.evaluation.interpret",
     "analyse": "sparsefinder.evaluation.analysis",
@@ -61,6 +62,17 @@ _EXPORTS: dict[str, str] = {
     # results: which artifacts go with a model, a result and a method
     "resolve_result": "sparsefinder.results",
     "result_artifacts": "sparsefinder.results",
+    # figures and tables of a model's results in one call (a notebook's, the CLI's)
+    "result_sweep": "sparsefinder.figures",
+    "result_interpretation": "sparsefinder.figures",
+    "overview_figure": "sparsefinder.figures",
+    "head_figure": "sparsefinder.figures",
+    "compare_methods": "sparsefinder.figures",
+    "sweep_fronts": "sparsefinder.figures",
+    "sweep_pareto_figure": "sparsefinder.figures",
+    "cluster_pos_figure": "sparsefinder.figures",
+    "save_figure": "sparsefinder.plots.export",
+    "figure_bytes": "sparsefinder.plots.export",
 }
 # Names whose defining module exports them under another name.
 _ALIASES: dict[str, str] = {"load_catalogue": "load_registry"}

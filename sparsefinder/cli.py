@@ -9,6 +9,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from sparsefinder import cli_figures as figures
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -110,6 +112,8 @@ def cmd_gold(args) -> int:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     grid = [[float(v) for v in ex.gold(layer).sparsity().mean(0)] for layer in range(ex.num_layers)]
+    if args.figure:
+        figures.write_figure(args, figures.gold_figure(args, ex))
     if args.json:
         print(json.dumps({"model": model.name, "tokens": ex.tokens, "gold_sparsity": grid}))
         return 0
@@ -234,6 +238,10 @@ def cmd_sweep(args) -> int:
     print(f"overall Pareto front (mean over heads), {len(winners)} of {len(front)} configurations:")
     print(winners[["method", "params", "sparsity", "recall"]].round(3).to_string(index=False))
     print(best_recall_table(frame).round(3).to_string())
+    if args.figure:
+        from sparsefinder.plots.heatmaps import pareto_figure
+
+        figures.write_figure(args, pareto_figure(front, title="Recall against sparsity (all layers and heads)"))
     return 0
 
 
@@ -270,6 +278,13 @@ def cmd_interpret(args) -> int:
     print(summary.sort_values("share_within_1", ascending=False)[cols].head(5).round(3).to_string(index=False))
     print(f"most POS-informative query clusters (I(cluster; POS) / H(POS)), {c} clusters:")
     print(summary.sort_values("query_pos_info", ascending=False)[cols].head(5).round(3).to_string(index=False))
+    if args.figure:
+        from sparsefinder.evaluation.interpret import head_grid
+        from sparsefinder.plots.clusters import head_grid_heatmap
+
+        figures.write_figure(args, head_grid_heatmap(
+            head_grid(summary, "query_pos_info"), f"POS information of the query clusters ({c} clusters)",
+            "I(cluster; POS) / H(POS)"))
     return 0
 
 
@@ -355,14 +370,9 @@ def cmd_curves(args) -> int:
     fig = sparsity_accuracy_figure(frame, metric=metric)
     plot = Path(args.plot) if args.plot else Path(args.out).with_suffix(".html")
     fig.write_html(str(plot), include_plotlyjs=True)
+    figures.write_figure(args, fig)
     if args.png:
-        from sparsefinder.plots.curves import write_png
-
-        try:
-            write_png(fig, args.png, html=plot)
-            print(f"wrote {args.png}")
-        except RuntimeError as e:
-            print(f"note: no PNG: {e}")
+        figures.write_figure(args, fig, args.png)
     show = ["method", "params", "layers", "sparsity", "recall", "cos_mean", "cos_min", "retrieval"]
     if frame.attrs["curves"]["masked_lm"]:
         show += ["mlm_loss", "mlm_accuracy"]
@@ -451,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("text", nargs="?", help="text to analyse (default: standard input)")
     sp.add_argument("--lines", action="store_true", help="treat each line as a separate text")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--layer", type=int, default=None, help="with --figure: draw this layer's head (default 0)")
+    sp.add_argument("--head", type=int, default=None, help="with --figure: draw this head of the first text")
+    figures.add_figure_args(sp, "the layers × heads gold sparsity, or one head with --layer/--head,")
     model_args(sp)
     sp.set_defaults(func=cmd_gold)
 
@@ -506,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--context", default="spacy", choices=["none", "spacy"],
                     help="context of the syntax and lexical masks: 'spacy' parses the texts with spaCy and takes "
                          "the input embeddings of the store's model; 'none' skips both masks")
+    figures.add_figure_args(sp, "the overall Pareto figure")
     sp.set_defaults(func=cmd_sweep)
 
     sp = sub.add_parser("interpret", help="POS tags per k-means cluster, gold-edge distances and POS pairs per head")
@@ -518,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-k", type=int, default=5, help="most frequent tokens kept per cluster")
     sp.add_argument("--max-distance", type=int, default=16, help="clip of the relative-distance histogram")
     sp.add_argument("--summary-clusters", type=int, default=8, help="cluster count of the printed summary")
+    figures.add_figure_args(sp, "the layers × heads POS information of the query clusters")
     sp.set_defaults(func=cmd_interpret)
 
     sp = sub.add_parser("distill", help="fine-tune the attention of an entmax copy of a softmax model")
@@ -556,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--metric", default=None, help="metric of the plot (default: cos_mean, or mlm_accuracy)")
     sp.add_argument("--out", required=True, help="output Parquet file (a JSON sidecar is written beside it)")
     sp.add_argument("--plot", default=None, help="output HTML plot (default: --out with .html)")
-    sp.add_argument("--png", default=None, help="also save the plot as this PNG (needs Playwright and Chromium)")
+    sp.add_argument("--png", default=None, help="also save the plot as this PNG (as --figure FILE.png)")
+    figures.add_figure_args(sp, "the plot")
     sp.set_defaults(func=cmd_curves)
     model_args(sp)
 
@@ -579,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output directory (windows.safetensors + manifest.json)")
     sp.set_defaults(func=cmd_windows)
     model_args(sp)
+    figures.add_table_parsers(sub, model_args)
     return p
 
 
@@ -593,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = default_model_name()
     try:
+        figures.check_figure_args(args)
         return int(args.func(args) or 0)
     except (FileNotFoundError, KeyError, ValueError) as e:  # what was asked for is wrong: a usage error
         if args.debug:

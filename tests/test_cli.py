@@ -78,8 +78,12 @@ def test_sweep_fits_saves_and_reloads_predictors(tmp_path, tiny_model_dir, capsy
     assert main(["train", "--store", store, "--out", proj, "--epochs", "1"]) == 0
     common = ["sweep", "--store", store, "--projections", proj, "--methods", "distance,kmeans,window"]
     assert main([*common, "--fit-store", store, "--save-fitted", str(tmp_path / "f"),
-                 "--out", str(tmp_path / "a.parquet")]) == 0
+                 "--out", str(tmp_path / "a.parquet"), "--figure", str(tmp_path / "front.html")]) == 0
     assert "recall @ sparsity >= 0.5" in capsys.readouterr().out
+    assert "Recall against sparsity (all layers and heads)" in (tmp_path / "front.html").read_text(encoding="utf-8")
+    # pareto reads the table back and draws one head's fronts
+    assert main(["pareto", "--sweep", str(tmp_path / "a.parquet"), "--layer", "0", "--head", "1"]) == 0
+    assert "Pareto fronts (layer 0, head 1)" in capsys.readouterr().out
     assert main([*common, "--fitted", str(tmp_path / "f"), "--out", str(tmp_path / "b.parquet")]) == 0
     a, b = load_sweep(tmp_path / "a.parquet"), load_sweep(tmp_path / "b.parquet")
     assert set(a["method"]) == {"distance", "kmeans", "window"}

@@ -98,35 +98,3 @@ def sparsity_accuracy_figure(
     )
     return fig
 
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync")
-
-
-def write_png(fig: go.Figure, path, html=None) -> None:
-    """Save ``fig`` as a PNG: a headless-Chromium screenshot of its standalone HTML (no image-export package).
-
-    Needs Playwright and Debian's ``/usr/bin/chromium`` (the browser tests' setup); raises
-    ``RuntimeError`` naming what is missing otherwise. ``html``: an HTML file of ``fig`` already written.
-    """
-    import tempfile
-    from pathlib import Path
-
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as e:
-        raise RuntimeError("PNG export needs Playwright (pip install playwright)") from e
-    if not Path(CHROMIUM).is_file():
-        raise RuntimeError(f"PNG export needs Chromium at {CHROMIUM}")
-    if html is None:
-        html = Path(tempfile.mkdtemp()) / "figure.html"
-        fig.write_html(str(html), include_plotlyjs=True, full_html=True)
-    width, height = int(fig.layout.width or 950), int(fig.layout.height or 600)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=list(CHROMIUM_ARGS))
-        page = browser.new_page(viewport={"width": width + 20, "height": height + 20})
-        page.goto(Path(html).resolve().as_uri())
-        page.wait_for_selector(".main-svg")
-        page.screenshot(path=str(path))
-        browser.close()

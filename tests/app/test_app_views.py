@@ -152,6 +152,26 @@ def test_figure_downloads_are_standalone_html(lib):  # noqa: F811
     assert len(html) > 1_000_000
 
 
+def test_figure_download_formats_are_made_only_on_click(lib, monkeypatch):  # noqa: F811
+    from app import state
+
+    drawn = []
+    monkeypatch.setattr(state, "figure_bytes", lambda fig, fmt, style="default": drawn.append(fmt) or b"")
+    at = make_app(lib.name)
+    at.selectbox(key="head_html_format").set_value("PDF").run()
+    at.toggle(key="head_html_style").set_value(True).run()
+    assert not at.exception, at.exception
+    labels = [b.label for b in at.get("download_button")]
+    assert "Download the figure (PDF)" in labels and "Download the figure (HTML)" in labels  # the overview's
+    # kaleido takes seconds per image: nothing is drawn until a button is clicked
+    assert drawn == []
+    # without a browser to draw images, only HTML is offered, and the select says why
+    monkeypatch.setattr(state, "image_export_problem", lambda: "image export needs Chromium (apt-get install chromium)")
+    at = make_app(lib.name)
+    select = at.selectbox(key="head_html_format")
+    assert select.options == ["HTML (interactive)"] and "needs Chromium" in select.help
+
+
 def test_saved_result_is_used_by_the_other_pages(lib, monkeypatch, tmp_path):  # noqa: F811
     from sparsefinder.corpora.store import ExtractionStore
     from sparsefinder.evaluation.fitted import load_fitted

@@ -454,9 +454,17 @@ def test_cli_interpret(tiny, capsys):
     save_fitted(fitted, root / "fitted")
     out = root / "tables"
     assert main(["interpret", "--store", str(store.path), "--projections", str(root / "proj"), "--fitted",
-                 str(root / "fitted"), "--out", str(out), "--clusters", "3", "--summary-clusters", "3"]) == 0
+                 str(root / "fitted"), "--out", str(out), "--clusters", "3", "--summary-clusters", "3",
+                 "--figure", str(root / "pos.html")]) == 0
     printed = capsys.readouterr().out
     assert "most positional heads" in printed and "most POS-informative query clusters" in printed
+    assert "POS information of the query clusters (3 clusters)" in (root / "pos.html").read_text(encoding="utf-8")
+    # the clusters subcommand reads the tables just written and draws one head
+    assert main(["clusters", "--tables", str(out), "--layer", "0", "--head", "1", "--side", "key",
+                 "--figure", str(root / "head.html")]) == 0
+    assert "key clusters × POS (counts), layer 0 head 1, 3 clusters" in capsys.readouterr().out
+    html = (root / "head.html").read_text(encoding="utf-8")  # plotly's JSON writes × as \u00d7
+    assert "Key clusters \\u00d7 POS (counts), layer 0 head 1, 3 clusters" in html
     tables = InterpretTables.load(out)
     ref = interpret_store(store, proj, fitted, n_clusters=[3])
     pd.testing.assert_frame_equal(tables.counts, ref.counts)
