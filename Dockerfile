@@ -18,10 +18,12 @@ ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=
 
 # CUDA bases are plain Ubuntu images: they need Python and venv first. A C compiler builds the
 # fast exact 1.5-entmax CPU kernel (sparsefinder/kernels/entmax15.py); without one the torch path runs.
-# Chromium lets kaleido export figures as PNG/SVG/PDF (without it the pages offer HTML downloads only).
+# Chromium lets kaleido export figures as PNG/SVG/PDF; Ubuntu (the CUDA bases) ships it only as a
+# snap, so there it may be missing and the pages offer HTML downloads only.
 # Not pinned: the package versions differ between the CPU and the CUDA base images.
 # hadolint ignore=DL3008
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev chromium \
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && (apt-get install -y --no-install-recommends chromium || echo "no chromium: HTML figure downloads only") \
     && if ! command -v python3 >/dev/null; then \
         apt-get install -y --no-install-recommends python3 python3-venv python3-pip; \
     fi \
