@@ -292,6 +292,7 @@ class _Head:
         qb = self.qblocks
         rows = qb.clamp(min=0)
         slack = self.bound + self.margin[:, None] - self.tau_lb[:, None]  # > 0: the block may hold a support key
+        slack = slack.masked_fill(torch.isneginf(self.bound), -math.inf)  # no allowed key (-inf - -inf is NaN)
         tile_slack = slack[rows].masked_fill((qb < 0)[..., None], -math.inf).amax(1)  # (nqb, nb)
         tile_slack = tile_slack.masked_fill(self.done, -math.inf)
         needed = tile_slack > 0

@@ -100,6 +100,8 @@ def _grids(store: ExtractionStore, proj: Projections) -> dict[str, list[dict[str
         "lexical": [{"sparsity": 0.5}, {"sparsity": 0.8}],
         "position": [{"window": 1}, {"window": 5}],
         "random": [{"sparsity": s} for s in (0.5, 0.8, 0.95)] + [{"sparsity": 0.7, "window": 3}],
+        # Blocks of 2 keys, so the bounds prune on these short sentences (the cost differs from all pairs).
+        "exact_bounds": [{"block_size": 2}, {"block_size": 4, "seed_window": 0, "seed_global": False}],
     }
 
 
@@ -226,7 +228,7 @@ def test_default_methods_skip_what_cannot_run_and_explicit_requests_fail(setup):
     store = setup[0]
     grids = {"window": [{"window": 3}], "random": [{"sparsity": 0.5}], "strided": [{"stride": 2}],
              "reformer": [{"n_buckets": 2}], "longformer": [{"num_global": 2}], "bigbird": [{"num_random": 2}],
-             "position": [{"window": 1}]}
+             "position": [{"window": 1}], "exact_bounds": [{"block_size": 2}]}
     frame = run_sweep(store, None, grids=grids, layers=[0], progress=False)
     skipped = frame.attrs["sweep"]["skipped"]
     assert set(skipped) == {"distance", "bucketing", "kmeans", "blocks", "routing", "syntax", "lexical",
