@@ -22,9 +22,10 @@ is :math:`\le \tau_S` (Cauchy–Schwarz).
 
 **The iteration**, per (sentence, head):
 
-1. *Blocks.* Keys are clustered (a few seeded Lloyd steps, :math:`\lceil\sqrt{n_k}\rceil`
-   centroids), ordered by cluster and cut into blocks of ``block_size`` keys; queries are
-   ordered by their nearest key centroid and cut into blocks of ``query_block`` queries. A
+1. *Blocks.* Keys are clustered (a few Lloyd steps from evenly spaced keys,
+   :math:`\lceil 2\sqrt{n_k}\rceil` centroids) and each cluster is cut into blocks of at most
+   ``block_size`` keys; queries are grouped by their nearest key centroid and cut into blocks
+   of at most ``query_block`` queries. A
    *tile* is (query block, key block).
 2. *Seed.* Each query scores its cheap candidates :math:`S_0` (keys within ``window``, the
    first and last valid key with ``global_keys``, and any ``candidates`` given, e.g. the
@@ -158,13 +159,24 @@ def _kmeans(x: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tenso
     return cent, (x @ cent.T - 0.5 * (cent * cent).sum(-1)).argmax(-1)
 
 
-def _cut(order: torch.Tensor, size: int) -> torch.Tensor:
-    """``order`` (n,) cut into rows of ``size`` (the last padded with -1): ``(ceil(n / size), size)``."""
-    n = order.shape[0]
-    rows = max(1, -(-n // size))
-    out = torch.full((rows * size,), -1, dtype=torch.long, device=order.device)
-    out[:n] = order
-    return out.view(rows, size)
+def _cut(items: torch.Tensor, groups: torch.Tensor, size: int) -> torch.Tensor:
+    """``items`` (n,) cut into rows of ``size``, each row within one group (padded with -1): ``(rows, size)``.
+
+    A block that straddled two clusters would have the radius of both.
+    """
+    n = items.shape[0]
+    if n == 0:
+        return torch.full((1, size), -1, dtype=torch.long, device=items.device)
+    order = torch.sort(groups, stable=True).indices
+    items, groups = items[order], groups[order]
+    counts = torch.bincount(groups)
+    per = -(-counts // size)  # blocks per group
+    first_block = torch.cumsum(per, 0) - per
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(n, device=items.device) - start[groups]
+    out = torch.full((int(per.sum()), size), -1, dtype=torch.long, device=items.device)
+    out[first_block[groups] + slot // size, slot % size] = items
+    return out
 
 
 # ---------------------------------------------------------------------- one head
@@ -196,16 +208,16 @@ class _Head:
 
         # Blocks of similar keys, queries ordered by their nearest key centroid.
         kv = k[valid_idx].double()
-        n_cl = max(1, min(nkv, math.ceil(math.sqrt(max(nkv, 1))))) if nkv else 1
+        # 2 sqrt(n) centroids: more than the clusters there are, so that Lloyd's few steps rarely merge two.
+        n_cl = max(1, min(nkv, math.ceil(2 * math.sqrt(max(nkv, 1))))) if nkv else 1
         if nkv:
             cent, assign = _kmeans(kv, n_cl)
-            korder = valid_idx[torch.sort(assign, stable=True).indices]
             qassign = (q64 @ cent.T - 0.5 * (cent * cent).sum(-1)).argmax(-1)
         else:
-            korder = valid_idx
+            assign = valid_idx
             qassign = torch.zeros(nq, dtype=torch.long, device=dev)
-        self.kblocks = _cut(korder, block_size)  # (nb, bk)
-        self.qblocks = _cut(torch.sort(qassign, stable=True).indices, query_block)  # (nqb, bq)
+        self.kblocks = _cut(valid_idx, assign, block_size)  # (nb, bk)
+        self.qblocks = _cut(torch.arange(nq, device=dev), qassign, query_block)  # (nqb, bq)
         nb = self.kblocks.shape[0]
         self.k_block_of = torch.full((nk,), -1, dtype=torch.long, device=dev)
         flat = self.kblocks.reshape(-1)
