@@ -24,19 +24,20 @@ is :math:`\le \tau_S` (Cauchy–Schwarz).
 
 1. *Blocks.* Keys are clustered (a few Lloyd steps from evenly spaced keys,
    :math:`\lceil 2\sqrt{n_k}\rceil` centroids) and each cluster is cut into blocks of at most
-   ``block_size`` keys; queries are grouped by their nearest key centroid and cut into blocks
-   of at most ``query_block`` queries. A
-   *tile* is (query block, key block).
+   ``block_size`` keys.
 2. *Seed.* Each query scores its cheap candidates :math:`S_0` (keys within ``window``, the
    first and last valid key with ``global_keys``, and any ``candidates`` given, e.g. the
    cascade predictor's :meth:`~sparsefinder.predictors.learned.cascade.Cascade.support`),
    and :math:`\tau_{\mathrm{lb}} = \tau_{S_0}`.
-3. *Rounds.* A tile is *needed* while some query of it has :math:`U_{iB} + m_i > \tau_{\mathrm{lb}, i}`
-   (:math:`m_i`: the rounding margin below). Each round scores, per query block, its needed
-   unscored tiles of largest bound (1, 2, 4, … per round: best first, so the query's own
+3. *Rounds.* Block :math:`B` is *needed* by query :math:`i` while :math:`U_{iB} + m_i > \tau_{\mathrm{lb}, i}`
+   (:math:`m_i`: the rounding margin below). Each round scores, per query, its needed
+   unscored blocks of largest bound (1, 2, 4, … per round: best first, so the query's own
    cluster usually comes first and raises :math:`\tau_{\mathrm{lb}}` before the others are
    looked at), keeps the keys above :math:`\tau_{\mathrm{lb}}` in a per-query *active set*, and
-   recomputes :math:`\tau_{\mathrm{lb}}` over it. It stops when no tile is needed.
+   recomputes :math:`\tau_{\mathrm{lb}}` over it. It stops when no block is needed. The
+   (query, block) pairs of a round are grouped by block, so each block's keys meet all the
+   queries that need it in one batched matmul (rows padded to a power of two; padding is
+   computed but not counted as scored).
 4. *Exact finish.* The active set then holds every key with :math:`z > \tau_{\mathrm{lb}}`, a
    superset of the support: 1.5-entmax on it by the project's exact kernel
    (:func:`~sparsefinder.kernels.entmax15.entmax15_fast`, sort-equivalent), other alpha by
@@ -72,10 +73,9 @@ import torch
 from sparsefinder.kernels.entmax15 import entmax15_fast
 
 DEFAULT_BLOCK_SIZE = 32
-DEFAULT_QUERY_BLOCK = 32
 KMEANS_STEPS = 4
 BISECT_STEPS = 80
-TILE_CHUNK = 1024  # tiles scored per batched matmul (bounds the gathered copies' memory)
+ROW_CHUNK = 1 << 16  # query rows gathered per batched matmul (bounds the copies' memory)
 
 
 class ExactAttention(NamedTuple):
@@ -186,7 +186,7 @@ class _Head:
     """The iteration of the module docstring for one (sentence, head); attributes are its results."""
 
     def __init__(self, q, k, kvalid, alpha, scaling, window, global_keys, candidates, causal,
-                 block_size, query_block, max_rounds) -> None:
+                 block_size, max_rounds) -> None:
         self.alpha = alpha
         nq, d = q.shape
         nk = k.shape[0]
@@ -206,25 +206,20 @@ class _Head:
         self.pairs_tiles = 0
         self.rounds = 0
 
-        # Blocks of similar keys, queries ordered by their nearest key centroid.
+        # Blocks of similar keys.
         kv = k[valid_idx].double()
         # 2 sqrt(n) centroids: more than the clusters there are, so that Lloyd's few steps rarely merge two.
         n_cl = max(1, min(nkv, math.ceil(2 * math.sqrt(max(nkv, 1))))) if nkv else 1
         if nkv:
-            cent, assign = _kmeans(kv, n_cl)
-            qassign = (q64 @ cent.T - 0.5 * (cent * cent).sum(-1)).argmax(-1)
+            _, assign = _kmeans(kv, n_cl)
         else:
             assign = valid_idx
-            qassign = torch.zeros(nq, dtype=torch.long, device=dev)
         self.kblocks = _cut(valid_idx, assign, block_size)  # (nb, bk)
-        self.qblocks = _cut(torch.arange(nq, device=dev), qassign, query_block)  # (nqb, bq)
+        self.kb = k[self.kblocks.clamp(min=0)]  # (nb, bk, d): each block contiguous for the matmuls
         nb = self.kblocks.shape[0]
         self.k_block_of = torch.full((nk,), -1, dtype=torch.long, device=dev)
         flat = self.kblocks.reshape(-1)
         self.k_block_of[flat[flat >= 0]] = torch.arange(flat.numel(), device=dev)[flat >= 0] // block_size
-        qflat = self.qblocks.reshape(-1)
-        self.q_block_of = torch.empty(nq, dtype=torch.long, device=dev)
-        self.q_block_of[qflat[qflat >= 0]] = torch.arange(qflat.numel(), device=dev)[qflat >= 0] // query_block
 
         # Block centres and radii (float64), and the bounds U (nq, nb).
         members = self.kblocks >= 0
@@ -238,7 +233,11 @@ class _Head:
             first = torch.where(members, self.kblocks, torch.full_like(self.kblocks, nk)).amin(-1)
             self.bound.masked_fill_(first[None, :] > torch.arange(nq, device=dev)[:, None], -math.inf)
         self.bound_evals = nq * nb
-        self.done = torch.zeros(self.qblocks.shape[0], nb, dtype=torch.bool, device=dev)
+        # Blocks by decreasing bound, per query. The bounds are fixed and the threshold only rises, so the
+        # blocks a query still needs are always a prefix of this order: a pointer replaces a top-k per round.
+        self.sorted_bound, self.order = torch.sort(self.bound, dim=-1, descending=True, stable=True)
+        self.taken = torch.zeros(nq, dtype=torch.long, device=dev)  # blocks scored: order[i, :taken[i]]
+        self.finite = torch.isfinite(self.sorted_bound).sum(-1)  # blocks with an allowed key
 
         self._seed(window, global_keys, candidates, valid_idx)
         t = 1
@@ -274,7 +273,7 @@ class _Head:
         idx, _ = torch.sort(idx, dim=-1)
         dup = torch.zeros_like(idx, dtype=torch.bool)
         dup[:, 1:] = idx[:, 1:] == idx[:, :-1]
-        idx = idx.masked_fill(dup, -1)
+        idx, _ = torch.sort(idx.masked_fill(dup, -1), dim=-1)  # sorted: _merge looks keys up in it
         s = torch.einsum("nd,nmd->nm", self.q, self.k[idx.clamp(min=0)]).double() * (self.gain / (self.alpha - 1))
         self.seed_idx = idx
         self.act_idx = idx
@@ -283,57 +282,74 @@ class _Head:
         self._update()
 
     def _update(self) -> None:
-        """Dedupe the active set by key, recompute the lower bound, drop the keys at or below it."""
-        idx, s = self.act_idx, self.act_s
-        idx, order = torch.sort(idx, dim=-1)
-        s = s.gather(-1, order)
-        dup = torch.zeros_like(idx, dtype=torch.bool)
-        dup[:, 1:] = (idx[:, 1:] == idx[:, :-1]) & (idx[:, 1:] >= 0)
-        s = s.masked_fill(dup | (idx < 0), -math.inf)
+        """Recompute the lower bound over the active set (no key twice: :meth:`_merge` drops seed keys), then
+        drop the keys at or below it, compacting each row to the front (a cumsum, no sort)."""
+        idx, s = self.act_idx, self.act_s.masked_fill(self.act_idx < 0, -math.inf)
         z = s * (self.alpha - 1)
         self.tau_lb = torch.maximum(self.tau_lb, _lower(entmax_threshold(z, self.alpha), z))
         keep = z > self.tau_lb[:, None]
         width = int(keep.sum(-1).max()) if keep.numel() else 0
-        top = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :width]
-        keep = keep.gather(-1, top)
-        self.act_idx = torch.where(keep, idx.gather(-1, top), torch.full_like(top, -1))
-        self.act_s = torch.where(keep, s.gather(-1, top), torch.full_like(top, -math.inf, dtype=torch.float64))
+        pos = torch.where(keep, keep.long().cumsum(-1) - 1, torch.full_like(idx, width))
+        out_idx = torch.full((idx.shape[0], width + 1), -1, dtype=torch.long, device=idx.device)
+        out_s = torch.full((idx.shape[0], width + 1), -math.inf, dtype=torch.float64, device=idx.device)
+        self.act_idx = out_idx.scatter_(-1, pos, torch.where(keep, idx, -1))[:, :width]
+        self.act_s = out_s.scatter_(-1, pos, torch.where(keep, s, -math.inf))[:, :width]
 
     def _round(self, t: int) -> bool:
-        """Score up to ``t`` needed tiles per query block (largest bound first); False when none is needed."""
-        qb = self.qblocks
-        rows = qb.clamp(min=0)
-        slack = self.bound + self.margin[:, None] - self.tau_lb[:, None]  # > 0: the block may hold a support key
-        slack = slack.masked_fill(torch.isneginf(self.bound), -math.inf)  # no allowed key (-inf - -inf is NaN)
-        tile_slack = slack[rows].masked_fill((qb < 0)[..., None], -math.inf).amax(1)  # (nqb, nb)
-        tile_slack = tile_slack.masked_fill(self.done, -math.inf)
-        needed = tile_slack > 0
-        if not bool(needed.any()):
+        """Score each query's next ``t`` needed blocks (largest bound first); False when none is needed."""
+        # needed[i]: blocks whose bound + margin exceeds the lower bound, a prefix of order[i] (descending).
+        thr = (self.tau_lb - self.margin).contiguous()
+        needed = torch.searchsorted(-self.sorted_bound, -thr[:, None], side="left").squeeze(-1)
+        # A block with no allowed key (bound -inf) is never needed.
+        needed = torch.minimum(needed, self.finite)
+        upto = torch.minimum(needed, self.taken + t)
+        count = (upto - self.taken).clamp(min=0)
+        if not bool((count > 0).any()):
             return False
-        t = min(t, tile_slack.shape[1])
-        best, blk = torch.topk(tile_slack, t, dim=-1)
-        qa, col = (best > 0).nonzero(as_tuple=True)
-        kbi = blk[qa, col]
-        self.done[qa, kbi] = True
+        qi = torch.repeat_interleave(torch.arange(self.nq, device=count.device), count)
+        offs = torch.arange(qi.numel(), device=qi.device) - (torch.cumsum(count, 0) - count)[qi]
+        blocks = self.order[qi, self.taken[qi] + offs]
+        self.taken = torch.maximum(self.taken, upto)
+        # Group the (query, block) pairs by block; blocks with the same power-of-two count share one bmm.
+        order = torch.sort(blocks, stable=True).indices
+        qi, blocks = qi[order], blocks[order]
+        counts = torch.bincount(blocks, minlength=self.kb.shape[0])
+        slot = torch.arange(qi.numel(), device=qi.device) - (torch.cumsum(counts, 0) - counts)[blocks]
+        width = torch.where(counts > 0, 2 ** torch.ceil(torch.log2(counts.clamp(min=1).double())).long(), 0)
         new_q, new_k, new_s = [], [], []
-        for start in range(0, qa.numel(), TILE_CHUNK):
-            a, b = qa[start:start + TILE_CHUNK], kbi[start:start + TILE_CHUNK]
-            qi = self.qblocks[a]  # (T, bq)
-            kj = self.kblocks[b]  # (T, bk)
-            s = torch.bmm(self.q[qi.clamp(min=0)], self.k[kj.clamp(min=0)].transpose(1, 2))
-            qi3, kj3 = qi[:, :, None].expand_as(s), kj[:, None, :].expand_as(s)
-            ok = self._allowed(qi3, kj3)
-            self.pairs_tiles += int(ok.sum())
-            s = s.double() * (self.gain / (self.alpha - 1))
-            ok &= s * (self.alpha - 1) > self.tau_lb[qi3.clamp(min=0)]
-            new_q.append(qi3[ok])
-            new_k.append(kj3[ok])
-            new_s.append(s[ok])
+        for w in torch.unique(width[width > 0]).tolist():
+            members = (width == w).nonzero().squeeze(-1)
+            step = max(1, ROW_CHUNK // w)
+            for start in range(0, members.numel(), step):
+                mb = members[start:start + step]
+                rank = torch.full((self.kb.shape[0],), -1, dtype=torch.long, device=qi.device)
+                rank[mb] = torch.arange(mb.numel(), device=qi.device)
+                sel = rank[blocks] >= 0
+                table = torch.full((mb.numel(), w), -1, dtype=torch.long, device=qi.device)
+                table[rank[blocks[sel]], slot[sel]] = qi[sel]
+                sc = torch.bmm(self.q[table.clamp(min=0)], self.kb[mb].transpose(1, 2))  # (nb_w, w, bk)
+                qi3 = table[:, :, None].expand_as(sc)
+                kj3 = self.kblocks[mb][:, None, :].expand_as(sc)
+                ok = self._allowed(qi3, kj3)
+                self.pairs_tiles += int(ok.sum())
+                sc = sc.double() * (self.gain / (self.alpha - 1))
+                ok &= sc * (self.alpha - 1) > self.tau_lb[qi3.clamp(min=0)]
+                new_q.append(qi3[ok])
+                new_k.append(kj3[ok])
+                new_s.append(sc[ok])
         self._merge(torch.cat(new_q), torch.cat(new_k), torch.cat(new_s))
         return True
 
     def _merge(self, qi: torch.Tensor, kj: torch.Tensor, s: torch.Tensor) -> None:
-        """Add the flat (query, key, score) triples to the per-query active tables, then :meth:`_update`."""
+        """Add the flat (query, key, score) triples to the per-query active tables, then :meth:`_update`.
+
+        A seed key is already in the table (scored again inside a block): it is dropped here.
+        """
+        if qi.numel() and self.seed_idx.shape[1]:
+            seed = self.seed_idx[qi]
+            at = torch.searchsorted(seed, kj[:, None]).clamp(max=seed.shape[1] - 1)
+            fresh = seed.gather(-1, at).squeeze(-1) != kj
+            qi, kj, s = qi[fresh], kj[fresh], s[fresh]
         if qi.numel():
             counts = torch.bincount(qi, minlength=self.nq)
             width = int(counts.max())
@@ -356,7 +372,9 @@ class _Head:
             return self.pairs_tiles
         pos = torch.arange(self.nq, device=seed.device)[:, None].expand_as(seed)
         kb = self.k_block_of[seed.clamp(min=0)]
-        inside = self.done[self.q_block_of[pos], kb.clamp(min=0)] & (kb >= 0)
+        rank = torch.empty_like(self.order).scatter_(
+            -1, self.order, torch.arange(self.order.shape[1], device=seed.device).expand_as(self.order).contiguous())
+        inside = (rank.gather(-1, kb.clamp(min=0)) < self.taken[:, None]) & (kb >= 0)
         return self.pairs_tiles + int(((seed >= 0) & ~inside).sum())
 
     def probabilities(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,7 +413,6 @@ def exact_sparse_entmax_attention(
     key_padding_mask: torch.Tensor | None = None,
     causal: bool = False,
     block_size: int = DEFAULT_BLOCK_SIZE,
-    query_block: int = DEFAULT_QUERY_BLOCK,
     max_rounds: int | None = None,
 ) -> ExactAttention:
     r"""Alpha-entmax attention equal to the dense one, scoring only the key blocks its bounds cannot exclude.
@@ -417,7 +434,7 @@ def exact_sparse_entmax_attention(
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not (1 < alpha < math.inf):
         raise ValueError(f"alpha must be a finite number > 1 (softmax has no zeros to skip), got {alpha!r}")
-    for name, val, low in (("window", window, 0), ("block_size", block_size, 1), ("query_block", query_block, 1)):
+    for name, val, low in (("window", window, 0), ("block_size", block_size, 1)):
         if isinstance(val, bool) or not isinstance(val, int) or val < low:
             raise ValueError(f"{name} must be an int >= {low}, got {val!r}")
     batch, heads, n_q, d = q.shape
@@ -443,10 +460,11 @@ def exact_sparse_entmax_attention(
         for h in range(heads):
             cand = None if candidates is None else candidates[b, h]
             head = _Head(q[b, h].to(dtype), k[b, h].to(dtype), kvalid, alpha, float(scaling), window, global_keys,
-                         cand, causal, block_size, query_block, max_rounds)
+                         cand, causal, block_size, max_rounds)
             idx, p = head.probabilities()
             if idx.shape[1]:
-                out[b, h] = torch.einsum("nm,nmd->nd", p, v[b, h].double()[idx.clamp(min=0)])
+                vb = v[b, h].to(dtype)
+                out[b, h] = torch.bmm(p.to(dtype)[:, None, :], vb[idx.clamp(min=0)])[:, 0].double()
             nz = (p > 0).nonzero(as_tuple=True)
             ind.append(torch.stack([torch.full_like(nz[0], b), torch.full_like(nz[0], h), nz[0], idx[nz]]))
             vals.append(p[nz])

@@ -69,15 +69,15 @@ def check(q, k, v, alpha, pad=None, causal=False, **kw):
 
 
 @given(st.integers(0, 10**6), st.sampled_from(ALPHAS), st.booleans(), st.integers(1, 40), st.integers(1, 40),
-       st.sampled_from([1, 2, 5, 16]), st.sampled_from([1, 3, 8]), st.integers(0, 5), st.booleans(),
+       st.sampled_from([1, 2, 5, 16]), st.integers(0, 5), st.booleans(),
        st.sampled_from([0.2, 1.0, 3.0]))
 @FAST
-def test_equals_dense_on_random_and_clustered_inputs(seed, alpha, causal, n_q, n_k, block, qblock, window, glob,
+def test_equals_dense_on_random_and_clustered_inputs(seed, alpha, causal, n_q, n_k, block, window, glob,
                                                       noise):
     rng = np.random.default_rng(seed)
     q, k, v = mixture(rng, 2, 2, n_q, 4, 3, noise, n_k=n_k)
     pad = torch.from_numpy(rng.random((2, n_k)) < 0.2)
-    check(q, k, v, alpha, pad, causal, block_size=block, query_block=qblock, window=window, global_keys=glob)
+    check(q, k, v, alpha, pad, causal, block_size=block, window=window, global_keys=glob)
 
 
 @given(st.integers(0, 10**6), st.sampled_from(ALPHAS), st.booleans(), st.integers(1, 30), st.integers(0, 8))
@@ -91,24 +91,24 @@ def test_adversarial_equal_keys_and_ties(seed, alpha, causal, n, distinct):
     else:
         k = torch.from_numpy(rng.integers(-distinct, distinct + 1, size=(1, 2, n, 3)).astype(float))
     v = torch.from_numpy(rng.normal(size=(1, 2, n, 2)))
-    check(q, k, v, alpha, causal=causal, block_size=4, query_block=4)
+    check(q, k, v, alpha, causal=causal, block_size=4)
 
 
 def test_bounds_that_prune_nothing_degrade_to_dense_cost_not_to_a_wrong_answer():
     # Isotropic noise in d = 64 puts every block's Cauchy-Schwarz bound above the threshold.
     q, k, v = mixture(np.random.default_rng(0), 1, 2, 96, 64, 8, 1.0)
-    res, valid = check(q, k, v, 1.5, block_size=8, query_block=8)
+    res, valid = check(q, k, v, 1.5, block_size=8)
     assert bool((res.pairs_scored > 0.9 * valid).all())
     # Equal keys: every key is in every row's support, so everything must be scored.
     k = k[:, :, :1].expand_as(k).contiguous()
-    res, valid = check(q, k, v, 1.5, block_size=8, query_block=8)
+    res, valid = check(q, k, v, 1.5, block_size=8)
     assert torch.equal(res.pairs_scored, valid)
 
 
 def test_tight_clusters_prune_most_pairs():
     q, k, v = mixture(np.random.default_rng(1), 1, 2, 256, 16, 16, 0.2)
     for causal in (False, True):
-        res, valid = check(q, k, v, 1.5, causal=causal, block_size=8, query_block=8)
+        res, valid = check(q, k, v, 1.5, causal=causal, block_size=8)
         assert bool((res.pairs_scored < 0.3 * valid).all()), res.pairs_scored / valid
         # One bound per query and key block: 256 / 8 blocks, plus at most one partial block per centroid (32).
         blocks = res.bound_evaluations / 256
