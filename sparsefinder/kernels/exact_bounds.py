@@ -370,7 +370,6 @@ class _Head:
         seed = self.seed_idx
         if seed.numel() == 0:
             return self.pairs_tiles
-        pos = torch.arange(self.nq, device=seed.device)[:, None].expand_as(seed)
         kb = self.k_block_of[seed.clamp(min=0)]
         rank = torch.empty_like(self.order).scatter_(
             -1, self.order, torch.arange(self.order.shape[1], device=seed.device).expand_as(self.order).contiguous())
