@@ -216,6 +216,7 @@ class _Head:
             assign = valid_idx
         self.kblocks = _cut(valid_idx, assign, block_size)  # (nb, bk)
         self.kb = k[self.kblocks.clamp(min=0)]  # (nb, bk, d): each block contiguous for the matmuls
+        self.kok = (self.kblocks >= 0) & kvalid[self.kblocks.clamp(min=0)]
         nb = self.kblocks.shape[0]
         self.k_block_of = torch.full((nk,), -1, dtype=torch.long, device=dev)
         flat = self.kblocks.reshape(-1)
@@ -316,6 +317,9 @@ class _Head:
         counts = torch.bincount(blocks, minlength=self.kb.shape[0])
         slot = torch.arange(qi.numel(), device=qi.device) - (torch.cumsum(counts, 0) - counts)[blocks]
         width = torch.where(counts > 0, 2 ** torch.ceil(torch.log2(counts.clamp(min=1).double())).long(), 0)
+        # The lower bound in the dot-product domain (gain > 0), lowered past the dtype's rounding.
+        dot_thr = self.tau_lb / self.gain
+        dot_thr = (dot_thr - dot_thr.abs() * 1e-5 - 1e-30).to(self.q.dtype)
         new_q, new_k, new_s = [], [], []
         for w in torch.unique(width[width > 0]).tolist():
             members = (width == w).nonzero().squeeze(-1)
@@ -327,16 +331,22 @@ class _Head:
                 sel = rank[blocks] >= 0
                 table = torch.full((mb.numel(), w), -1, dtype=torch.long, device=qi.device)
                 table[rank[blocks[sel]], slot[sel]] = qi[sel]
-                sc = torch.bmm(self.q[table.clamp(min=0)], self.kb[mb].transpose(1, 2))  # (nb_w, w, bk)
-                qi3 = table[:, :, None].expand_as(sc)
-                kj3 = self.kblocks[mb][:, None, :].expand_as(sc)
-                ok = self._allowed(qi3, kj3)
-                self.pairs_tiles += int(ok.sum())
-                sc = sc.double() * (self.gain / (self.alpha - 1))
-                ok &= sc * (self.alpha - 1) > self.tau_lb[qi3.clamp(min=0)]
-                new_q.append(qi3[ok])
-                new_k.append(kj3[ok])
-                new_s.append(sc[ok])
+                sc = torch.bmm(self.q[table.clamp(min=0)], self.kb[mb].transpose(1, 2))  # (nb_w, w, bk) dots
+                kbl, rok, kok = self.kblocks[mb], table >= 0, self.kok[mb]
+                ok = rok[:, :, None] & kok[:, None, :]
+                if self.causal:
+                    ok &= kbl[:, None, :] <= table[:, :, None]
+                    self.pairs_tiles += int(ok.sum())
+                else:
+                    self.pairs_tiles += int((rok.sum(1) * kok.sum(1)).sum())
+                # A superset of the survivors in the dots' dtype, then the exact test in float64.
+                ib, r, c = (ok & (sc > dot_thr[table.clamp(min=0)][:, :, None])).nonzero(as_tuple=True)
+                q_sel, k_sel = table[ib, r], kbl[ib, c]
+                s_sel = sc[ib, r, c].double() * (self.gain / (self.alpha - 1))
+                keep = s_sel * (self.alpha - 1) > self.tau_lb[q_sel]
+                new_q.append(q_sel[keep])
+                new_k.append(k_sel[keep])
+                new_s.append(s_sel[keep])
         self._merge(torch.cat(new_q), torch.cat(new_k), torch.cat(new_s))
         return True
 
@@ -431,6 +441,8 @@ def exact_sparse_entmax_attention(
         raise ValueError(f"q, k, v must be (B, H, N, d); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
+    if scaling is not None and not (isinstance(scaling, int | float) and 0 < scaling < math.inf):
+        raise ValueError(f"scaling must be a positive number, got {scaling!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not (1 < alpha < math.inf):
         raise ValueError(f"alpha must be a finite number > 1 (softmax has no zeros to skip), got {alpha!r}")
     for name, val, low in (("window", window, 0), ("block_size", block_size, 1)):
