@@ -6,7 +6,13 @@ Methods, each on the same q, k, v:
 - ``dense entmax15_fast``: the same with :func:`sparsefinder.kernels.entmax15.entmax15_fast` (top-k, exact);
 - ``dense softmax (SDPA)``: ``torch.nn.functional.scaled_dot_product_attention`` (the dense floor);
 - ``clustered entmax15``: :func:`sparsefinder.kernels.sparse_attention.clustered_entmax_attention` on the
-  predicted graph (same cluster, or within the window), never forming the n x n matrix.
+  predicted graph (same cluster, or within the window), never forming the n x n matrix;
+- ``exact entmax15 (bounds)``: :func:`sparsefinder.kernels.exact_bounds.exact_sparse_entmax_attention`
+  (seeded with the same window and the first/last key; exact by construction). Its row also gives the
+  share of the n^2 pairs it scored and of the query x block bounds it evaluated.
+
+Above ``--dense-max-n`` the dense entmax methods (10 GB at n = 4096) are skipped; errors are then
+measured on ``--check-rows`` queries per head against float64 dense 1.5-entmax of those rows.
 
 Inputs:
 
@@ -33,12 +39,13 @@ an 8-token slice first loads lazy imports and kernels). Recall is the predicted 
 output: max abs, and the cosine of each query's output vector (mean and min over queries and heads).
 
     .venv/bin/python bench/sparse_attention.py [--n 1024 4096] [--threads 1] [--repeats 5] [--no-real]
-        [--real-clusters 4] [--real-window 3]
+        [--real-clusters 4] [--real-window 3] [--noise 1.0] [--dense-max-n 4096] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -56,7 +63,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("dense entmax15", "dense entmax15_fast", "dense softmax (SDPA)", "clustered entmax15")
+METHODS = ("dense entmax15", "dense entmax15_fast", "dense softmax (SDPA)", "clustered entmax15",
+           "exact entmax15 (bounds)")
+DENSE = ("dense entmax15", "dense entmax15_fast")
 
 
 # ---------------------------------------------------------------------- methods
@@ -84,7 +93,15 @@ def run_method(method: str, inp: dict) -> torch.Tensor:
 
         return clustered_entmax_attention(q, k, v, inp["q_clusters"], inp["k_clusters"], window=inp["window"],
                                           scaling=scale)
+    if method == "exact entmax15 (bounds)":
+        return exact_result(inp).output
     raise ValueError(method)
+
+
+def exact_result(inp: dict):
+    from sparsefinder.kernels.exact_bounds import exact_sparse_entmax_attention
+
+    return exact_sparse_entmax_attention(inp["q"], inp["k"], inp["v"], window=inp["window"], global_keys=True)
 
 
 # ---------------------------------------------------------------------- memory
@@ -142,6 +159,11 @@ def worker(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - t0)
     result = {"out": out.float().cpu(), "times": torch.tensor(times, dtype=torch.float64), "peak": peak,
               "exact_peak": cuda or reset, "threads": torch.get_num_threads()}
+    if method == "exact entmax15 (bounds)":
+        with torch.inference_mode():
+            res = exact_result(inp)
+        result.update(pairs_scored=int(res.pairs_scored.sum()), bound_evaluations=int(res.bound_evaluations.sum()),
+                      rounds=int(res.rounds.max()))
     if method == "dense entmax15":
         # The gold graph (p > 0) and the predicted graph's recall, after the measurements.
         result.update(recall_counts(inp))
@@ -170,15 +192,16 @@ def recall_counts(inp: dict) -> dict:
 # ---------------------------------------------------------------------- inputs
 
 
-def mixture_inputs(n: int, heads: int, d: int, components: int, window: int, seed: int) -> dict:
-    """The documented Gaussian mixture (module docstring); clusters = nearest known component mean."""
+def mixture_inputs(n: int, heads: int, d: int, components: int, window: int, seed: int, noise: float = 1.0) -> dict:
+    """The documented Gaussian mixture (module docstring; ``noise`` scales the N(0, I) part); clusters = nearest
+    known component mean."""
     g = torch.Generator().manual_seed(seed)
     mu = torch.randn(heads, components, d, generator=g)
     mu = mu / mu.norm(dim=-1, keepdim=True) * math.sqrt(0.75 * d)
 
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randint(components, (heads, n), generator=g)
-        x = mu.gather(1, z[..., None].expand(-1, -1, d)) + torch.randn(heads, n, d, generator=g)
+        x = mu.gather(1, z[..., None].expand(-1, -1, d)) + noise * torch.randn(heads, n, d, generator=g)
         return x, torch.cdist(x, mu).argmin(-1)
 
     q, qc = draw()
@@ -250,32 +273,62 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]:
     return float((out - ref).abs().max()), float(cos.mean()), float(cos.min())
 
 
-def report(title: str, inp: dict, args: argparse.Namespace, tmp: Path) -> None:
+def sampled_reference(inp: dict, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query indices (evenly spaced, ``rows`` per head) and their float64 dense 1.5-entmax outputs."""
+    from entmax import entmax15
+
+    q, k, v = inp["q"].double(), inp["k"].double(), inp["v"].double()
+    idx = torch.linspace(0, q.shape[2] - 1, min(rows, q.shape[2])).round().long()
+    p = entmax15(q[:, :, idx] @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+    return idx, p @ v
+
+
+def report(title: str, inp: dict, args: argparse.Namespace, tmp: Path) -> list[dict]:
     path = tmp / "inputs.pt"
     torch.save(inp, path)
-    results = {m: measure(m, path, args, args.dense_repeats if m == "dense entmax15" else args.repeats)
-               for m in METHODS}
-    ref = results["dense entmax15"]
-    recall = ref["hits"] / max(ref["gold_edges"], 1)
     b, h, n, _ = inp["q"].shape
+    dense_ok = n <= args.dense_max_n
+    methods = [m for m in METHODS if dense_ok or m not in DENSE]
+    results = {m: measure(m, path, args, args.dense_repeats if m == "dense entmax15" else args.repeats)
+               for m in methods}
     pairs = b * h * n * n
     print(f"\n## {title}")
-    print(f"predicted graph: recall {recall:.4f}, sparsity {1 - ref['pred_edges'] / pairs:.4f} "
-          f"(gold sparsity {1 - ref['gold_edges'] / pairs:.4f}), window {inp['window']}")
-    print(f"{'method':<22} {'time s':>9} {'peak MiB':>9} {'max|err|':>9} {'cos mean':>9} {'cos min':>9} "
+    if dense_ok:
+        ref = results["dense entmax15"]
+        recall = ref["hits"] / max(ref["gold_edges"], 1)
+        print(f"predicted graph: recall {recall:.4f}, sparsity {1 - ref['pred_edges'] / pairs:.4f} "
+              f"(gold sparsity {1 - ref['gold_edges'] / pairs:.4f}), window {inp['window']}")
+        rows, ref_out = slice(None), ref["out"]
+    else:
+        rows, ref_out = sampled_reference(inp, args.check_rows)
+        print(f"dense entmax skipped (n > {args.dense_max_n}): errors on {len(rows)} queries per head against "
+              f"float64 dense 1.5-entmax of those rows; window {inp['window']}")
+    ex = results["exact entmax15 (bounds)"]
+    print(f"exact (bounds): pairs scored {ex['pairs_scored'] / pairs:.4f} of n^2, bound evaluations "
+          f"{ex['bound_evaluations'] / pairs:.4f} of n^2, rounds {ex['rounds']}")
+    print(f"{'method':<24} {'time s':>9} {'peak MiB':>9} {'max|err|':>9} {'cos mean':>9} {'cos min':>9} "
           f"{'vs SDPA time':>12} {'vs entmax15 time':>16} {'vs entmax15 mem':>15}")
-    t_ref = statistics.median(ref["times"].tolist())
+    t_ref = statistics.median(results["dense entmax15"]["times"].tolist()) if dense_ok else math.nan
     t_sdpa = statistics.median(results["dense softmax (SDPA)"]["times"].tolist())
-    for m in METHODS:
+    out_rows = []
+    for m in methods:
         r = results[m]
         t = statistics.median(r["times"].tolist())
-        err, cmean, cmin = compare(r["out"], ref["out"])
+        err, cmean, cmin = compare(r["out"][:, :, rows].double(), ref_out.double())
         peak = r["peak"] / 2**20
-        mem_ratio = ref["peak"] / r["peak"] if r["peak"] > 0 else float("inf")
-        print(f"{m:<22} {t:>9.4f} {peak:>9.1f} {err:>9.2e} {cmean:>9.5f} {cmin:>9.5f} "
+        ref_peak = results["dense entmax15"]["peak"] if dense_ok else math.nan
+        mem_ratio = ref_peak / r["peak"] if r["peak"] > 0 else float("inf")
+        print(f"{m:<24} {t:>9.4f} {peak:>9.1f} {err:>9.2e} {cmean:>9.5f} {cmin:>9.5f} "
               f"{t_sdpa / t:>11.2f}x {t_ref / t:>15.2f}x {mem_ratio:>14.2f}x")
+        row = {"input": title, "n": n, "method": m, "time_s": t, "peak_mib": peak, "max_err": err,
+               "cos_mean": cmean, "cos_min": cmin, "sdpa_time_ratio": t_sdpa / t, "entmax15_time_ratio": t_ref / t}
+        if m == "exact entmax15 (bounds)":
+            row.update(pairs_scored_share=r["pairs_scored"] / pairs, bound_share=r["bound_evaluations"] / pairs,
+                       rounds=r["rounds"])
+        out_rows.append(row)
     if not all(r["exact_peak"] for r in results.values()):
         print("(VmHWM could not be reset: peak memory includes earlier peaks of the process)")
+    return out_rows
 
 
 def main() -> None:
@@ -293,6 +346,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--noise", type=float, default=1.0, help="scale of the mixture's N(0, I) noise (1: documented)")
+    ap.add_argument("--dense-max-n", type=int, default=4096, help="skip dense entmax above this n")
+    ap.add_argument("--check-rows", type=int, default=256, help="queries per head checked when dense is skipped")
+    ap.add_argument("--json", type=Path, default=None, help="also write the table rows to this JSON file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -304,17 +361,21 @@ def main() -> None:
     mem = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "VmHWM rise (fresh process)"
     print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, repeats {args.repeats} "
           f"(dense entmax15: {args.dense_repeats}), time = median wall s, peak memory = {mem}")
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.n:
             c = args.components or max(1, round(math.sqrt(n)))
-            inp = mixture_inputs(n, args.heads, args.d, c, args.window, args.seed)
-            report(f"Gaussian mixture: n = {n}, {args.heads} heads, d = {args.d}, {c} components",
-                   inp, args, Path(tmp))
+            inp = mixture_inputs(n, args.heads, args.d, c, args.window, args.seed, args.noise)
+            noise = "" if args.noise == 1.0 else f", noise {args.noise:g}"
+            rows += report(f"Gaussian mixture: n = {n}, {args.heads} heads, d = {args.d}, {c} components{noise}",
+                           inp, args, Path(tmp))
         if not args.no_real:
             inp, n = real_inputs(args.real_clusters, args.real_window)
             b, h, _, d = inp["q"].shape
-            report(f"default model (minilm-entmax15), real q/k/v: n = {n}, {b} layers x {h} heads, d = {d}, "
-                   f"k-means C = {args.real_clusters} on the shipped projections", inp, args, Path(tmp))
+            rows += report(f"default model (minilm-entmax15), real q/k/v: n = {n}, {b} layers x {h} heads, d = {d}, "
+                           f"k-means C = {args.real_clusters} on the shipped projections", inp, args, Path(tmp))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

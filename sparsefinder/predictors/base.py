@@ -78,10 +78,12 @@ class Predictor:
     name: ClassVar[str] = ""
     """Registry key."""
     family: ClassVar[str] = ""
-    """``"sparsefinder"``, ``"baseline"`` or ``"pattern"`` (for grouping in the UI and the sweep)."""
+    """``"sparsefinder"``, ``"baseline"``, ``"pattern"``, ``"learned"`` or ``"exact"`` (for grouping in the UI and
+    the sweep)."""
     input_space: ClassVar[str] = "shape"
     """What ``q``/``k`` must be: ``"projected"`` (q', k' of the learned projections, last dim r),
-    ``"any"`` (any vectors; the paper feeds the projected ones) or ``"shape"`` (only the shape is used)."""
+    ``"any"`` (any vectors; the paper feeds the projected ones), ``"raw"`` (the raw queries and keys, never
+    projected: the exact methods) or ``"shape"`` (only the shape is used)."""
     requires_fit: ClassVar[bool] = False
     """Whether :meth:`fit` must run before :meth:`predict`."""
     stochastic: ClassVar[bool] = False

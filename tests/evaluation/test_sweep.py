@@ -187,6 +187,23 @@ def test_sweep_equals_straightforward_computation(setup):
                                    rtol=1e-12, atol=1e-12)
 
 
+def test_opt_in_exact_bounds_sweep_equals_straightforward_computation(setup):
+    """``exact_bounds`` is not in a default sweep (slow); asked for, it scores as predict does: recall 1,
+    cost = the pairs its kernel scored."""
+    store, proj, embeddings = setup
+    # Blocks of 2 keys, so the bounds prune on these short sentences (the cost differs from all pairs).
+    grids = {"exact_bounds": [{"block_size": 2}, {"block_size": 4, "seed_window": 0, "seed_global": False}]}
+    frame = run_sweep(store, None, methods=["exact_bounds"], grids=grids, batch_size=3, progress=False)
+    assert set(frame["method"]) == {"exact_bounds"}
+    for point in grids["exact_bounds"]:
+        key = canonical_params(point)
+        for layer in range(store.num_layers):
+            ref = _reference(store, proj, {}, "exact_bounds", point, layer, 0, embeddings)
+            got = frame[(frame.params == key) & (frame.layer == layer)].sort_values("head")
+            assert_aggregates_match(got, ref, "head", f"exact_bounds {key} layer {layer}")
+            assert (got["recall"] == 1).all() and (got["efficiency"] > 0).any()
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_fast_group_helpers_match_the_predictors(seed):
     g = torch.Generator().manual_seed(seed)
@@ -232,7 +249,7 @@ def test_default_methods_skip_what_cannot_run_and_explicit_requests_fail(setup):
     assert set(skipped) == {"distance", "bucketing", "kmeans", "blocks", "routing", "syntax", "lexical",
                             "distance_budget", "topk", "stacked", "priors", "cascade", "global_band"}
     # Opt-in methods are neither run nor listed as skipped by a default sweep.
-    assert "stacked_mlp" not in set(frame.method) | set(skipped)
+    assert not {"stacked_mlp", "exact_bounds"} & (set(frame.method) | set(skipped))
     assert "projections" in skipped["distance"] and "fitted" in skipped["routing"] and "context" in skipped["syntax"]
     # Reformer runs on the raw queries and keys without projections.
     assert set(frame.method) == set(grids)

@@ -27,7 +27,7 @@ ALL = [
     "distance", "bucketing", "kmeans", "blocks",
     "window", "bigbird", "longformer", "reformer", "routing", "strided",
     "distance_budget", "topk", "stacked", "priors", "cascade", "global_band", "stacked_mlp",
-    "syntax", "lexical", "position", "random",
+    "syntax", "lexical", "position", "random", "exact_bounds",
 ]
 DEFAULT_COST = ["blocks", "window", "bigbird", "longformer", "strided", "syntax", "lexical", "position", "random"]
 
