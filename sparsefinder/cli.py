@@ -116,10 +116,25 @@ def cmd_extract(args) -> int:
 
     corpus = _load_corpus(args)
     texts = corpus.texts()[: args.limit] if args.limit else corpus.texts()
+    if args.engine == "ray":
+        from sparsefinder.distributed.ray_extract import extract_corpus_ray
+
+        out = extract_corpus_ray(
+            args.model, texts, Path(args.out), alpha=args.alpha, device=args.device, batch_size=args.batch_size,
+            shard_size=args.shard_size, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+            gpus_per_worker=args.gpus_per_worker, address=args.address, corpus_name=corpus.name, split=args.split,
+            overwrite=args.overwrite, resume=args.resume,
+        )
+        print(f"wrote {len(texts)} sentences of {corpus.name} to {out}")
+        return 0
+    if args.resume:
+        raise ValueError("--resume continues an interrupted --engine ray extraction; the local engine restarts "
+                         "(--overwrite)")
     model = load_model(args.model, alpha=args.alpha, device=args.device)
     out = extract_corpus(
         model, texts, Path(args.out), batch_size=args.batch_size, progress=True,
         corpus_name=corpus.name, split=args.split, overwrite=args.overwrite,
+        **({"shard_size": args.shard_size} if args.shard_size else {}),
     )
     print(f"wrote {len(texts)} sentences of {corpus.name} to {out}")
     return 0
@@ -413,6 +428,39 @@ def artifact_args(sp: argparse.ArgumentParser, *flags: str, required: tuple[str,
         sp.add_argument(flag, required=flag in required, default=None, help=helps.get(key, _ARTIFACT_HELP[key]))
 
 
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return n
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = -1.0
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value!r}")
+    return x
+
+
+def engine_args(sp: argparse.ArgumentParser) -> None:
+    """``--engine local|ray`` and the Ray cluster's flags (sparsefinder.distributed; docs/cluster.md)."""
+    sp.add_argument("--engine", default="local", choices=["local", "ray"],
+                    help="local (default): this process; ray: Ray workers (pip install 'sparsefinder[ray]')")
+    sp.add_argument("--address", default=None,
+                    help="--engine ray: 'auto' (this machine's cluster), ray://HOST:10001, default a local Ray")
+    sp.add_argument("--workers", type=_positive, default=1, help="--engine ray: parallel workers")
+    sp.add_argument("--cpus-per-worker", type=_fraction, default=None,
+                    help="--engine ray: CPUs each worker holds (default: a share that leaves Ray Data room)")
+    sp.add_argument("--gpus-per-worker", type=_fraction, default=None,
+                    help="--engine ray: GPUs each worker holds (default 1 where the cluster has GPUs, else 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsefinder", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -441,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--limit", type=int, default=None, help="only the first N sentences")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing extraction in --out")
+    sp.add_argument("--shard-size", type=_positive, default=None, help="sentences per shard (default 1024)")
+    sp.add_argument("--resume", action="store_true", help="--engine ray: continue an interrupted extraction in --out")
+    engine_args(sp)
     model_args(sp)
     sp.set_defaults(func=cmd_extract)
 

@@ -91,10 +91,22 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
     ]
     others = [p for p in out.iterdir() if p not in ours]
     if (ours or others) and not overwrite:
+        if _interrupted(out):
+            raise FileExistsError(f"{out} holds an interrupted extraction (incomplete manifest); pass "
+                                  "overwrite=True (--overwrite) to start over, or continue it with "
+                                  "--engine ray --resume")
         raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace a previous extraction there")
     # Only our own files are removed, never whatever else a user keeps in the folder.
     for p in ours:
         p.unlink()
+
+
+def _interrupted(out: Path) -> bool:
+    try:
+        manifest = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("complete") is False
 
 
 def extract_corpus(
@@ -140,41 +152,8 @@ def extract_corpus(
     _prepare_dir(out, overwrite)
 
     t0 = time.perf_counter()
-    probe = model.extract(["a"], keep_probs=False)  # the head size, whatever the config calls it
-    head_dim = int(probe.queries[0].shape[-1])
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "complete": False,
-        "model": model.name,
-        "weights_sha256": weights_fingerprint(model.model),
-        "base_checksum": getattr(model, "base_checksum", None),
-        "adapter": adapter_summary(getattr(model, "adapter_manifest", None)),
-        "alpha": alpha_to_json(model.alpha),
-        "causal": bool(model.causal),
-        "num_layers": model.num_layers,
-        "num_heads": model.num_heads,
-        "head_dim": head_dim,
-        "max_length": model.max_length,
-        "dtype": dtype_name,
-        "corpus": corpus_name,
-        "split": split,
-        "num_sentences": 0,
-        "num_tokens": 0,
-        "truncated": 0,
-        "layout": LAYOUT,
-        "shards": [],
-        "sparsefinder_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "settings": {
-            "batch_size": batch_size,
-            "shard_size": shard_size,
-            "device": str(model.device),
-            "torch_threads": torch.get_num_threads(),
-            "sort": "length descending within each shard; stored in corpus order",
-        },
-        "metadata": dict(metadata or {}),
-    }
+    manifest = new_manifest(model, dtype_name, corpus_name, split, batch_size, shard_size, metadata)
+    head_dim = manifest["head_dim"]
     write_json_atomic(out / MANIFEST_FILE, manifest)
 
     bar = tqdm(total=total, unit="sent", desc=f"extract {model.name}", disable=not progress, dynamic_ncols=True)
@@ -207,6 +186,52 @@ def extract_corpus(
     manifest["settings"]["elapsed_s"] = round(time.perf_counter() - t0, 3)
     write_json_atomic(out / MANIFEST_FILE, manifest)
     return out
+
+
+def new_manifest(
+    model: EntmaxModel, dtype_name: str, corpus_name: str, split: str, batch_size: int, shard_size: int,
+    metadata: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The manifest of a store about to be written (``complete`` false, no shards yet).
+
+    Shared by every engine that writes stores (here and :mod:`sparsefinder.distributed`), so that
+    they describe the same extraction with the same fields.
+    """
+    probe = model.extract(["a"], keep_probs=False)  # the head size, whatever the config calls it
+    head_dim = int(probe.queries[0].shape[-1])
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "model": model.name,
+        "weights_sha256": weights_fingerprint(model.model),
+        "base_checksum": getattr(model, "base_checksum", None),
+        "adapter": adapter_summary(getattr(model, "adapter_manifest", None)),
+        "alpha": alpha_to_json(model.alpha),
+        "causal": bool(model.causal),
+        "num_layers": model.num_layers,
+        "num_heads": model.num_heads,
+        "head_dim": head_dim,
+        "max_length": model.max_length,
+        "dtype": dtype_name,
+        "corpus": corpus_name,
+        "split": split,
+        "num_sentences": 0,
+        "num_tokens": 0,
+        "truncated": 0,
+        "layout": LAYOUT,
+        "shards": [],
+        "sparsefinder_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": {
+            "batch_size": batch_size,
+            "shard_size": shard_size,
+            "device": str(model.device),
+            "torch_threads": torch.get_num_threads(),
+            "sort": "length descending within each shard; stored in corpus order",
+        },
+        "metadata": dict(metadata or {}),
+    }
 
 
 class _CallbackBar:
