@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 RAY_MISSING = "the ray engine needs Ray: pip install 'sparsefinder[ray]'"
@@ -81,14 +82,28 @@ def worker_gpus(ray: Any, requested: float | None) -> float:
     return 1.0 if gpus >= 1 else 0.0
 
 
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Fault)): (.*)$")
+_BUILTIN = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": KeyError, "OSError": OSError,
+            "FileNotFoundError": FileNotFoundError, "FileExistsError": FileExistsError, "RuntimeError": RuntimeError}
+
+
 def root_cause(error: BaseException) -> BaseException:
-    """The user's exception behind Ray's wrappers (``RayTaskError`` / Ray Data's ``UserCodeException``)."""
-    seen = set()
-    e: BaseException | None = error
-    last = error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        last = e
-        cause = getattr(e, "cause", None)
-        e = cause if isinstance(cause, BaseException) else (e.__cause__ or None)
-    return last
+    """The user's exception behind Ray's wrappers (``RayTaskError``, Ray Data's ``UserCodeException``).
+
+    Ray Data does not ship the worker's exception object back, only its traceback text; the
+    last ``Name: message`` line of that text is the worker's error. Built-in types come back as
+    themselves (so the CLI's usage/failure exit codes hold), others as ``RuntimeError("Name: message")``;
+    ``error`` itself when no such line is found.
+    """
+    found = None
+    for line in str(error).splitlines():
+        m = _ERROR_LINE.match(line.strip())
+        if m and not m.group(1).startswith("ray."):
+            found = m
+    if found is None:
+        return error
+    name, message = found.group(1), found.group(2)
+    short = name.rsplit(".", 1)[-1]
+    if short in _BUILTIN and "." not in name:
+        return _BUILTIN[short](message)
+    return RuntimeError(f"{short}: {message}")

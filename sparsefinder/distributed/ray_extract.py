@@ -315,6 +315,8 @@ def _run(ray: Any, todo: list[tuple[int, int, list[str]]], *, model: str, alpha:
             yield json.loads(row["entry"])
     except Exception as e:  # Ray wraps the worker's error; show the user's own
         cause = root_cause(e)
-        if isinstance(cause, ValueError | TypeError | OSError) and cause is not e:
+        if cause is e:
+            raise RuntimeError(f"ray extraction failed: {str(e).splitlines()[0]}") from e
+        if not isinstance(cause, RuntimeError):
             raise cause from None
-        raise RuntimeError(f"ray extraction failed: {cause}") from e
+        raise RuntimeError(f"ray extraction failed: {cause}") from None
