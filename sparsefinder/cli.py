@@ -226,8 +226,15 @@ def cmd_sweep(args) -> int:
             from sparsefinder.corpora.annotate import CombinedContext
 
             context = CombinedContext(context, TokenContext())
-    frame = run_sweep(store, projections, methods=methods, fitted=fitted, batch_size=args.batch_size,
-                      progress=True, seed=args.seed, threads=args.threads, context=context)
+    if args.engine == "ray":
+        from sparsefinder.distributed.ray_sweep import run_sweep_ray
+
+        frame = run_sweep_ray(args.store, projections, methods=methods, fitted=fitted, batch_size=args.batch_size,
+                              seed=args.seed, context=context, threads=args.threads or 1, address=args.address,
+                              workers=args.workers, cpus_per_task=args.cpus_per_worker)
+    else:
+        frame = run_sweep(store, projections, methods=methods, fitted=fitted, batch_size=args.batch_size,
+                          progress=True, seed=args.seed, threads=args.threads, context=context)
     path = save_sweep(frame, args.out)
     skipped = frame.attrs.get("sweep", {}).get("skipped")
     if skipped:
@@ -347,11 +354,18 @@ def cmd_curves(args) -> int:
 
     grids = {m: ap.thin_grid(REGISTRY[m].grid(), args.points) for m in methods if m in REGISTRY}
     print(f"{len(texts)} sentences of {corpus.name}; methods {methods}; layers {args.layers}")
-    frame = ap.sparsity_accuracy_curve(
-        model, texts, methods, grids, layers=args.layers.split(";") if ";" in args.layers else
-        args.layers.split(","), artifacts=found.for_method, learned=learned,
-        batch_size=args.batch_size, seed=args.seed, progress=True,
-    )
+    layers = args.layers.split(";") if ";" in args.layers else args.layers.split(",")
+    if args.engine == "ray":
+        from sparsefinder.distributed.ray_sweep import curves_ray
+
+        frame = curves_ray(args.model, texts, methods, grids, layers=layers, artifacts=found.for_method,
+                           learned=learned, batch_size=args.batch_size, seed=args.seed, alpha=args.alpha,
+                           device=args.device, task=args.task, threads=args.threads or 1, address=args.address,
+                           cpus_per_task=args.cpus_per_worker, gpus_per_task=args.gpus_per_worker)
+    else:
+        frame = ap.sparsity_accuracy_curve(model, texts, methods, grids, layers=layers, artifacts=found.for_method,
+                                           learned=learned, batch_size=args.batch_size, seed=args.seed,
+                                           progress=True)
     manifest = {"arguments": {k: v for k, v in vars(args).items() if k != "func"}, "corpus": corpus.name,
                 "split": args.split}
     path = ap.save_curves(frame, args.out, manifest)
@@ -536,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--context", default="spacy", choices=["none", "spacy"],
                     help="context of the syntax and lexical masks: 'spacy' parses the texts with spaCy and takes "
                          "the input embeddings of the store's model; 'none' skips both masks")
+    engine_args(sp)
     sp.set_defaults(func=cmd_sweep)
 
     sp = sub.add_parser("interpret", help="POS tags per k-means cluster, gold-edge distances and POS pairs per head")
@@ -587,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output Parquet file (a JSON sidecar is written beside it)")
     sp.add_argument("--plot", default=None, help="output HTML plot (default: --out with .html)")
     sp.add_argument("--png", default=None, help="also save the plot as this PNG (needs Playwright and Chromium)")
+    engine_args(sp)
     sp.set_defaults(func=cmd_curves)
     model_args(sp)
 
