@@ -33,6 +33,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,7 @@ def extract_corpus_ray(
     progress: bool = True,
     max_retries: int = 3,
     fail_once: str | None = None,
+    callback: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Extract ``texts`` with ``workers`` replicas of ``model`` (a registered name or a model directory) on Ray.
 
@@ -197,6 +199,7 @@ def extract_corpus_ray(
     (another count rounds q/k differently in the last bits), whatever the number of workers.
     ``resume`` continues an interrupted run of the same plan in ``out_dir``. ``fail_once`` (or the
     environment variable :data:`FAIL_ONCE_ENV`) is the fault-injection hook of the tests.
+    ``callback(done, total)``, if given, is called as each shard is entered in the manifest.
     """
     from tqdm.auto import tqdm
 
@@ -264,6 +267,8 @@ def extract_corpus_ray(
                 manifest["num_tokens"] += entry["num_tokens"]
                 write_json_atomic(out / MANIFEST_FILE, manifest)
                 bar.update(entry["num_sentences"])
+                if callback is not None:
+                    callback(manifest["num_sentences"], len(texts))
                 bar.set_postfix(tokens=manifest["num_tokens"])
         finally:
             bar.close()
