@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsefinder.distributed.cluster import connect, root_cause, worker_cpus, worker_gpus
+from sparsefinder.distributed.cluster import connect, import_ray, root_cause, worker_cpus, worker_gpus
 
 FAIL_ONCE_ENV = "SPARSEFINDER_RAY_FAIL_ONCE"
 """Test hook: ``"SHARD:MARKER[:exit]"`` makes the worker given shard ``SHARD`` fail once (raise, or with
@@ -208,6 +208,7 @@ def extract_corpus_ray(
     from sparsefinder.corpora.shards import MANIFEST_FILE
     from sparsefinder.model.entmax_model import load_model
 
+    import_ray()  # before any work: a missing Ray is one line, not a traceback after loading the model
     shard_size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be >= 1")

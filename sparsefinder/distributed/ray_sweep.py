@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from sparsefinder.distributed.cluster import cluster_resources, connect, root_cause, worker_cpus
+from sparsefinder.distributed.cluster import cluster_resources, connect, import_ray, root_cause, worker_cpus
 from sparsefinder.distributed.ray_extract import InjectedFault, _fail_once
 
 
@@ -102,6 +102,7 @@ def run_sweep_ray(
     from sparsefinder.evaluation.sweep.plan import _select_methods
     from sparsefinder.predictors.base import REGISTRY
 
+    import_ray()
     t0 = time.perf_counter()
     store = ExtractionStore.open(store_path)
     context_keys = set(context.keys) if context is not None else set()
@@ -210,6 +211,7 @@ def curves_ray(
     (``model`` a registered name or a model directory each task loads); returns the same table."""
     from sparsefinder.distributed.cluster import worker_gpus
 
+    import_ray()
     t0 = time.perf_counter()
     methods = list(methods)
     texts = list(texts)

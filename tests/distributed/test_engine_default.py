@@ -46,3 +46,15 @@ def test_bad_worker_count_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["extract", "--engine", "ray", "--workers", "0", "--out", "x"])
     assert e.value.code == 2 and "must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_engine_ray_without_ray_says_how_to_install(tmp_path, capsys, monkeypatch):
+    from sparsefinder.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray looks like to an import
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("The cat sat.\n", encoding="utf-8")
+    assert main(["extract", "--engine", "ray", "--corpus", str(corpus), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'sparsefinder[ray]'" in err
+    assert not (tmp_path / "o").exists()
