@@ -207,6 +207,13 @@ class Shard:
         self._arrays: dict[str, np.ndarray] | None = None
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled (e.g. sent to a Ray worker) as its location only: the maps are reopened where it lands.
+        return {**self.__dict__, "_arrays": None, "_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
     @property
     def arrays(self) -> dict[str, np.ndarray]:
         if self._arrays is None:

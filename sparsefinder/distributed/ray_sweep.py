@@ -117,7 +117,11 @@ def run_sweep_ray(
     ray, started = connect(address)
     try:
         cpus = _task_cpus(ray, workers, cpus_per_task)
-        shared = ray.put({"projections": projections, "fitted": fitted, "context": context})
+        try:
+            shared = ray.put({"projections": projections, "fitted": fitted, "context": context})
+        except TypeError as e:  # something unpicklable in a custom context or predictor
+            raise RuntimeError(f"the sweep's projections, fitted predictors or context cannot be sent to Ray "
+                               f"workers ({e}); use the local engine") from None
         task = ray.remote(_sweep_with_shared).options(
             num_cpus=cpus, max_retries=max_retries, retry_exceptions=[OSError, InjectedFault])
         plan = [(layer, fam, ms) for layer in layer_ids for fam, ms in families.items()]
