@@ -95,9 +95,11 @@ class _ShardWriter:
             k, first = int(k), int(first)
             _fail_once(self.fail_once, k)
             window = [str(t) for t in texts]
+            t0 = time.perf_counter()
             with torch.no_grad():
                 entry, _ = _write_shard(self.model, window, self.out, k, first, k * self.batches_per_shard,
                                         self.batch_size, STORE_DTYPES[self.dtype], self.head_dim, _NoBar())
+            entry["_seconds"] = time.perf_counter() - t0
             entry["_device"] = str(self.model.device)
             entry["_torch_threads"] = torch.get_num_threads()
             entries.append(json.dumps(entry))
@@ -260,6 +262,8 @@ def extract_corpus_ray(
             for entry in _run(ray, todo, model=model, alpha=alpha, device=device, out=out, batch_size=batch_size,
                               dtype=dtype_name, head_dim=header["head_dim"], shard_size=shard_size, workers=workers,
                               cpus=cpus, gpus=gpus, threads=threads, max_retries=max_retries, fail_once=fail_once):
+                engine = manifest["settings"]["engine"]
+                engine["worker_seconds"] = round(engine.get("worker_seconds", 0.0) + entry.pop("_seconds"), 3)
                 manifest["settings"]["device"] = entry.pop("_device")
                 manifest["settings"]["torch_threads"] = entry.pop("_torch_threads")
                 manifest["truncated"] += entry.pop("_truncated")
