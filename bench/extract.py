@@ -5,12 +5,21 @@ device and torch's thread count, then the read rate of one streaming pass over
 one layer (what predictor training does). The store goes to a temporary
 directory that is removed afterwards unless ``--out`` is given.
 
+``--engine ray --workers 1,2`` also runs the Ray engine (sparsefinder.distributed) on a local
+Ray with each worker count, in the same run, on the same texts and shard size, against the
+single-process path with the same torch thread count as one Ray worker (so the stores are
+bit-identical, which is checked): sentences/s and tokens/s of each, and Ray's overhead at one
+worker (end to end: both include loading the model; starting Ray itself is not counted).
+Timings on a shared machine are noisy; run it twice.
+
     .venv/bin/python bench/extract.py [--split validation] [--batch-size 32] [--limit N] [--device auto]
+    .venv/bin/python bench/extract.py --engine ray --workers 1,2 --limit 256 --shard-size 32 [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -40,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--out", default=None, help="keep the store in this directory (default: a removed temp dir)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--engine", default="local", choices=["local", "ray"], help="ray: compare with the Ray engine")
+    p.add_argument("--workers", default="1,2", help="--engine ray: comma-separated worker counts")
+    p.add_argument("--json", action="store_true", help="--engine ray: print the figures as one JSON object")
     args = p.parse_args(argv)
+    if args.engine == "ray":
+        return bench_ray(args)
 
     corpus = default_corpus(None if args.split == "all" else args.split)
     texts = corpus.texts()[: args.limit] if args.limit else corpus.texts()
@@ -90,6 +104,91 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def bench_ray(args: argparse.Namespace) -> int:
+    from sparsefinder.distributed.cluster import connect
+    from sparsefinder.distributed.ray_extract import extract_corpus_ray
+
+    workers = [int(w) for w in args.workers.split(",")]
+    corpus = default_corpus(None if args.split == "all" else args.split)
+    texts = corpus.texts()[: args.limit] if args.limit else corpus.texts()
+    ray, _ = connect(None, num_cpus=os.cpu_count())  # workers import the driver's sparsefinder
+    tmp = Path(tempfile.mkdtemp(prefix="sparsefinder-bench-"))
+    rows = []
+    try:
+        # One torch thread, as one Ray worker of under one CPU runs with: the same bytes, a fair comparison.
+        torch.set_num_threads(1)
+        t = time.perf_counter()
+        model = load_default_model(args.device)
+        t_load = time.perf_counter()
+        extract_corpus(model, texts, tmp / "single", batch_size=args.batch_size, dtype=args.dtype,
+                       shard_size=args.shard_size, progress=not args.no_progress)
+        single = time.perf_counter() - t
+        local_extract_s = time.perf_counter() - t_load
+        store = ExtractionStore.open(tmp / "single")
+        tokens, name = store.num_tokens, model.name
+        size = sum(f.stat().st_size for f in (tmp / "single").iterdir())
+        rows.append({"engine": "local", "workers": 1, "seconds": single,
+                     "startup_seconds": round(single - local_extract_s, 2),
+                     "steady_sentences_per_s": round(len(texts) / local_extract_s, 2)})
+        for w in workers:
+            t = time.perf_counter()
+            out = extract_corpus_ray(name, texts, tmp / f"ray{w}", device=args.device, batch_size=args.batch_size,
+                                     dtype=args.dtype, shard_size=args.shard_size, workers=w,
+                                     progress=not args.no_progress)
+            wall = time.perf_counter() - t
+            engine = json.loads((out / "manifest.json").read_text())["settings"]["engine"]
+            # Steady state: the workers' own time on their shards (model loaded, actors up), shared by w workers.
+            busy = engine["worker_seconds"] / w
+            steady = len(texts) / busy if busy > 0 else None
+            same = [e["sha256"] for e in json.loads((out / "manifest.json").read_text())["shards"]] == \
+                [e["sha256"] for e in store.manifest["shards"]]
+            rows.append({"engine": "ray", "workers": w, "seconds": wall, "identical_to_local": same,
+                         "steady_sentences_per_s": None if steady is None else round(steady, 2),
+                         "startup_seconds": round(wall - busy, 2)})
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    for r in rows:
+        r["sentences_per_s"] = round(len(texts) / r["seconds"], 2)
+        r["tokens_per_s"] = round(tokens / r["seconds"], 1)
+        r["seconds"] = round(r["seconds"], 2)
+    one = next((r for r in rows if r["engine"] == "ray" and r["workers"] == 1), None)
+    local_rate = rows[0]["steady_sentences_per_s"]
+    steady_overhead = None
+    if one is not None and one["steady_sentences_per_s"]:
+        steady_overhead = round(local_rate / one["steady_sentences_per_s"] - 1, 3)
+    result = {
+        "model": name, "sentences": len(texts), "tokens": tokens, "shard_size": args.shard_size,
+        "batch_size": args.batch_size, "device": args.device, "cpus": os.cpu_count(), "torch_threads_per_worker": 1,
+        "bytes_on_disk": size, "bytes_per_sentence": round(size / len(texts)),
+        "local_seconds_per_sentence": round(1 / local_rate, 4),
+        "ray_overhead_1_worker": None if one is None else round(one["seconds"] / rows[0]["seconds"] - 1, 3),
+        "ray_steady_overhead_1_worker": steady_overhead,
+        "runs": rows,
+        "note": "seconds: end to end, model loading included; steady: the workers' time writing shards, "
+                "divided among them (local: extraction without loading the model); the rest of Ray's wall time is "
+                "startup_seconds; shared machine, noisy",
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"model {name}; {len(texts)} sentences, {tokens} tokens; shard size {args.shard_size}, batch "
+          f"{args.batch_size}; {os.cpu_count()} CPUs; 1 torch thread per worker")
+    print(f"{'engine':8s} {'workers':>7s} {'seconds':>8s} {'sent/s':>8s} {'tokens/s':>9s} {'startup s':>9s} "
+          f"{'steady sent/s':>13s}  identical")
+    for r in rows:
+        print(f"{r['engine']:8s} {r['workers']:7d} {r['seconds']:8.2f} {r['sentences_per_s']:8.2f} "
+              f"{r['tokens_per_s']:9.1f} {r.get('startup_seconds', '-'):>9} {r.get('steady_sentences_per_s', '-'):>13}"
+              f"  {r.get('identical_to_local', '-')}")
+    if one is not None:
+        print(f"ray overhead at 1 worker: {100 * result['ray_overhead_1_worker']:+.1f}% end to end, "
+              + (f"{100 * steady_overhead:+.1f}% in the steady state" if steady_overhead is not None else "")
+              + " (goal <= 15%)")
+    print(f"store: {size:,} bytes, {result['bytes_per_sentence']:,} B/sentence; local "
+          f"{result['local_seconds_per_sentence']} s/sentence (noisy: the machine is shared)")
     return 0
 
 

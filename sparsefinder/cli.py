@@ -131,10 +131,25 @@ def cmd_extract(args) -> int:
 
     corpus = _load_corpus(args)
     texts = corpus.texts()[: args.limit] if args.limit else corpus.texts()
+    if args.engine == "ray":
+        from sparsefinder.distributed.ray_extract import extract_corpus_ray
+
+        out = extract_corpus_ray(
+            args.model, texts, Path(args.out), alpha=args.alpha, device=args.device, batch_size=args.batch_size,
+            shard_size=args.shard_size, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+            gpus_per_worker=args.gpus_per_worker, address=args.address, corpus_name=corpus.name, split=args.split,
+            overwrite=args.overwrite, resume=args.resume,
+        )
+        print(f"wrote {len(texts)} sentences of {corpus.name} to {out}")
+        return 0
+    if args.resume:
+        raise ValueError("--resume continues an interrupted --engine ray extraction; the local engine restarts "
+                         "(--overwrite)")
     model = load_model(args.model, alpha=args.alpha, device=args.device)
     out = extract_corpus(
         model, texts, Path(args.out), batch_size=args.batch_size, progress=True,
         corpus_name=corpus.name, split=args.split, overwrite=args.overwrite,
+        **({"shard_size": args.shard_size} if args.shard_size else {}),
     )
     print(f"wrote {len(texts)} sentences of {corpus.name} to {out}")
     return 0
@@ -226,8 +241,15 @@ def cmd_sweep(args) -> int:
             from sparsefinder.corpora.annotate import CombinedContext
 
             context = CombinedContext(context, TokenContext())
-    frame = run_sweep(store, projections, methods=methods, fitted=fitted, batch_size=args.batch_size,
-                      progress=True, seed=args.seed, threads=args.threads, context=context)
+    if args.engine == "ray":
+        from sparsefinder.distributed.ray_sweep import run_sweep_ray
+
+        frame = run_sweep_ray(args.store, projections, methods=methods, fitted=fitted, batch_size=args.batch_size,
+                              seed=args.seed, context=context, threads=args.threads or 1, address=args.address,
+                              workers=args.workers, cpus_per_task=args.cpus_per_worker)
+    else:
+        frame = run_sweep(store, projections, methods=methods, fitted=fitted, batch_size=args.batch_size,
+                          progress=True, seed=args.seed, threads=args.threads, context=context)
     path = save_sweep(frame, args.out)
     skipped = frame.attrs.get("sweep", {}).get("skipped")
     if skipped:
@@ -358,11 +380,18 @@ def cmd_curves(args) -> int:
 
     grids = {m: ap.thin_grid(REGISTRY[m].grid(), args.points) for m in methods if m in REGISTRY}
     print(f"{len(texts)} sentences of {corpus.name}; methods {methods}; layers {args.layers}")
-    frame = ap.sparsity_accuracy_curve(
-        model, texts, methods, grids, layers=args.layers.split(";") if ";" in args.layers else
-        args.layers.split(","), artifacts=found.for_method, learned=learned,
-        batch_size=args.batch_size, seed=args.seed, progress=True,
-    )
+    layers = args.layers.split(";") if ";" in args.layers else args.layers.split(",")
+    if args.engine == "ray":
+        from sparsefinder.distributed.ray_sweep import curves_ray
+
+        frame = curves_ray(args.model, texts, methods, grids, layers=layers, artifacts=found.for_method,
+                           learned=learned, batch_size=args.batch_size, seed=args.seed, alpha=args.alpha,
+                           device=args.device, task=args.task, threads=args.threads or 1, address=args.address,
+                           cpus_per_task=args.cpus_per_worker, gpus_per_task=args.gpus_per_worker)
+    else:
+        frame = ap.sparsity_accuracy_curve(model, texts, methods, grids, layers=layers, artifacts=found.for_method,
+                                           learned=learned, batch_size=args.batch_size, seed=args.seed,
+                                           progress=True)
     manifest = {"arguments": {k: v for k, v in vars(args).items() if k != "func"}, "corpus": corpus.name,
                 "split": args.split}
     path = ap.save_curves(frame, args.out, manifest)
@@ -434,6 +463,39 @@ def artifact_args(sp: argparse.ArgumentParser, *flags: str, required: tuple[str,
         sp.add_argument(flag, required=flag in required, default=None, help=helps.get(key, _ARTIFACT_HELP[key]))
 
 
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return n
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = -1.0
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value!r}")
+    return x
+
+
+def engine_args(sp: argparse.ArgumentParser) -> None:
+    """``--engine local|ray`` and the Ray cluster's flags (sparsefinder.distributed; docs/cluster.md)."""
+    sp.add_argument("--engine", default="local", choices=["local", "ray"],
+                    help="local (default): this process; ray: Ray workers (pip install 'sparsefinder[ray]')")
+    sp.add_argument("--address", default=None,
+                    help="--engine ray: 'auto' (this machine's cluster), ray://HOST:10001, default a local Ray")
+    sp.add_argument("--workers", type=_positive, default=1, help="--engine ray: parallel workers")
+    sp.add_argument("--cpus-per-worker", type=_fraction, default=None,
+                    help="--engine ray: CPUs each worker holds (default: a share that leaves Ray Data room)")
+    sp.add_argument("--gpus-per-worker", type=_fraction, default=None,
+                    help="--engine ray: GPUs each worker holds (default 1 where the cluster has GPUs, else 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsefinder", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -475,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--limit", type=int, default=None, help="only the first N sentences")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing extraction in --out")
+    sp.add_argument("--shard-size", type=_positive, default=None, help="sentences per shard (default 1024)")
+    sp.add_argument("--resume", action="store_true", help="--engine ray: continue an interrupted extraction in --out")
+    engine_args(sp)
     model_args(sp)
     sp.set_defaults(func=cmd_extract)
 
@@ -520,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="context of the syntax and lexical masks: 'spacy' parses the texts with spaCy and takes "
                          "the input embeddings of the store's model; 'none' skips both masks")
     figures.add_figure_args(sp, "the overall Pareto figure")
+    engine_args(sp)
     sp.set_defaults(func=cmd_sweep)
 
     sp = sub.add_parser("interpret", help="POS tags per k-means cluster, gold-edge distances and POS pairs per head")
@@ -573,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--plot", default=None, help="output HTML plot (default: --out with .html)")
     sp.add_argument("--png", default=None, help="also save the plot as this PNG (as --figure FILE.png)")
     figures.add_figure_args(sp, "the plot")
+    engine_args(sp)
     sp.set_defaults(func=cmd_curves)
     model_args(sp)
 

@@ -138,6 +138,13 @@ class SyntaxContext:
         self._cache: dict[int, tuple[list[int], list[int | None]]] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to other processes (Ray sweep tasks) with its parses, without the lock.
+        return {**self.__dict__, "_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
     def _check_corpus(self, corpus: Corpus) -> None:
         # Wrong trees would score silently, so refuse a corpus that is not the store's, up front.
         texts = self.store.texts()

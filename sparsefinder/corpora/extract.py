@@ -91,10 +91,22 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
     ]
     others = [p for p in out.iterdir() if p not in ours]
     if (ours or others) and not overwrite:
+        if _interrupted(out):
+            raise FileExistsError(f"{out} holds an interrupted extraction (incomplete manifest); pass "
+                                  "overwrite=True (--overwrite) to start over, or continue it with "
+                                  "--engine ray --resume")
         raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace a previous extraction there")
     # Only our own files are removed, never whatever else a user keeps in the folder.
     for p in ours:
         p.unlink()
+
+
+def _interrupted(out: Path) -> bool:
+    try:
+        manifest = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("complete") is False
 
 
 def extract_corpus(
@@ -140,9 +152,54 @@ def extract_corpus(
     _prepare_dir(out, overwrite)
 
     t0 = time.perf_counter()
+    manifest = new_manifest(model, dtype_name, corpus_name, split, batch_size, shard_size, metadata)
+    head_dim = manifest["head_dim"]
+    write_json_atomic(out / MANIFEST_FILE, manifest)
+
+    bar = tqdm(total=total, unit="sent", desc=f"extract {model.name}", disable=not progress, dynamic_ncols=True)
+    if callback is not None:
+        bar = _CallbackBar(bar, callback, total)
+    batch_no = 0
+    try:
+        while window:
+            k = len(manifest["shards"])
+            entry, batch_no = _write_shard(
+                model, window, out, k, manifest["num_sentences"], batch_no, batch_size, np_dtype, head_dim, bar
+            )
+            manifest["shards"].append(entry)
+            manifest["num_sentences"] += entry["num_sentences"]
+            manifest["num_tokens"] += entry["num_tokens"]
+            manifest["truncated"] += entry.pop("_truncated")
+            write_json_atomic(out / MANIFEST_FILE, manifest)
+            bar.set_postfix(tokens=manifest["num_tokens"])
+            window = list(islice(it, shard_size))
+    finally:
+        bar.close()
+    if manifest["truncated"]:
+        warnings.warn(
+            f"{manifest['truncated']} text(s) longer than the model's maximum of {model.max_length} tokens were "
+            "truncated (flagged per sentence in the store)",
+            TruncationWarning,
+            stacklevel=2,
+        )
+    manifest["complete"] = True
+    manifest["settings"]["elapsed_s"] = round(time.perf_counter() - t0, 3)
+    write_json_atomic(out / MANIFEST_FILE, manifest)
+    return out
+
+
+def new_manifest(
+    model: EntmaxModel, dtype_name: str, corpus_name: str, split: str, batch_size: int, shard_size: int,
+    metadata: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The manifest of a store about to be written (``complete`` false, no shards yet).
+
+    Shared by every engine that writes stores (here and :mod:`sparsefinder.distributed`), so that
+    they describe the same extraction with the same fields.
+    """
     probe = model.extract(["a"], keep_probs=False)  # the head size, whatever the config calls it
     head_dim = int(probe.queries[0].shape[-1])
-    manifest: dict[str, Any] = {
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "complete": False,
@@ -177,38 +234,6 @@ def extract_corpus(
         },
         "metadata": dict(metadata or {}),
     }
-    write_json_atomic(out / MANIFEST_FILE, manifest)
-
-    bar = tqdm(total=total, unit="sent", desc=f"extract {model.name}", disable=not progress, dynamic_ncols=True)
-    if callback is not None:
-        bar = _CallbackBar(bar, callback, total)
-    batch_no = 0
-    try:
-        while window:
-            k = len(manifest["shards"])
-            entry, batch_no = _write_shard(
-                model, window, out, k, manifest["num_sentences"], batch_no, batch_size, np_dtype, head_dim, bar
-            )
-            manifest["shards"].append(entry)
-            manifest["num_sentences"] += entry["num_sentences"]
-            manifest["num_tokens"] += entry["num_tokens"]
-            manifest["truncated"] += entry.pop("_truncated")
-            write_json_atomic(out / MANIFEST_FILE, manifest)
-            bar.set_postfix(tokens=manifest["num_tokens"])
-            window = list(islice(it, shard_size))
-    finally:
-        bar.close()
-    if manifest["truncated"]:
-        warnings.warn(
-            f"{manifest['truncated']} text(s) longer than the model's maximum of {model.max_length} tokens were "
-            "truncated (flagged per sentence in the store)",
-            TruncationWarning,
-            stacklevel=2,
-        )
-    manifest["complete"] = True
-    manifest["settings"]["elapsed_s"] = round(time.perf_counter() - t0, 3)
-    write_json_atomic(out / MANIFEST_FILE, manifest)
-    return out
 
 
 class _CallbackBar:

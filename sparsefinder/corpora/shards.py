@@ -44,7 +44,8 @@ limit padding, and records which forward pass produced each sentence in
   ``bytes``/``sha256`` are the shard file's size and SHA-256 hex digest.
 - provenance: ``sparsefinder_version``, ``created`` (ISO 8601 UTC),
   ``settings`` (batch size, shard size, device, torch threads, sorting,
-  elapsed seconds), ``metadata`` (free-form, e.g. the corpus source).
+  elapsed seconds; for a Ray run also ``engine``: workers, resources and the
+  fingerprint of the plan that ``--resume`` checks), ``metadata`` (free-form, e.g. the corpus source).
 
 Each ``shard-NNNNN.safetensors`` is a standard safetensors file (8-byte
 little-endian header length, JSON header, raw little-endian C-order data;
@@ -205,6 +206,13 @@ class Shard:
         self.manifest = manifest
         self._arrays: dict[str, np.ndarray] | None = None
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled (e.g. sent to a Ray worker) as its location only: the maps are reopened where it lands.
+        return {**self.__dict__, "_arrays": None, "_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:

@@ -164,6 +164,14 @@ class ExtractionStore:
         self._strings: OrderedDict[int, dict[str, list]] = OrderedDict()
         self._strings_lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A context holding a store can go to another process (a Ray task): the path and manifest
+        # travel, the caches and the lock do not; shards reopen their maps on first use.
+        return {**self.__dict__, "_strings": OrderedDict(), "_strings_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _strings_lock=threading.Lock())
+
     # -- opening and validation ------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike[str], verify: bool = False) -> ExtractionStore:
