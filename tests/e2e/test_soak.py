@@ -241,7 +241,7 @@ class Session:
 
     async def navigate(self, title: str) -> None:
         await self.idle()
-        await self.page.get_by_role("link", name=title).click()
+        await self.page.get_by_role("link", name=title, exact=True).click()
 
     # -- Explore --
     def head_title(self) -> str:
