@@ -8,6 +8,7 @@ import sys
 
 from sparsefinder import cli_figures as figures
 from sparsefinder.cli_commands import (  # the parser looks them up here, so a test can patch them
+    cmd_compare_models,
     cmd_curves,
     cmd_distill,
     cmd_extract,
@@ -131,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_figure_args(sp, "the layers × heads gold sparsity, or one head with --layer/--head,")
     model_args(sp)
     sp.set_defaults(func=cmd_gold)
+
+    sp = sub.add_parser("compare-models", help="two models or two alphas: per-head gold sparsity and the "
+                                               "Jaccard overlap of their gold graphs")
+    sp.add_argument("text", nargs="?", help="text, one item per line (default: standard input)")
+    sp.add_argument("--a", default=None, help="model A: registered name or model directory (default: the default)")
+    sp.add_argument("--b", default=None, help="model B (default: model A, at --alpha-b)")
+    sp.add_argument("--alpha-a", type=_alpha, default=None, help="alpha of A (default: its own)")
+    sp.add_argument("--alpha-b", type=_alpha, default=None, help="alpha of B (default: its own)")
+    sp.add_argument("--store-a", default=None, help="corpus level: a store of model A (sparsefinder extract)")
+    sp.add_argument("--store-b", default=None, help="corpus level: a store of the same corpus by model B")
+    sp.add_argument("--device", type=_device, default="auto")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_compare_models)
 
     sp = sub.add_parser("extract", help="extract queries, keys and gold graphs of a corpus to disk")
     sp.add_argument("--corpus", default="default", help="'default' (Lee news) or a .txt/.csv/.tsv/.conllu file")

@@ -97,6 +97,38 @@ def cmd_gold(args) -> int:
     return 0
 
 
+def cmd_compare_models(args) -> int:
+    """Per-head gold sparsity of two models (or two alphas) and the Jaccard overlap of their gold graphs."""
+    from sparsefinder.evaluation.compare_models import compare_extractions, compare_stores
+
+    if args.store_a or args.store_b:
+        if not (args.store_a and args.store_b) or args.text:
+            raise ValueError("give a text, or both --store-a and --store-b (two stores of one corpus)")
+        from sparsefinder.corpora.store import ExtractionStore
+
+        frame = compare_stores(ExtractionStore.open(args.store_a), ExtractionStore.open(args.store_b))
+    else:
+        from sparsefinder.model.catalogue import default_model_name
+        from sparsefinder.model.entmax_model import load_model
+
+        args.a = args.a or default_model_name()
+        text = args.text if args.text is not None else sys.stdin.read()
+        texts = [t for t in text.splitlines() if t.strip()]
+        if not texts:
+            raise ValueError("no text given")
+        a = load_model(args.a, alpha=args.alpha_a, device=args.device)
+        b = load_model(args.b or args.a, alpha=args.alpha_b, device=args.device)
+        frame = compare_extractions(a.extract(texts), b.extract(texts))
+    if args.json:
+        print(frame.to_json(orient="records", double_precision=15))
+        return 0
+    means = frame[["sparsity_a", "sparsity_b", "jaccard"]].mean()
+    print(f"mean over heads: gold sparsity A {means['sparsity_a']:.4f}  B {means['sparsity_b']:.4f}  "
+          f"Jaccard {means['jaccard']:.4f}")
+    print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
 def cmd_extract(args) -> int:
     from sparsefinder.corpora.extract import extract_corpus
     from sparsefinder.model.entmax_model import load_model

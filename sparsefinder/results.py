@@ -429,12 +429,33 @@ def default_params(method: str, options: list[str]) -> str:
 SWEEP_MAX_POINTS = 5000
 
 
+RAY_ADDRESS_ENV = "SPARSEFINDER_RAY_ADDRESS"
+RAY_WORKERS_ENV = "SPARSEFINDER_RAY_WORKERS"
+
+
+def ray_engine() -> tuple[str, int] | None:
+    """``(address, workers)`` when the app is pointed at a Ray cluster (``$SPARSEFINDER_RAY_ADDRESS``:
+    ``auto``, ``ray://host:10001``, or ``local`` for a Ray on this machine), else None."""
+    address = os.environ.get(RAY_ADDRESS_ENV, "").strip()
+    if not address:
+        return None
+    try:
+        workers = int(os.environ.get(RAY_WORKERS_ENV, "1"))
+    except ValueError:
+        raise ValueError(f"{RAY_WORKERS_ENV} must be a whole number, got {os.environ[RAY_WORKERS_ENV]!r}") from None
+    if workers < 1:
+        raise ValueError(f"{RAY_WORKERS_ENV} must be >= 1, got {workers}")
+    return address, workers
+
+
 def extract_result(model: EntmaxModel, texts: list[str], out: Path, corpus_name: str = "",
                    callback: Callable[[int, int | None], None] | None = None) -> Path:
     """Extract ``texts`` into ``out/store``, replacing the whole result.
 
     A new store replaces the projections, fitted predictors and sweep too: those of
-    an old store no longer describe it.
+    an old store no longer describe it. When :func:`ray_engine` names a cluster, the
+    catalogued model runs there (:func:`~sparsefinder.distributed.ray_extract.extract_corpus_ray`,
+    the same store), ``callback`` counting the sentences of the shards done.
     """
     import shutil
 
@@ -442,9 +463,19 @@ def extract_result(model: EntmaxModel, texts: list[str], out: Path, corpus_name:
 
     if out.exists():
         shutil.rmtree(out)
+    split = "validation" if "validation" in str(corpus_name) else ""
+    engine = ray_engine()
+    if engine is not None:
+        from sparsefinder.distributed.ray_extract import extract_corpus_ray
+
+        address, workers = engine
+        extract_corpus_ray(model.name, texts, out / "store", alpha=model.alpha, device="auto",
+                           batch_size=32, workers=workers, address=None if address == "local" else address,
+                           corpus_name=str(corpus_name), split=split, overwrite=True, progress=False,
+                           callback=callback)
+        return out / "store"
     extract_corpus(model, texts, out / "store", batch_size=32, progress=False, corpus_name=str(corpus_name),
-                   split="validation" if "validation" in str(corpus_name) else "", overwrite=True,
-                   callback=callback)
+                   split=split, overwrite=True, callback=callback)
     return out / "store"
 
 

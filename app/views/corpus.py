@@ -73,14 +73,16 @@ def run_extract(name: str, corpus, out) -> None:
         st.error(f"Could not load model **{name}**: {outcome.error}")
         return
     texts = corpus.texts()[: state.MAX_EXTRACT_SENTENCES]
-    bar = st.progress(0.0, text=f"Extracting {len(texts):,} sentences…")
+    engine = rs.ray_engine()
+    where = "" if engine is None else f" on the Ray cluster at {engine[0]} ({engine[1]} workers)"
+    bar = st.progress(0.0, text=f"Extracting {len(texts):,} sentences{where}…")
 
     def report(done: int, total: int | None) -> None:
         total = total or len(texts)
         bar.progress(min(1.0, done / total), text=f"Extracted {done:,} of {total:,} sentences")
 
     store = rs.extract_result(outcome.model, texts, out, corpus_name=str(corpus.name), callback=report)
-    bar.progress(1.0, text=f"Extracted {len(texts):,} sentences")
+    bar.progress(1.0, text=f"Extracted {len(texts):,} sentences{where}")
     st.success(f"Saved the store to `{store}`.")
 
 

@@ -71,11 +71,15 @@ class _ShardWriter:
     """A Ray Data actor: one model replica, writing the shards it is given."""
 
     def __init__(self, model: str, alpha: Any, device: str, out: str, batch_size: int, dtype: str,
-                 head_dim: int, batches_per_shard: int, threads: int | None, fail_once: str | None) -> None:
+                 head_dim: int, batches_per_shard: int, threads: int | None, fail_once: str | None,
+                 catalogue: str | None = None) -> None:
         import torch
 
+        from sparsefinder.model.catalogue import CATALOGUE_ENV
         from sparsefinder.model.entmax_model import load_model
 
+        if catalogue:  # the driver's own catalogue, so a model added there loads by name here too
+            os.environ[CATALOGUE_ENV] = catalogue
         if threads:
             torch.set_num_threads(threads)
         self.model = load_model(model, alpha=alpha, device=device)
@@ -301,6 +305,8 @@ def _run(ray: Any, todo: list[tuple[int, int, list[str]]], *, model: str, alpha:
         return
     from ray.data import ActorPoolStrategy, DataContext
 
+    from sparsefinder.model.catalogue import user_catalogue_path
+
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI's one bar counts sentences over the whole job
     # A lost worker is always retried; of the errors a shard's code raises, only I/O (a shared
@@ -315,7 +321,7 @@ def _run(ray: Any, todo: list[tuple[int, int, list[str]]], *, model: str, alpha:
             fn_constructor_kwargs=dict(
                 model=model, alpha=alpha, device=device, out=str(out.resolve()), batch_size=batch_size,
                 dtype=dtype, head_dim=head_dim, batches_per_shard=math.ceil(shard_size / batch_size),
-                threads=threads, fail_once=fail_once,
+                threads=threads, fail_once=fail_once, catalogue=str(user_catalogue_path()),
             ),
             batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=min(workers, len(items))),
             num_cpus=cpus, num_gpus=gpus or None, max_restarts=max_retries, max_task_retries=max_retries,

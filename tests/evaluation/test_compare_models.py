@@ -91,3 +91,18 @@ def test_jaccard_is_symmetric_bounded_and_one_on_itself(seed, causal, window):
     assert bool((ab["both"] <= ab["either"]).all()) and bool((ab["either"] <= ab["pairs"]).all())
     assert torch.equal(aa["both"], aa["either"])
     assert torch.equal(ab["either"], ab["edges_a"] + ab["edges_b"] - ab["both"])
+
+
+def test_cli_compare_models_prints_the_library_numbers(two_alphas, tiny_model_dir, capsys, tmp_path):
+    import json
+
+    from sparsefinder.cli import main
+
+    path = str(tiny_model_dir(two_alphas[0].causal and "gpt2" or "bert"))
+    assert main(["compare-models", "--a", path, "--alpha-a", "1.5", "--alpha-b", "2", "--json", "--device", "cpu",
+                 "\n".join(TEXTS)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    want = compare_extractions(*(m.extract(TEXTS) for m in two_alphas))
+    np.testing.assert_allclose([r["jaccard"] for r in rows], want["jaccard"].to_numpy(), rtol=0, atol=1e-12)
+    assert main(["compare-models", "--store-a", str(tmp_path)]) == 2
+    assert "both --store-a and --store-b" in capsys.readouterr().err
