@@ -32,14 +32,15 @@ def load_source():
             st.error(f"Could not load the default corpus: {type(e).__name__}: {e}")
             return None, None
     st.caption(
-        f"Plain text (one sentence per line), CSV/TSV with a header row, or CoNLL-U; UTF-8; at most "
+        f"Plain text (one sentence per line), CSV/TSV with a header row, CoNLL-U, or Parquet with a text "
+        f"column; UTF-8; at most "
         f"{MAX_UPLOAD_MIB} MiB. Extraction uses the first {state.MAX_EXTRACT_SENTENCES:,} sentences."
     )
-    upload = st.file_uploader("Corpus file", type=["txt", "csv", "tsv", "conllu"], key="corpus_upload",
+    upload = st.file_uploader("Corpus file", type=["txt", "csv", "tsv", "conllu", "parquet"], key="corpus_upload",
                               max_upload_size=MAX_UPLOAD_MIB,
                               help=f"At most {MAX_UPLOAD_MIB} MiB ({MAX_BYTES:,} bytes), UTF-8.")
     column = "text"
-    if upload is not None and upload.name.lower().endswith((".csv", ".tsv")):
+    if upload is not None and upload.name.lower().endswith((".csv", ".tsv", ".parquet")):
         column = st.text_input("Text column", value="text", key="corpus_column").strip() or "text"
     if upload is None:
         st.info("Upload a file to see its sentences.")

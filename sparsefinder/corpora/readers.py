@@ -259,12 +259,51 @@ def read_conllu(src: Source, name: str | None = None) -> Corpus:
     return Corpus(name, out.done(), f"{where}, CoNLL-U")
 
 
+def read_parquet(src: Source, column: str = "text", name: str | None = None) -> Corpus:
+    """One sentence per row from the string ``column`` of a Parquet file (exact name, else ignoring case).
+
+    Read from bytes held in memory (the same size cap as every reader), so a damaged file is
+    a :class:`CorpusError` naming it, never a crash in the Parquet library; null and empty
+    cells are skipped, and a row is named by its 1-based number.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data, name = _load(src, name)
+    where = "upload" if isinstance(src, bytes | bytearray | memoryview) else f"file {os.fspath(src)}"
+    try:
+        table = pq.read_table(pa.BufferReader(bytes(data)))
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise CorpusError(f"{name}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    names = table.column_names
+    found = [n for n in names if n == column] or [n for n in names if n.strip().casefold() == column.casefold()]
+    if len(found) != 1:
+        what = "appears more than once" if found else "is missing"
+        raise CorpusError(f"{name}: column {column!r} {what} in the Parquet schema; columns: "
+                          f"{', '.join(repr(n) for n in names)}")
+    values = table.column(found[0])
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        raise CorpusError(f"{name}: column {found[0]!r} holds {values.type}, not text")
+    try:
+        cells = values.to_pylist()
+    except (pa.ArrowException, UnicodeDecodeError, OSError, ValueError) as e:  # a damaged page or non-UTF-8
+        raise CorpusError(f"{name}: column {found[0]!r} is not readable text ({str(e).splitlines()[0]})") from None
+    out = _Collector(name)
+    for row, cell in enumerate(cells, start=1):
+        cell = (cell or "").strip()
+        if "\x00" in cell:
+            raise CorpusError(f"{name}: row {row}: text contains NUL characters")
+        if cell:
+            out.add(Sentence(cell), row)
+    return Corpus(name, out.done(), f"{where}, Parquet column {found[0]!r}")
+
+
 _READERS = {".txt": "text", ".text": "text", ".csv": "csv", ".tsv": "csv", ".tab": "csv",
-            ".conllu": "conllu", ".conll": "conllu"}
+            ".conllu": "conllu", ".conll": "conllu", ".parquet": "parquet"}
 
 
 def read_corpus(src: Source, filename: str | None = None) -> Corpus:
-    """Read ``src`` with the reader its extension calls for (.txt, .csv, .tsv, .conllu, .conll).
+    """Read ``src`` with the reader its extension calls for (.txt, .csv, .tsv, .conllu, .conll, .parquet).
 
     ``filename`` names an upload given as bytes and decides its format; for a
     path it defaults to the path's file name.
@@ -281,6 +320,8 @@ def read_corpus(src: Source, filename: str | None = None) -> Corpus:
         return read_csv(src, name=filename)
     if kind == "conllu":
         return read_conllu(src, name=filename)
+    if kind == "parquet":
+        return read_parquet(src, name=filename)
     supported = ", ".join(sorted(set(_READERS)))
     raise CorpusError(f"{filename}: unsupported file type {suffix or '(no extension)'!r}; supported: {supported}")
 

@@ -17,6 +17,7 @@ from sparsefinder.corpora.readers import (
     corpus_stats,
     read_corpus,
     read_csv,
+    read_parquet,
 )
 
 
@@ -31,7 +32,7 @@ class ParsedUpload:
 
 
 def read_upload(data: bytes, filename: str, column: str = "text") -> ParsedUpload:
-    """Read an uploaded file (txt, csv, tsv, conllu) of at most ``MAX_BYTES``; ``column`` names a table's text.
+    """Read an uploaded file (txt, csv, tsv, conllu, parquet) of at most ``MAX_BYTES``; ``column`` names a table's text.
 
     An error names the file once, at its start (``"name: line 3: ..."``), so a page can show it as it is.
     """
@@ -39,8 +40,11 @@ def read_upload(data: bytes, filename: str, column: str = "text") -> ParsedUploa
         return ParsedUpload(None, None, f"{filename}: {len(data):,} bytes, more than the limit of "
                                         f"{MAX_BYTES:,} bytes ({MAX_UPLOAD_MIB} MiB)")
     try:
-        if Path(filename).suffix.lower() in (".csv", ".tsv", ".tab"):
+        suffix = Path(filename).suffix.lower()
+        if suffix in (".csv", ".tsv", ".tab"):
             corpus = read_csv(data, column=column or "text", name=filename)
+        elif suffix == ".parquet":
+            corpus = read_parquet(data, column=column or "text", name=filename)
         else:
             corpus = read_corpus(data, filename)
     except CorpusError as e:
