@@ -288,16 +288,21 @@ def test_pareto_page_and_point_click(server, page, lib):
     _assert_clean_log()
 
 
+def wait_for_charts(pg, count: int, seconds: float = 120) -> None:
+    """Until the page shows at least ``count`` Plotly charts (they are drawn one after another)."""
+    charts = pg.locator('[data-testid="stPlotlyChart"]')
+    deadline = time.monotonic() + seconds
+    while charts.count() < count and time.monotonic() < deadline:
+        pg.wait_for_timeout(300)
+    assert charts.count() >= count
+
+
 def test_compare_page(server, page, lib):
     model, _ = lib
     page.goto(f"{server}/compare?model={model.name}")
     page.get_by_text("Layer 0, head 0").first.wait_for()
     wait_idle(page)
-    charts = page.locator('[data-testid="stPlotlyChart"]')
-    deadline = time.monotonic() + 120
-    while charts.count() < 4 and time.monotonic() < deadline:
-        page.wait_for_timeout(300)
-    assert charts.count() >= 4
+    wait_for_charts(page, 4)
     screenshot(page, "compare.png", height=2600, doc="dashboard-compare.png")
     _assert_clean_log()
 
@@ -308,11 +313,7 @@ def test_compare_models_page(server, page, lib):
     page.goto(f"{server}/models?model={model.name}")
     page.get_by_text("Jaccard overlap").first.wait_for(timeout=240_000)
     wait_idle(page)
-    charts = page.locator('[data-testid="stPlotlyChart"]')
-    deadline = time.monotonic() + 120
-    while charts.count() < 5 and time.monotonic() < deadline:
-        page.wait_for_timeout(300)
-    assert charts.count() >= 5
+    wait_for_charts(page, 5)
     assert page.get_by_text("minilm-entmax15-untuned").count() >= 1
     screenshot(page, "models.png", height=2600, doc="dashboard-models.png")
     _assert_clean_log()
