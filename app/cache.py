@@ -111,7 +111,7 @@ def model_at(name: str, alpha: float | None) -> LoadOutcome:
     specs = load_registry()
     if name not in specs:
         return LoadOutcome(None, f"unknown model {name!r}")
-    if alpha is None or (spec_alpha := specs[name].alpha) is not None and alpha_key(spec_alpha) == alpha_key(alpha):
+    if alpha is None or alpha_key(alpha) == alpha_key(specs[name].alpha):
         return get_model(name)
     return _load_at(name, model_version(specs[name]), float(alpha))
 

@@ -84,7 +84,7 @@ def head_figure(ex, layer: int, head: int, sentence: int = 0, prediction=None) -
     allowed = allowed_pairs(ex, sentence, layer)
     pred = None
     if prediction is not None:
-        pred = prediction.edges(sentence, layer, probs.shape[0])[head] & allowed
+        pred = prediction.edges(sentence, layer, probs.shape[0])[head]
         title = f"Layer {layer}, head {head}: entmax probabilities and the predicted graph"
     return attention_heatmap(probs, list(ex.tokens[sentence]), title=title, pred=pred, allowed=allowed)
 

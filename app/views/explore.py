@@ -214,8 +214,6 @@ def head_section(name, version, alpha, key, texts, b, grid, tokens, num_layers, 
             cols = st.columns(4)
             for col, m in zip(cols, ("recall", "precision", "sparsity", "exact"), strict=True):
                 col.metric(m.capitalize(), f"{prediction.metrics[m][b, layer, head]:.4f}")
-    if pred is not None:
-        pred = pred & allowed  # forbidden pairs are not scored, so not drawn
     fig = attention_heatmap(probs, list(tokens), title=title, pred=pred, allowed=allowed)
     st.plotly_chart(fig, key="head_heatmap")
     state.download_figure(fig, f"head-{name}-L{layer}H{head}", key="head_html")

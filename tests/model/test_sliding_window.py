@@ -146,3 +146,21 @@ def test_a_predicted_graph_of_another_window_is_refused(tiny_model_dir):
     gold = AttentionGraph(torch.ones(1, 1, 6, 6, dtype=torch.bool), torch.tensor([6]), False, 2)
     with pytest.raises(ValueError, match="different layers: window 2 vs 1"):
         graph_metrics(gold, AttentionGraph(torch.ones(1, 1, 6, 6, dtype=torch.bool), torch.tensor([6]), False, 1))
+
+
+def test_pages_predictions_keep_only_the_pairs_a_layer_allows(windowed):
+    """What Explore and Pareto draw (predict_batch, predict_head) holds no pair the layer's mask forbids."""
+    from sparsefinder.evaluation.analysis import allowed_pairs, predict_batch, predict_head
+
+    family, model = windowed
+    ex = model.extract(TEXTS)
+    batch = predict_batch(ex, "window", {"window": 30})
+    for layer, window in enumerate(WINDOWS[family]):
+        for b, n in enumerate(ex.lengths.tolist()):
+            allowed = allowed_pairs(ex, b, layer)
+            edges = batch.edges(b, layer, n)
+            assert not (edges & ~allowed).any()
+            if window is None and not ex.causal:
+                assert allowed.all()
+        head = predict_head(ex, layer, 0, "window", {"window": 30})
+        assert not (head.pred & ~head.allowed).any()
