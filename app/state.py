@@ -274,6 +274,20 @@ def figure_html(fig) -> bytes:
 FIGURE_FORMATS = {"HTML (interactive)": "html", "PNG": "png", "SVG": "svg", "PDF": "pdf"}
 
 
+def head_metrics(values: dict[str, float]) -> None:
+    """One head's metrics on a text, three to a row (:data:`sparsefinder.metrics.HEAD_METRICS` names them)."""
+    from sparsefinder.metrics import HEAD_METRICS
+
+    helps = {"mass_recall": "Share of the gold entmax probability on the predicted pairs.",
+             "output_error": "Relative L2 error of the head's output with entmax restricted to the predicted pairs "
+                             "(0: the output is unchanged)."}
+    names = list(values)
+    for start in range(0, len(names), 3):
+        for col, m in zip(st.columns(3), names[start:start + 3], strict=False):
+            value = float(values[m])
+            col.metric(HEAD_METRICS.get(m, m), "n/a" if value != value else f"{value:.4f}", help=helps.get(m))
+
+
 def download_figure(fig, file_stem: str, key: str) -> None:
     """A format select, a paper-style toggle and one download button for ``fig``.
 

@@ -14,12 +14,19 @@ edges and :math:`\hat G` the predicted ones (both subsets of :math:`V`):
 
 .. math::
     \mathrm{exact} = \frac{|\{i \in Q : G_i \subseteq \hat G_i\}|}{|Q|}, \qquad
-    \mathrm{efficiency} = 1 - \frac{\mathrm{cost}}{|V|}.
+    \mathrm{efficiency} = 1 - \frac{\mathrm{cost}}{|V|}, \qquad
+    \mathrm{mass\_recall} = \frac{\sum_{\hat G} p_{ij}}{\sum_{V} p_{ij}}.
+
+Mass recall needs the gold probabilities :math:`p_{ij}` (``probs``; see
+:mod:`sparsefinder.mass`, which also computes the output error of entmax
+restricted to :math:`\hat G`). Without them it is NaN, and so are its counts
+``gold_mass`` and ``mass_hits``: unknown, never a fake 1.
 
 Conventions for empty sets (so that every value is defined and an empty
 prediction of an empty gold graph is perfect):
 
-- recall = 1 when :math:`|G| = 0` (nothing to find, nothing missed);
+- recall = 1 when :math:`|G| = 0` (nothing to find, nothing missed), and likewise
+  mass recall = 1 when the gold mass is 0;
 - precision = 1 when :math:`|\hat G| = |G| = 0`, and 0 when :math:`|\hat G| = 0 < |G|`;
 - a sentence without real tokens (:math:`n = 0`, e.g. an empty text in a decoder
   without BOS) has no pairs at all: every ratio is NaN there, so it drops out of
@@ -46,12 +53,14 @@ import pandas as pd
 import torch
 
 from sparsefinder.graphs import AttentionGraph, num_valid_pairs
+from sparsefinder.mass import mass_counts
 
 CONFIG_COLUMNS: tuple[str, ...] = ("method", "family", "params")
 """The columns that name a predictor configuration in sweep and curve tables."""
 
-RATIO_COLUMNS: tuple[str, ...] = ("recall", "precision", "sparsity", "gold_sparsity", "exact", "efficiency")
-# ``cost`` is a float (a kernel's cost may be fractional, e.g. n²·r/d); the rest are integer counts.
+RATIO_COLUMNS: tuple[str, ...] = (
+    "recall", "precision", "sparsity", "gold_sparsity", "exact", "efficiency", "mass_recall",
+)
 COUNT_COLUMNS: tuple[str, ...] = (
     "gold_edges",
     "pred_edges",
@@ -60,7 +69,18 @@ COUNT_COLUMNS: tuple[str, ...] = (
     "valid_queries",
     "covered_queries",
     "cost",
+    "gold_mass",
+    "mass_hits",
 )
+FLOAT_COUNT_COLUMNS: tuple[str, ...] = ("cost", "gold_mass", "mass_hits")
+"""Counts that are sums of reals (a kernel's cost may be fractional, e.g. n²·r/d; probability mass); the
+other counts are integers."""
+HEAD_METRICS: dict[str, str] = {
+    "recall": "Recall", "mass_recall": "Mass recall", "precision": "Precision",
+    "sparsity": "Sparsity", "exact": "Exact", "output_error": "Output error",
+}
+"""The metrics a page shows for one head's prediction on a text, with their labels (``output_error`` comes from
+:mod:`sparsefinder.mass` and needs the values: a text's run has them, a stored corpus does not)."""
 ID_COLUMNS: tuple[str, ...] = ("sentence", "layer", "head")
 FRAME_COLUMNS: tuple[str, ...] = ID_COLUMNS + RATIO_COLUMNS + COUNT_COLUMNS
 
@@ -94,6 +114,8 @@ def _torch_ratios(
     valid_queries: torch.Tensor,
     covered_queries: torch.Tensor,
     cost: torch.Tensor,
+    gold_mass: torch.Tensor | None = None,
+    mass_hits: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The ratios of the module docstring from counts, with its empty-set conventions."""
     hits, gold_edges, pred_edges = hits.double(), gold_edges.double(), pred_edges.double()
@@ -110,6 +132,13 @@ def _torch_ratios(
         "exact": covered_queries.double() / queries.clamp(min=1),
         "efficiency": 1.0 - cost.double() / pairs.clamp(min=1),
     }
+    if gold_mass is None or mass_hits is None:
+        out["mass_recall"] = torch.full_like(recall, float("nan"))
+    else:
+        mass, kept = gold_mass.double(), mass_hits.double()
+        # An unknown (NaN) mass stays NaN: NaN > 0 is False, so the where() alone would say 1.
+        out["mass_recall"] = torch.where(mass > 0, kept / mass.clamp(min=1e-300), 1.0).masked_fill(mass.isnan(),
+                                                                                                    float("nan"))
     return {k: v.masked_fill(empty, float("nan")) for k, v in out.items()}
 
 
@@ -117,16 +146,21 @@ def graph_metrics(
     gold: AttentionGraph,
     pred: AttentionGraph,
     cost: torch.Tensor | None = None,
+    probs: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     r"""Per-(sentence, head) metrics of ``pred`` against ``gold`` for one layer.
 
     Returns ``(B, H)`` tensors on ``gold``'s device: float64 ratios ``recall``,
-    ``precision``, ``sparsity``, ``gold_sparsity``, ``exact``, ``efficiency``
-    (definitions and empty-set conventions in the module docstring), int64 counts
+    ``precision``, ``sparsity``, ``gold_sparsity``, ``exact``, ``efficiency``,
+    ``mass_recall`` (definitions and empty-set conventions in the module docstring), int64 counts
     ``gold_edges`` :math:`|G|`, ``pred_edges`` :math:`|\hat G|`, ``hits``
     :math:`|G \cap \hat G|`, ``valid_pairs`` :math:`|V|`, ``valid_queries``
     :math:`|Q| = n`, ``covered_queries`` :math:`|\{i : G_i \subseteq \hat G_i\}|`,
-    and the float64 ``cost`` used for efficiency.
+    and the float64 ``cost`` used for efficiency, ``gold_mass`` and ``mass_hits``
+    (:func:`sparsefinder.mass.mass_counts`).
+
+    ``probs``: the ``(B, H, N, N)`` gold entmax probabilities of the layer (only the
+    valid pairs count), for mass recall; without them the mass columns are NaN.
 
     ``cost``: pairs a real kernel must score, broadcastable to ``(B, H)``;
     defaults to ``pred_edges``. Raises ``ValueError`` when the graphs are over
@@ -173,8 +207,15 @@ def graph_metrics(
         "covered_queries": covered_queries,
     }
     counts = {k: v.long() for k, v in counts.items()}
-    ratios = _torch_ratios(**counts, cost=cost_t)
-    return {**ratios, **counts, "cost": cost_t.contiguous()}
+    if probs is None:
+        gold_mass = mass_hits = torch.full((batch, heads), float("nan"), dtype=torch.float64, device=g.device)
+    else:
+        if tuple(probs.shape) != tuple(g.shape):
+            raise ValueError(f"probs must be shaped like the gold edges {tuple(g.shape)}, got {tuple(probs.shape)}")
+        # A model's probabilities on padding rows are not zero (entmax over a masked row): drop them.
+        gold_mass, mass_hits = mass_counts(probs.to(g.device) * gold.valid_pairs(), p)
+    ratios = _torch_ratios(**counts, cost=cost_t, gold_mass=gold_mass, mass_hits=mass_hits)
+    return {**ratios, **counts, "cost": cost_t.contiguous(), "gold_mass": gold_mass, "mass_hits": mass_hits}
 
 
 def _as_int_array(ids: Sequence[int] | torch.Tensor | np.ndarray, name: str) -> np.ndarray:
@@ -200,8 +241,8 @@ def per_sentence_frame(
     :func:`aggregate` always groups by them.
 
     Columns: ``sentence, layer, head, *extra, recall, precision, sparsity,
-    gold_sparsity, exact, efficiency, gold_edges, pred_edges, hits, valid_pairs,
-    valid_queries, covered_queries, cost``; rows sorted by (sentence, layer, head).
+    gold_sparsity, exact, efficiency, mass_recall, gold_edges, pred_edges, hits, valid_pairs,
+    valid_queries, covered_queries, cost, gold_mass, mass_hits``; rows sorted by (sentence, layer, head).
     """
     ids = _as_int_array(sentence_ids, "sentence_ids")
     extra = dict(extra or {})
@@ -228,11 +269,12 @@ def per_sentence_frame(
         }
         cols.update({k: [v] * (batch * heads) for k, v in extra.items()})
         for c in RATIO_COLUMNS + COUNT_COLUMNS:
-            dtype = torch.float64 if c in RATIO_COLUMNS or c == "cost" else torch.int64
+            dtype = torch.float64 if c in RATIO_COLUMNS or c in FLOAT_COUNT_COLUMNS else torch.int64
             cols[c] = metrics[c].detach().cpu().to(dtype).numpy().reshape(-1)
         parts.append(pd.DataFrame(cols))
     if not parts:
-        return pd.DataFrame({c: pd.Series(dtype="float64" if c in RATIO_COLUMNS else "int64") for c in FRAME_COLUMNS})
+        return pd.DataFrame({c: pd.Series(dtype="float64" if c in RATIO_COLUMNS + FLOAT_COUNT_COLUMNS else "int64")
+                             for c in FRAME_COLUMNS})
     frame = pd.concat(parts, ignore_index=True)
     return frame.sort_values(list(ID_COLUMNS), kind="stable").reset_index(drop=True)
 
@@ -244,11 +286,13 @@ def metrics_frame(
     layers: Sequence[int] | None = None,
     costs: Sequence[torch.Tensor | None] | None = None,
     extra: Mapping[str, Any] | None = None,
+    probs: Sequence[torch.Tensor | None] | None = None,
 ) -> pd.DataFrame:
     """:func:`graph_metrics` for each layer of one batch, as a :func:`per_sentence_frame`.
 
     ``gold_graphs[k]`` and ``pred_graphs[k]`` are layer ``layers[k]`` (default
-    ``k``); ``costs[k]`` is that layer's optional ``(B, H)`` cost.
+    ``k``); ``costs[k]`` is that layer's optional ``(B, H)`` cost and ``probs[k]``
+    its optional gold probabilities (for mass recall).
     """
     if len(gold_graphs) != len(pred_graphs):
         raise ValueError(f"{len(gold_graphs)} gold layers but {len(pred_graphs)} predicted layers")
@@ -258,8 +302,11 @@ def metrics_frame(
     cost_list = [None] * len(gold_graphs) if costs is None else list(costs)
     if len(cost_list) != len(gold_graphs):
         raise ValueError("costs must give one entry (or None) per layer")
-    layer_inputs = zip(layer_ids, gold_graphs, pred_graphs, cost_list, strict=True)
-    by_layer = {layer: graph_metrics(g, p, c) for layer, g, p, c in layer_inputs}
+    prob_list = [None] * len(gold_graphs) if probs is None else list(probs)
+    if len(prob_list) != len(gold_graphs):
+        raise ValueError("probs must give one entry (or None) per layer")
+    layer_inputs = zip(layer_ids, gold_graphs, pred_graphs, cost_list, prob_list, strict=True)
+    by_layer = {layer: graph_metrics(g, p, c, pr) for layer, g, p, c, pr in layer_inputs}
     return per_sentence_frame(by_layer, sentence_ids, extra)
 
 
@@ -267,8 +314,7 @@ def _numpy_ratios(counts: pd.DataFrame) -> pd.DataFrame:
     """Same conventions as :func:`_torch_ratios`, on pooled counts (micro averages)."""
     # A copy: pandas may hand out read-only views, which torch warns about.
     tensors = {c: torch.from_numpy(counts[c].to_numpy().copy()) for c in COUNT_COLUMNS}
-    cost = tensors.pop("cost")
-    ratios = _torch_ratios(**tensors, cost=cost)
+    ratios = _torch_ratios(**tensors)
     return pd.DataFrame({k: v.numpy() for k, v in ratios.items()}, index=counts.index)
 
 
@@ -311,7 +357,8 @@ def aggregate(
     work = frame.assign(_all=0)
     group_keys = keys or ["_all"]
     grouped = work.groupby(group_keys, sort=True, dropna=False)
-    sums = grouped[list(COUNT_COLUMNS)].sum()
+    # min_count: a group whose mass is unknown (NaN) sums to NaN, not to a mass of 0.
+    sums = grouped[list(COUNT_COLUMNS)].sum(min_count=1)
     sentences = work[work["valid_pairs"] > 0].groupby(group_keys, sort=True, dropna=False)["sentence"].nunique()
     if micro:
         ratios = _numpy_ratios(sums)

@@ -17,6 +17,7 @@ from sparsefinder.graphs import AttentionGraph
 from sparsefinder.kernels.entmax import entmax
 from sparsefinder.metrics import (
     COUNT_COLUMNS,
+    FLOAT_COUNT_COLUMNS,
     FRAME_COLUMNS,
     RATIO_COLUMNS,
     aggregate,
@@ -27,7 +28,7 @@ from sparsefinder.metrics import (
 )
 
 FAST = settings(max_examples=60, deadline=None)
-INT_COUNTS = [c for c in COUNT_COLUMNS if c != "cost"]
+INT_COUNTS = [c for c in COUNT_COLUMNS if c not in FLOAT_COUNT_COLUMNS]
 
 
 # --------------------------------------------------------------------------- brute force
@@ -37,8 +38,10 @@ def valid_pairs_of(length: int, n: int, causal: bool) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n) for j in range(n) if i < length and j < length and (not causal or j <= i)]
 
 
-def brute_metrics(gold_raw, pred_raw, lengths, causal, cost=None) -> dict[str, np.ndarray]:
-    """The docs/method.md §2 metrics with explicit loops; raw edges may include padding and the future."""
+def brute_metrics(gold_raw, pred_raw, lengths, causal, cost=None, probs=None) -> dict[str, np.ndarray]:
+    """The docs/method.md §2 metrics with explicit loops; raw edges may include padding and the future.
+
+    Without ``probs`` the mass columns are NaN (unknown)."""
     gold_raw, pred_raw = np.asarray(gold_raw), np.asarray(pred_raw)
     b_, h_, n, _ = gold_raw.shape
     out = {c: np.zeros((b_, h_)) for c in RATIO_COLUMNS + COUNT_COLUMNS}
@@ -55,8 +58,13 @@ def brute_metrics(gold_raw, pred_raw, lengths, causal, cost=None) -> dict[str, n
                 row_pred = {j for (q, j) in pred if q == i}
                 covered += row_gold <= row_pred
             c = len(pred) if cost is None else float(cost[b][h])
+            if probs is None:
+                mass = kept = math.nan
+            else:
+                mass = sum(float(probs[b, h, i, j]) for (i, j) in pairs)
+                kept = sum(float(probs[b, h, i, j]) for (i, j) in pred)
             counts = dict(gold_edges=len(gold), pred_edges=len(pred), hits=hits, valid_pairs=len(pairs),
-                          valid_queries=length, covered_queries=covered, cost=c)
+                          valid_queries=length, covered_queries=covered, cost=c, gold_mass=mass, mass_hits=kept)
             for k, v in counts.items():
                 out[k][b, h] = v
             if not pairs:
@@ -69,6 +77,7 @@ def brute_metrics(gold_raw, pred_raw, lengths, causal, cost=None) -> dict[str, n
                     gold_sparsity=1 - len(gold) / len(pairs),
                     exact=covered / length,
                     efficiency=1 - c / len(pairs),
+                    mass_recall=math.nan if math.isnan(mass) else (kept / mass if mass > 0 else 1.0),
                 )
             for k, v in ratios.items():
                 out[k][b, h] = v
@@ -76,7 +85,7 @@ def brute_metrics(gold_raw, pred_raw, lengths, causal, cost=None) -> dict[str, n
 
 
 def assert_metrics_equal(got: dict[str, torch.Tensor], expected: dict[str, np.ndarray]) -> None:
-    for c in RATIO_COLUMNS + ("cost",):
+    for c in RATIO_COLUMNS + FLOAT_COUNT_COLUMNS:
         assert got[c].dtype == torch.float64, c
         np.testing.assert_allclose(got[c].numpy(), expected[c], rtol=0, atol=1e-12, equal_nan=True, err_msg=c)
     for c in INT_COUNTS:
@@ -121,6 +130,20 @@ def test_metrics_match_brute_force(case):
     assert_metrics_equal(got, brute_metrics(gold, pred, lengths, causal))
 
 
+@given(graph_pairs(), st.integers(0, 2**31 - 1))
+@FAST
+def test_mass_recall_matches_brute_force(case, seed):
+    """Any non-negative weights on the gold edges (and garbage on padding, as a model's padding rows have)."""
+    gold, pred, lengths, causal = case
+    rng = np.random.default_rng(seed)
+    probs = rng.random(gold.shape) * gold  # zero off the gold graph; padding rows may carry weight
+    got = graph_metrics(to_graph(gold, lengths, causal), to_graph(pred, lengths, causal), probs=torch.from_numpy(probs))
+    expected = brute_metrics(gold, pred, lengths, causal, probs=probs)
+    for c in ("gold_mass", "mass_hits", "mass_recall"):
+        # Summation order differs (torch reduction vs a Python loop): equal to rounding.
+        np.testing.assert_allclose(got[c].numpy(), expected[c], rtol=1e-12, atol=1e-12, equal_nan=True, err_msg=c)
+
+
 @given(graph_pairs(), st.data())
 @FAST
 def test_cost_only_changes_efficiency(case, data):
@@ -163,7 +186,8 @@ def test_superset_prediction_has_full_recall_and_exact(case):
 @FAST
 def test_ratios_lie_in_unit_interval(case):
     gold, pred, lengths, causal = case
-    got = graph_metrics(to_graph(gold, lengths, causal), to_graph(pred, lengths, causal))
+    probs = torch.from_numpy(np.random.default_rng(0).random(gold.shape) * gold)
+    got = graph_metrics(to_graph(gold, lengths, causal), to_graph(pred, lengths, causal), probs=probs)
     has_pairs = got["valid_pairs"] > 0
     for c in RATIO_COLUMNS:
         values = got[c][has_pairs]
@@ -264,7 +288,7 @@ def test_empty_set_conventions():
 
 def test_empty_sentence_is_nan_and_counts_zero():
     g = AttentionGraph(torch.ones(2, 1, 2, 2, dtype=torch.bool), torch.tensor([0, 2]))
-    m = graph_metrics(g, g)
+    m = graph_metrics(g, g, probs=torch.full((2, 1, 2, 2), 0.5))
     for c in RATIO_COLUMNS:
         assert math.isnan(float(m[c][0, 0])) and not math.isnan(float(m[c][1, 0])), c
     for c in COUNT_COLUMNS:
@@ -351,7 +375,7 @@ def build_frame(seed: int, causal: bool, methods=("a",)) -> pd.DataFrame:
         b = 2 + batch
         ids = list(range(next_id, next_id + b))
         next_id += b
-        golds, preds = [], []
+        golds, preds, probs = [], [], []
         # One batch of sentences: every layer sees the same lengths.
         lengths = random_lengths(gen, b, 6)
         if batch == 1:
@@ -360,9 +384,10 @@ def build_frame(seed: int, causal: bool, methods=("a",)) -> pd.DataFrame:
             g, p = random_batch(gen, b, 3, 6, causal, 0.3, 0.4, lengths)
             golds.append(g)
             preds.append(p)
+            probs.append(torch.rand(g.edges.shape, generator=gen, dtype=torch.float64) * g.edges)
         for method in methods:
             shuffled = [AttentionGraph(p.edges.flip(-1), p.lengths, causal) if method == "b" else p for p in preds]
-            frames.append(metrics_frame(golds, shuffled, ids, extra={"method": method}))
+            frames.append(metrics_frame(golds, shuffled, ids, extra={"method": method}, probs=probs))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -403,6 +428,7 @@ def manual_micro(frame: pd.DataFrame, keys: list[str]) -> dict[tuple, dict[str, 
             gold_sparsity=1 - gold / pairs,
             exact=s["covered_queries"] / s["valid_queries"],
             efficiency=1 - s["cost"] / pairs,
+            mass_recall=s["mass_hits"] / s["gold_mass"] if s["gold_mass"] else 1.0,
         )
     return out
 

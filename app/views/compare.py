@@ -9,11 +9,12 @@ from app import cache, state
 from sparsefinder import results as rs
 from sparsefinder.evaluation.analysis import text_hash
 from sparsefinder.evaluation.pareto import best_recall_at
+from sparsefinder.metrics import HEAD_METRICS
 from sparsefinder.plots.heatmaps import outcome_heatmap
 from sparsefinder.predictors import REGISTRY
 
 ss = st.session_state
-RATIOS = ("recall", "precision", "sparsity", "exact")
+RATIOS = tuple(HEAD_METRICS)
 DEFAULT_METHODS = ("distance", "bucketing", "kmeans", "window")
 MIN_SPARSITY = 0.5
 PER_ROW = 3
@@ -121,8 +122,9 @@ def main() -> None:
     table = pd.DataFrame(rows, columns=["method", "params", *RATIOS])
     if frame is not None:
         sel = frame[(frame["layer"] == layer) & (frame["head"] == head)]
-        corpus = sel.set_index(["method", "params"])[list(RATIOS)]
-        corpus.columns = [f"corpus {c}" for c in RATIOS]
+        stored = [c for c in RATIOS if c in sel.columns]  # a sweep has no output error (no values stored)
+        corpus = sel.set_index(["method", "params"])[stored]
+        corpus.columns = [f"corpus {c}" for c in stored]
         table = table.join(corpus, on=["method", "params"])
     st.subheader(f"Layer {layer}, head {head}")
     st.caption("Columns without a prefix are this sentence; `corpus …` are the sweep's means for this head.")

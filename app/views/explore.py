@@ -9,6 +9,7 @@ import streamlit as st
 from app import cache, state
 from sparsefinder.corpora.corpus import CorpusError
 from sparsefinder.evaluation.analysis import MAX_TEXT_CHARS, SPLIT_MODES, split_texts, text_hash
+from sparsefinder.metrics import HEAD_METRICS
 from sparsefinder.plots.heatmaps import attention_heatmap, block_size, sparsity_heatmap
 
 ss = st.session_state
@@ -153,7 +154,9 @@ def main() -> None:
     c3.metric("Layers × heads", f"{result.num_layers} × {result.num_heads}")
     if prediction is not None:
         c4.metric(f"Mean recall of {method}", f"{prediction.metrics['recall'][b].mean():.4f}",
-                  help=f"{method} {params}: mean over all layers and heads of this sentence.")
+                  f"mass recall {np.nanmean(prediction.metrics['mass_recall'][b]):.4f}", delta_color="off",
+                  help=f"{method} {params}: mean over all layers and heads of this sentence; below it, the share "
+                       "of the gold attention probability on its predicted pairs (docs/method.md §2.2).")
 
     colour = GOLD
     if prediction is not None:
@@ -211,9 +214,7 @@ def head_section(name, version, alpha, key, texts, b, grid, tokens, num_layers, 
         pred = prediction.edges(b, layer, len(tokens))[head]
         title = f"Layer {layer}, head {head}: entmax probabilities and {method} {params}"
         with st.container(key="head_metrics"):
-            cols = st.columns(4)
-            for col, m in zip(cols, ("recall", "precision", "sparsity", "exact"), strict=True):
-                col.metric(m.capitalize(), f"{prediction.metrics[m][b, layer, head]:.4f}")
+            state.head_metrics({m: prediction.metrics[m][b, layer, head] for m in HEAD_METRICS})
     fig = attention_heatmap(probs, list(tokens), title=title, pred=pred, allowed=allowed)
     st.plotly_chart(fig, key="head_heatmap")
     state.download_figure(fig, f"head-{name}-L{layer}H{head}", key="head_html")

@@ -8,11 +8,12 @@ import streamlit as st
 from app import cache, state
 from sparsefinder.evaluation.analysis import text_hash
 from sparsefinder.evaluation.pareto import best_recall_table, pareto_front
+from sparsefinder.metrics import HEAD_METRICS
 from sparsefinder.plots.heatmaps import outcome_heatmap, pareto_figure
 from sparsefinder.predictors import REGISTRY
 
 ss = st.session_state
-FRONT_COLUMNS = ["method", "params", "sparsity", "recall", "precision", "exact"]
+FRONT_COLUMNS = ["method", "params", "sparsity", "recall", "mass_recall", "precision", "exact"]
 THRESHOLDS = (0.5, 0.7, 0.9)
 _LAST_CLICK = "_pareto_last_click"
 
@@ -84,16 +85,15 @@ def show_prediction(name: str, config: str, layer: int, head: int, frame: pd.Dat
     if hp.truncated:
         st.warning(f"The sentence was truncated to the model's first {len(hp.tokens)} tokens.")
     with st.container(key="pareto_metrics"):
-        cols = st.columns(4)
-        for col, m in zip(cols, ("recall", "precision", "sparsity", "exact"), strict=True):
-            col.metric(m.capitalize(), f"{hp.metrics[m]:.4f}")
+        state.head_metrics({m: hp.metrics[m] for m in HEAD_METRICS})
     corpus = frame[(frame["method"] == method) & (frame["params"] == params)
                    & (frame["layer"] == layer) & (frame["head"] == head)]
     if len(corpus):
         row = corpus.iloc[0]
         st.caption(
             f"Over the sweep corpus, layer {layer} head {head}: recall {row['recall']:.4f}, "
-            f"precision {row['precision']:.4f}, sparsity {row['sparsity']:.4f}, exact {row['exact']:.4f}."
+            f"mass recall {row.get('mass_recall', float('nan')):.4f}, precision {row['precision']:.4f}, "
+            f"sparsity {row['sparsity']:.4f}, exact {row['exact']:.4f}."
         )
     title = f"{method} {params}, layer {layer}, head {head}: predicted vs gold"
     heat = outcome_heatmap(hp.gold, hp.pred, hp.tokens, title, allowed=hp.allowed)

@@ -211,6 +211,9 @@ def new_manifest(
         "causal": bool(model.causal),
         # Per layer, the sliding window (largest |i - j|) its mask allows; null for full attention.
         "windows": list(getattr(model, "windows", [None] * model.num_layers)),
+        # Per layer, how the attention scaled (and soft-capped) q·k: mass recall recomputes the probabilities.
+        "scaling": list(probe.scaling),
+        "softcap": list(probe.softcaps),
         "num_layers": model.num_layers,
         "num_heads": model.num_heads,
         "head_dim": head_dim,

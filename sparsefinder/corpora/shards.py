@@ -35,7 +35,10 @@ limit padding, and records which forward pass produced each sentence in
   the base weight files when an adapter was applied, else null), ``adapter``
   (scalar fields of the adapter manifest plus ``manifest_sha256``, or null),
   ``alpha`` (a number, or a ``[layer][head]`` nested list), ``causal``,
-  ``num_layers`` L, ``num_heads`` H, ``head_dim`` d, ``max_length``.
+  ``num_layers`` L, ``num_heads`` H, ``head_dim`` d, ``max_length``, per layer
+  ``windows`` (sliding window or null), ``scaling`` (the factor of q·k) and
+  ``softcap`` (or null); stores written before ``scaling`` was kept assume
+  :math:`d^{-1/2}` and no soft-capping.
 - data: ``dtype`` of queries/keys (``"float32"`` or ``"float16"``),
   ``corpus``, ``split``, ``num_sentences``, ``num_tokens``, ``layout`` (the
   axis order of each tensor, as below, for self-description).

@@ -37,6 +37,7 @@ from sparsefinder.corpora.shards import (  # noqa: F401 - the format's names sta
     read_manifest,
 )
 from sparsefinder.graphs import AttentionGraph
+from sparsefinder.mass import attention_scores, gold_probabilities, layer_alpha
 
 if TYPE_CHECKING:  # the store sits below the model layer; it only needs the model's attributes
     from sparsefinder.model.entmax_model import EntmaxModel
@@ -263,6 +264,41 @@ class ExtractionStore:
     @property
     def num_tokens(self) -> int:
         return int(self.manifest["num_tokens"])
+
+    def score_settings(self, layer: int) -> dict[str, Any]:
+        """How the layer's attention turned q and k into probabilities: ``scaling``, ``softcap``, ``alpha``.
+
+        ``recorded`` is False for a store written before the manifest kept ``scaling``
+        (then the usual :math:`d^{-1/2}` and no soft-capping are assumed; the sweep checks the
+        recomputed supports against the stored gold graphs, docs/method.md §2.2).
+        """
+        layer = self._layer_index(layer)
+        m = self.manifest
+        alpha = m["alpha"]
+        recorded = isinstance(m.get("scaling"), list)
+        return {
+            "scaling": float(m["scaling"][layer]) if recorded else self.head_dim ** -0.5,
+            "softcap": (m.get("softcap") or [None] * self.num_layers)[layer],
+            "alpha": alpha[layer] if isinstance(alpha, list) else float(alpha),
+            "recorded": recorded,
+        }
+
+    def gold_probabilities(self, batch: LayerBatch) -> tuple[torch.Tensor, int]:
+        """``(B, H, N, N)`` float32 gold probabilities of a batch, recomputed from its q and k.
+
+        They are zero off the stored gold graph. Also returns how many pairs' recomputed
+        support (``p > 0``) disagrees with the stored gold bits: 0 when the recomputation
+        is the model's own (ties at the threshold aside).
+        """
+        cfg = self.score_settings(batch.layer)
+        window = self.windows[self._layer_index(batch.layer)]
+        scores = attention_scores(batch.queries, batch.keys, batch.lengths, batch.causal, window,
+                                  cfg["scaling"], cfg["softcap"])
+        probs = gold_probabilities(scores, batch.lengths, batch.causal, window,
+                                   layer_alpha(cfg["alpha"], self.num_heads))
+        gold = batch.gold.edges.to(probs.device)
+        mismatched = int(((probs > 0) != gold).sum())
+        return probs * gold, mismatched
 
     def lengths(self) -> np.ndarray:
         """``(S,)`` int64 sentence lengths in corpus order (reads only the small index arrays)."""

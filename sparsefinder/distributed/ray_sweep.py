@@ -166,8 +166,15 @@ def _merge_sweeps(frames: list[pd.DataFrame], chosen: list[str], skipped: dict[s
     for f in frames:
         for k, v in f.attrs["sweep"]["seconds_by_part"].items():
             parts[k] = round(parts.get(k, 0.0) + v, 3)
+    # Each task checked the supports of its own layers: mass recall stands only where every task's did.
+    masses = [f.attrs["sweep"]["mass"] for f in frames]
+    mass = {**masses[0], "scored": all(m["scored"] for m in masses),
+            "support_mismatch": max(m["support_mismatch"] for m in masses)}
+    if not mass["scored"]:
+        mass["reason"] = next((m["reason"] for m in masses if "reason" in m), "mass recall was not asked for")
+        frame[["mass_recall", "gold_mass", "mass_hits"]] = float("nan")
     info.update(methods=chosen, skipped=skipped, configurations=configurations, layers=layer_ids,
-                seconds=round(seconds, 3), seconds_by_part=parts, engine=engine)
+                seconds=round(seconds, 3), seconds_by_part=parts, engine=engine, mass=mass)
     frame.attrs["sweep"] = info
     return frame
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from sparsefinder.graphs import AttentionGraph, valid_pair_mask
+from sparsefinder.mass import output_error
 from sparsefinder.metrics import graph_metrics
 from sparsefinder.predictors.methods import predict_layer
 
@@ -116,6 +117,24 @@ def allowed_pairs(extraction, sentence: int, layer: int) -> np.ndarray:
     return valid[0, 0].numpy()
 
 
+def layer_metrics(extraction, layer: int, pred: AttentionGraph) -> dict[str, torch.Tensor]:
+    """Every metric of one layer's prediction against the gold graph of the same run, ``(B, H)`` each.
+
+    The graph metrics with mass recall (the run kept the gold probabilities), and the
+    ``output_error`` of entmax restricted to the prediction when the run kept the values
+    (docs/method.md §2.2; NaN otherwise).
+    """
+    ex = extraction
+    gold = ex.gold(layer)
+    m = graph_metrics(gold, pred, probs=ex.probs[layer])
+    if ex.has_values():
+        m["output_error"] = output_error(ex.scores(layer), ex.values[layer], pred.edges, ex.lengths, ex.causal,
+                                         ex.window(layer), ex.alpha(layer))
+    else:
+        m["output_error"] = torch.full_like(m["recall"], float("nan"))
+    return m
+
+
 @dataclass(frozen=True)
 class HeadPrediction:
     """One head's gold and predicted graph on one sentence, and its metrics."""
@@ -134,7 +153,7 @@ def predict_head(extraction, layer: int, head: int, method: str, params: str | M
     ex = extraction
     pred = predict_layer(ex, layer, method, params, projections=projections, fitted=fitted)
     gold = ex.gold(layer)
-    m = graph_metrics(gold, pred)
+    m = layer_metrics(ex, layer, pred)
     n = int(ex.lengths[0])
     allowed = allowed_pairs(ex, 0, layer)
     return HeadPrediction(
@@ -152,7 +171,8 @@ def predict_head(extraction, layer: int, head: int, method: str, params: str | M
 class BatchPrediction:
     """A method's predicted graphs for a batch of texts: per-head metrics and packed edges.
 
-    ``metrics[name]`` is ``(B, L, H)`` (recall, precision, sparsity, exact);
+    ``metrics[name]`` is ``(B, L, H)`` (recall, precision, sparsity, exact, mass_recall, output_error, …:
+    :func:`layer_metrics`);
     ``packed[b][l]`` the packed bits of sentence ``b``'s ``(H, n, n)`` predicted graph.
     """
 
@@ -173,7 +193,7 @@ def predict_batch(extraction, method: str, params: str | Mapping[str, Any] | Non
     for layer in range(ex.num_layers):
         pred = predict_layer(ex, layer, method, params, projections=projections, fitted=fitted)
         gold = ex.gold(layer)
-        per_layer.append({k: v.numpy() for k, v in graph_metrics(gold, pred).items()})
+        per_layer.append({k: v.numpy() for k, v in layer_metrics(ex, layer, pred).items()})
         if gold.window is not None and pred.window is None:  # keep only the pairs that are scored
             pred = AttentionGraph(pred.edges & gold.valid_pairs(), pred.lengths, pred.causal, gold.window)
         packed.append([pred.pack(b) for b in range(batch)])

@@ -47,6 +47,12 @@ class AttentionRecord:
     # The additive mask the layer received (0 = allowed), kept so the extraction can check that
     # the pairs it scores are exactly the ones the layer's own mask allows (padding, causal, window).
     mask: torch.Tensor | None = None
+    # What turns q, k into probabilities (sparsefinder.mass.attention_scores), and the values, so that a
+    # metric can recompute the head's output over a predicted graph (the output error).
+    values: torch.Tensor | None = None
+    scaling: float | None = None
+    softcap: float | None = None
+    alpha: Alpha = 1.5
 
 
 def expand_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -172,10 +178,12 @@ def entmax_attention_forward(
     if sink is not None:
         kept = probs if sink.keep_probs else probs[:0]
         mask = None if attention_mask is None else attention_mask.detach()
+        settings = dict(scaling=float(scaling), softcap=float(softcap) if softcap else None, alpha=module_alpha(module))
         if sink.detach:
-            sink.records.append(AttentionRecord(query.detach(), key.detach(), kept.detach(), groups, mask))
+            sink.records.append(AttentionRecord(query.detach(), key.detach(), kept.detach(), groups, mask,
+                                                value.detach() if sink.keep_probs else None, **settings))
         else:
-            sink.records.append(AttentionRecord(query, key, kept, groups, mask))
+            sink.records.append(AttentionRecord(query, key, kept, groups, mask, **settings))
     if dropout > 0.0 and module.training:
         probs_used = torch.nn.functional.dropout(probs, p=dropout, training=True)
     else:

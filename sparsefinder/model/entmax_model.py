@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokeni
 
 from sparsefinder.graphs import AttentionGraph, valid_pair_mask
 from sparsefinder.kernels.entmax import Alpha, check_alpha
+from sparsefinder.mass import attention_scores, layer_alpha
 from sparsefinder.model import attention
 from sparsefinder.model.adapter import apply_adapter, weights_checksum
 from sparsefinder.model.catalogue import CONFIG_ALPHA, DEFAULT_ALPHA, ModelSpec, get_spec, native_alpha
@@ -59,6 +60,12 @@ class Extraction:
     truncated: list[bool]
     # Per layer: the sliding window (largest |i - j| allowed), None for full attention.
     windows: list[int | None] | None = None
+    # Per layer: the values per query head (B, H, N, d_v; empty when probabilities were not kept) and how the
+    # attention scored q against k (sparsefinder.mass.attention_scores), for the output error of a prediction.
+    values: list[torch.Tensor] | None = None
+    scaling: list[float] | None = None
+    softcaps: list[float | None] | None = None
+    alphas: list | None = None
 
     @property
     def num_layers(self) -> int:
@@ -81,6 +88,20 @@ class Extraction:
 
     def window(self, layer: int) -> int | None:
         return None if self.windows is None else self.windows[layer]
+
+    def scores(self, layer: int) -> torch.Tensor:
+        """``(B, H, N, N)`` float32 attention scores of one layer, as its attention computed them
+        (scaling, soft-capping; the pairs its mask forbids at the float minimum)."""
+        return attention_scores(self.queries[layer], self.keys[layer], self.lengths, self.causal, self.window(layer),
+                                None if self.scaling is None else self.scaling[layer],
+                                None if self.softcaps is None else self.softcaps[layer])
+
+    def alpha(self, layer: int):
+        """One layer's alpha as :func:`~sparsefinder.kernels.entmax.entmax` takes it (float or ``(1, H, 1, 1)``)."""
+        return layer_alpha(1.5 if self.alphas is None else self.alphas[layer], self.num_heads)
+
+    def has_values(self) -> bool:
+        return self.values is not None and all(v.numel() for v in self.values)
 
     def mean_pooled(self) -> torch.Tensor:
         """Mean of the last hidden states over real tokens (sentence-transformers pooling)."""
@@ -242,6 +263,10 @@ class EntmaxModel:
             causal=self.causal,
             truncated=truncated,
             windows=list(self.windows),
+            values=[r.values.float().cpu() if r.values is not None else torch.empty(0) for r in records],
+            scaling=[r.scaling for r in records],
+            softcaps=[r.softcap for r in records],
+            alphas=[_layer_alpha_value(r.alpha) for r in records],
         )
 
     def embed(self, texts: list[str]) -> torch.Tensor:
@@ -252,6 +277,13 @@ class EntmaxModel:
             hidden = _last_hidden(self.model(**inputs)).float()
         mask = inputs["attention_mask"].to(hidden.dtype)[..., None]
         return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()
+
+
+def _layer_alpha_value(alpha):
+    """A record's alpha as a float or a per-head list (small, picklable)."""
+    if isinstance(alpha, torch.Tensor):
+        return float(alpha) if alpha.numel() == 1 else alpha.detach().flatten().cpu().tolist()
+    return float(alpha)
 
 
 def layer_windows(config, num_layers: int, causal: bool) -> list[int | None]:

@@ -38,11 +38,14 @@ class _Batch:
     context: dict[str, Any]
     shared: dict[Any, Any] = field(default_factory=dict)
     window: int | None = None  # the layer's sliding window (largest |i - j| its mask allows)
+    # (B, H, N, N) float32 gold probabilities, zero off the gold graph (for mass recall); None: mass unknown.
+    probs: torch.Tensor | None = None
     cache: dict[Any, Any] = field(default_factory=dict)
     shape: tuple[int, int, int] = field(init=False)
     valid: torch.Tensor = field(init=False)
     real: torch.Tensor = field(init=False)
     gold_edges: torch.Tensor = field(init=False)
+    gold_mass: torch.Tensor = field(init=False)
     row_gold: torch.Tensor = field(init=False)
     valid_pairs: torch.Tensor = field(init=False)
     valid_queries: torch.Tensor = field(init=False)
@@ -58,6 +61,10 @@ class _Batch:
         # Sums of bool tensors are much faster through a uint8 view with an explicit accumulator type.
         self.row_gold = self.gold.view(torch.uint8).sum(dim=-1, dtype=torch.int32)  # (B, H, N)
         self.gold_edges = self.row_gold.sum(dim=-1).long()
+        if self.probs is None:
+            self.gold_mass = torch.full((b, h), float("nan"), dtype=torch.float64, device=self.lengths.device)
+        else:
+            self.gold_mass = self.probs.sum(dim=(-1, -2), dtype=torch.float64)
         self.valid_pairs = num_valid_pairs(self.lengths, self.causal, self.window)[:, None].expand(b, h)
         self.valid_queries = self.lengths[:, None].expand(b, h)
 
@@ -72,8 +79,17 @@ class _Batch:
 
 
 Counts = dict[str, torch.Tensor]
-"""``pred_edges``, ``hits``, ``covered_queries`` (int64) and ``cost`` (float64), each ``(C, B, H)``."""
-_COUNT_KEYS = ("pred_edges", "hits", "covered_queries", "cost")
+"""``pred_edges``, ``hits``, ``covered_queries`` (int64), ``cost`` and ``mass_hits`` (float64), each ``(C, B, H)``."""
+_COUNT_KEYS = ("pred_edges", "hits", "covered_queries", "cost", "mass_hits")
+_FLOAT_KEYS = ("cost", "mass_hits")
+
+
+def _mass_hits(edges: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    """``(B, H)`` float64 gold probability on the predicted pairs (NaN when the batch has no probabilities)."""
+    b, h, _ = batch.shape
+    if batch.probs is None:
+        return torch.full((b, h), float("nan"), dtype=torch.float64, device=batch.lengths.device)
+    return (batch.probs * edges).sum(dim=(-1, -2), dtype=torch.float64)
 
 
 def _count(edges: torch.Tensor) -> torch.Tensor:
@@ -94,7 +110,7 @@ def _dense_counts(edges: torch.Tensor, cost: torch.Tensor, batch: _Batch) -> Cou
     covered = ((row_hits == batch.row_gold) & batch.real[:, None, :]).sum(dim=-1)
     pred = _count(edges).expand(b, h)
     return {"pred_edges": pred[None], "hits": hits[None], "covered_queries": covered[None],
-            "cost": torch.broadcast_to(cost.double(), (b, h))[None]}
+            "cost": torch.broadcast_to(cost.double(), (b, h))[None], "mass_hits": _mass_hits(edges, batch)[None]}
 
 
 def _finish(core: torch.Tensor, core_cost: torch.Tensor | None, batch: _Batch, window: int, global_tokens: bool
@@ -113,12 +129,16 @@ def _finish(core: torch.Tensor, core_cost: torch.Tensor | None, batch: _Batch, w
     return edges, base + (_count(edges) - _count(core)).double()
 
 
-def _cumulative_hist(levels: torch.Tensor, n_levels: int) -> torch.Tensor:
-    """``(R, C)``: for each row of ``(R, M)`` levels in ``[0, C]``, how many are ``<= c`` (level C = never)."""
+def _cumulative_hist(levels: torch.Tensor, n_levels: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``(R, C)``: for each row of ``(R, M)`` levels in ``[0, C]``, how many are ``<= c`` (level C = never).
+
+    With ``weights`` (``(R, M)``), the sum of their weights instead of the count (float64).
+    """
     rows = levels.shape[0]
     width = n_levels + 1
     key = levels.to(torch.int32) + torch.arange(rows, dtype=torch.int32, device=levels.device)[:, None] * width
-    hist = torch.bincount(key.reshape(-1), minlength=rows * width).reshape(rows, width)
+    w = None if weights is None else weights.reshape(-1).double()
+    hist = torch.bincount(key.reshape(-1), weights=w, minlength=rows * width).reshape(rows, width)
     return hist.cumsum(dim=-1)[:, :n_levels]
 
 
@@ -160,6 +180,11 @@ def _nested_counts(lv: _Levels, n_levels: int, batch: _Batch) -> Counts:
     pred = _cumulative_hist(levels.reshape(b * hs, n * n), c).reshape(b, hs, c)
     gold_levels = torch.maximum(levels, _never(batch.gold, c, dtype))
     hits = _cumulative_hist(gold_levels.reshape(b * h, n * n), c).reshape(b, h, c)
+    if batch.probs is None:
+        mass = torch.full((b, h, c), float("nan"), dtype=torch.float64, device=hits.device)
+    else:  # the probabilities are zero off the gold graph, so the gold levels carry all the mass
+        mass = _cumulative_hist(gold_levels.reshape(b * h, n * n), c, batch.probs.reshape(b * h, n * n))
+        mass = mass.reshape(b, h, c)
     # A query is covered at level c when its latest gold key enters by level c (no gold key: always).
     latest = ((levels + 1) * batch.gold.to(dtype)).amax(dim=-1).to(torch.int32) - 1  # -1: no gold key
     latest = torch.where(batch.real[:, None, :], latest.clamp(min=0), c)
@@ -179,7 +204,7 @@ def _nested_counts(lv: _Levels, n_levels: int, batch: _Batch) -> Counts:
             added = (_count(ev)[..., None] - inside).double().expand(b, h, c)
         cost = lv.core_cost.double()[..., None] + added
     return {k: v.permute(2, 0, 1) for k, v in
-            {"pred_edges": pred, "hits": hits, "covered_queries": covered, "cost": cost}.items()}
+            {"pred_edges": pred, "hits": hits, "covered_queries": covered, "cost": cost, "mass_hits": mass}.items()}
 
 
 def _generic_counts(batch: _Batch, pred: Predictor) -> Counts:

@@ -18,7 +18,7 @@ import sparsefinder.evaluation.sweep.nested  # noqa: F401
 from sparsefinder import __version__
 from sparsefinder.corpora.context import ContextProvider
 from sparsefinder.corpora.store import ExtractionStore, StoredBatch
-from sparsefinder.evaluation.sweep.batch import _COUNT_KEYS, Counts, _Batch
+from sparsefinder.evaluation.sweep.batch import _COUNT_KEYS, _FLOAT_KEYS, Counts, _Batch
 from sparsefinder.evaluation.sweep.configs import (
     SENTENCE_COLUMNS,
     SWEEP_COLUMNS,
@@ -33,7 +33,7 @@ from sparsefinder.evaluation.sweep.configs import (
     _uses_projection,
 )
 from sparsefinder.evaluation.sweep.plan import _build_configs, _plan, _select_methods
-from sparsefinder.metrics import CONFIG_COLUMNS, COUNT_COLUMNS, RATIO_COLUMNS, _torch_ratios
+from sparsefinder.metrics import CONFIG_COLUMNS, COUNT_COLUMNS, FLOAT_COUNT_COLUMNS, RATIO_COLUMNS, _torch_ratios
 from sparsefinder.predictors.base import REGISTRY, Predictor
 
 
@@ -52,6 +52,7 @@ def run_sweep(
     context: ContextProvider | None = None,
     device: str | torch.device | None = None,
     threads: int | None = None,
+    mass: bool = True,
 ) -> pd.DataFrame:
     """Score every configuration on every layer and head of ``store`` (see the module docstring).
 
@@ -68,6 +69,12 @@ def run_sweep(
     small (about a million elements), so extra threads gain little, and on a
     machine whose cores are busy with other work OpenMP threads wait on each
     other for whole scheduler slices: ``threads=1`` is then many times faster.
+    ``mass``: also score mass recall, with the gold probabilities recomputed from the
+    stored q and k (:meth:`ExtractionStore.gold_probabilities`); ``False`` leaves the
+    mass columns NaN. Where the recomputed supports disagree with the stored gold
+    graphs on more than :data:`MASS_MISMATCH_LIMIT` of the gold edges (a store
+    whose scaling was not recorded and is not :math:`d^{-1/2}`), the mass columns are
+    NaN too, and ``attrs["sweep"]["mass"]`` says why.
     Returns the table, with provenance in ``frame.attrs["sweep"]``.
     """
     t0 = time.perf_counter()
@@ -111,6 +118,7 @@ def run_sweep(
     # Wall time per part (reading batches and projecting, each method's scoring, accumulating), for the record.
     timing: dict[str, float] = {"read+project": 0.0, **{m: 0.0 for m in chosen}, "accumulate": 0.0}
     clock = time.perf_counter
+    mismatched = gold_total = 0
     try:
         with torch.no_grad():
             t = clock()
@@ -123,15 +131,21 @@ def run_sweep(
                     proj_q = proj_k = None
                     if need_projection:
                         proj_q, proj_k = _project(projections, layer, lb.queries, lb.keys)
+                    probs = None
+                    if mass:
+                        probs, bad = store.gold_probabilities(lb)
+                        mismatched += bad
+                        gold_total += int(lb.gold.edges.sum())
                     batch = _Batch(
                         layer=layer, lengths=lb.lengths.long(), causal=lb.causal, gold=lb.gold.edges,
                         raw_q=lb.queries, raw_k=lb.keys, proj_q=proj_q, proj_k=proj_k, head_dim=store.head_dim,
                         sentence_ids=lb.indices, context=extra_context, shared=shared, window=lb.gold.window,
+                        probs=probs,
                     )
                     timing["read+project"] += clock() - t
                     b, h, _ = batch.shape
                     # Every configuration's counts of this batch and layer, scored in one vectorised step.
-                    found: Counts = {key: torch.empty(n_cfg, b, h, dtype=torch.float64 if key == "cost" else
+                    found: Counts = {key: torch.empty(n_cfg, b, h, dtype=torch.float64 if key in _FLOAT_KEYS else
                                                       torch.int64, device=batch.lengths.device)
                                      for key in _COUNT_KEYS}
                     for unit, idx in zip(units, unit_index, strict=True):
@@ -156,6 +170,9 @@ def run_sweep(
         frame = _sentence_frame(rows, configs, layer_ids)
     else:
         frame = _aggregate_frame(configs, layer_ids, heads, ratio_sum, count_sum, sentences)
+    mass_info = _mass_info(store, mass, mismatched, gold_total)
+    if not mass_info["scored"]:
+        frame[["mass_recall", "gold_mass", "mass_hits"]] = float("nan")
     frame.attrs["sweep"] = {
         "format": SWEEP_FORMAT,
         "format_version": SWEEP_FORMAT_VERSION,
@@ -174,9 +191,25 @@ def run_sweep(
         "seconds": round(time.perf_counter() - t0, 3),
         "seconds_by_part": {k: round(v, 3) for k, v in timing.items()},
         "torch_threads": threads if threads is not None else torch.get_num_threads(),
+        "mass": mass_info,
         "sparsefinder_version": __version__,
     }
     return frame
+
+
+MASS_MISMATCH_LIMIT = 1e-3
+"""Largest share of gold edges whose recomputed support may differ from the stored one (ties at the
+threshold, float16 stores) before mass recall is withheld as untrustworthy."""
+
+
+def _mass_info(store: ExtractionStore, wanted: bool, mismatched: int, gold_total: int) -> dict[str, Any]:
+    share = mismatched / gold_total if gold_total else 0.0
+    info: dict[str, Any] = {"scored": wanted, "support_mismatch": share,
+                            "scaling": "recorded" if store.score_settings(0)["recorded"] else "assumed d^-1/2"}
+    if wanted and share > MASS_MISMATCH_LIMIT:
+        info.update(scored=False, reason=f"the probabilities recomputed from the stored q and k disagree with the "
+                                         f"stored gold graphs on {share:.2%} of the gold edges")
+    return info
 
 
 def _accumulate(
@@ -189,11 +222,12 @@ def _accumulate(
         "gold_edges": batch.gold_edges, "pred_edges": counts["pred_edges"], "hits": counts["hits"],
         "valid_pairs": batch.valid_pairs, "valid_queries": batch.valid_queries,
         "covered_queries": counts["covered_queries"], "cost": counts["cost"],
+        "gold_mass": batch.gold_mass, "mass_hits": counts["mass_hits"],
     }
     full = {k: torch.broadcast_to(v, (c, b, h)).cpu() for k, v in full.items()}
-    ratios = _torch_ratios(**{k: full[k] for k in full if k != "cost"}, cost=full["cost"])
-    r = torch.stack([ratios[name] for name in RATIO_COLUMNS], dim=-1)  # (C, B, H, 6)
-    cnt = torch.stack([full[name].double() for name in COUNT_COLUMNS], dim=-1)  # (C, B, H, 7)
+    ratios = _torch_ratios(**full)
+    r = torch.stack([ratios[name] for name in RATIO_COLUMNS], dim=-1)  # (C, B, H, ratios)
+    cnt = torch.stack([full[name].double() for name in COUNT_COLUMNS], dim=-1)  # (C, B, H, counts)
     has_pairs = full["valid_pairs"] > 0  # a sentence without pairs has NaN ratios and drops out of the means
     ratio_sum[idx, li] += torch.where(has_pairs[..., None], r, 0.0).sum(dim=1)
     count_sum[idx, li] += cnt.sum(dim=1)
@@ -212,7 +246,7 @@ def _config_columns(configs: list[_Config]) -> dict[str, np.ndarray]:
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     for col in COUNT_COLUMNS:
-        if col != "cost":
+        if col not in FLOAT_COUNT_COLUMNS:
             frame[col] = frame[col].round().astype(np.int64)
     for col in CONFIG_COLUMNS:
         frame[col] = frame[col].astype(str)

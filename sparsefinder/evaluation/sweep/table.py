@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from sparsefinder.evaluation.sweep.configs import SWEEP_FORMAT, SWEEP_FORMAT_VERSION, _jsonable
+from sparsefinder.evaluation.sweep.configs import SWEEP_COLUMNS, SWEEP_FORMAT, SWEEP_FORMAT_VERSION, _jsonable
 from sparsefinder.metrics import CONFIG_COLUMNS, RATIO_COLUMNS
 
 
@@ -47,9 +47,15 @@ def load_sweep(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a table written by :func:`save_sweep`; its sidecar (if present) becomes ``frame.attrs["sweep"]``."""
     src = Path(path)
     frame = pd.read_parquet(src)
+    # Tables written before mass recall existed lack its columns: unknown, not zero.
+    for col in ("mass_recall", "gold_mass", "mass_hits"):
+        if col not in frame.columns and "recall" in frame.columns:
+            frame[col] = float("nan")
     missing = [c for c in CONFIG_COLUMNS + ("layer", "head") + RATIO_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{src} is not a sweep table: columns {missing} are missing")
+    if set(SWEEP_COLUMNS) <= set(frame.columns):
+        frame = frame[list(SWEEP_COLUMNS) + [c for c in frame.columns if c not in SWEEP_COLUMNS]]
     side = _sidecar(src)
     if side.is_file():
         info = json.loads(side.read_text(encoding="utf-8"))

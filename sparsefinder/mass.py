@@ -1,0 +1,138 @@
+r"""What a predicted graph keeps of the gold attention: mass recall and output error (docs/method.md §2.2).
+
+Edge recall counts gold edges; it does not say how much *attention* a prediction
+keeps, nor what a sparse kernel computing attention over the predicted pairs only
+would change. For one sentence and head, with gold probabilities :math:`p_{ij}`
+(zero outside the gold graph :math:`G`), valid pairs :math:`V`, real queries
+:math:`Q` and predicted pairs :math:`\hat G`:
+
+.. math::
+    \mathrm{mass\_recall} = \frac{\sum_{(i,j) \in \hat G} p_{ij}}{\sum_{(i,j) \in V} p_{ij}}
+    = \frac{1}{|Q|} \sum_{i \in Q} \sum_{j \in \hat G_i} p_{ij},
+
+since every real row sums to one. It is 1 exactly when :math:`G \subseteq \hat G`,
+and it weighs a missed edge by its probability, so missing a key with
+:math:`p_{ij} = 10^{-4}` costs almost nothing while missing the head's dominant key
+costs most of a row. (Long-context sparse-attention work calls the same quantity
+*attention recall*.)
+
+The **output error** compares the head's dense output :math:`O = P V` with the
+output of entmax restricted to the predicted pairs, :math:`\tilde O = \tilde P V`,
+where :math:`\tilde p_{i\cdot} = \mathrm{entmax}_\alpha(s_{i\cdot})` over
+:math:`\hat G_i` only (scores elsewhere masked out); a query with no predicted key
+outputs zero, as a sparse kernel would:
+
+.. math::
+    \mathrm{output\_error} = \frac{\lVert \tilde O - O \rVert_F}{\lVert O \rVert_F}
+    \quad \text{(over the real queries).}
+
+Because entmax's threshold over a superset of the support is the threshold over
+all keys, :math:`G \subseteq \hat G` gives :math:`\tilde P = P` and an error of 0
+(up to rounding); dropping gold keys renormalises each row over what is left.
+
+The scores are recomputed from the captured queries and keys exactly as the
+model's attention computed them (:func:`attention_scores`: the model's scaling,
+Gemma-2's soft-capping, the layer's valid pairs), so the same code serves a live
+extraction (which also captures ``v``) and a stored corpus (queries and keys only:
+mass recall, no output error).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsefinder.graphs import real_tokens, valid_pair_mask
+from sparsefinder.kernels.entmax import Alpha, entmax
+
+
+def attention_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    lengths: torch.Tensor,
+    causal: bool,
+    window: int | None = None,
+    scaling: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    r"""``(B, H, N, N)`` float32 scores :math:`s_{ij}` of a layer, the pairs its mask forbids at the dtype's minimum.
+
+    ``queries``/``keys`` are ``(B, H, N, d)`` per query head (as captured);
+    ``scaling`` defaults to :math:`d^{-1/2}`; ``softcap`` applies
+    :math:`c \tanh(s / c)` before the mask, as the attention function does. The
+    minimum is finite, so a row without any allowed pair still goes through entmax
+    (its probabilities are then zeroed by :func:`gold_probabilities`).
+    """
+    if scaling is None:
+        scaling = queries.shape[-1] ** -0.5
+    scores = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scaling
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    valid = valid_pair_mask(lengths.to(scores.device), scores.shape[-1], causal, window)
+    return scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
+
+
+def layer_alpha(alpha: Alpha | list, heads: int) -> Alpha:
+    """One layer's alpha as :func:`~sparsefinder.kernels.entmax.entmax` takes it: a float, or ``(1, H, 1, 1)``.
+
+    ``alpha`` is a float, a per-head sequence or tensor of length ``heads``.
+    """
+    if isinstance(alpha, int | float):
+        return float(alpha)
+    values = torch.as_tensor(alpha, dtype=torch.float32).flatten()
+    if values.numel() == 1:
+        return float(values)
+    if values.numel() != heads:
+        raise ValueError(f"alpha has {values.numel()} values for a layer of {heads} heads")
+    return values.view(1, heads, 1, 1)
+
+
+def _restricted(scores: torch.Tensor, keep: torch.Tensor, alpha: Alpha) -> torch.Tensor:
+    """entmax over the kept pairs only; rows without a kept pair are all zero."""
+    probs = entmax(scores.masked_fill(~keep, torch.finfo(scores.dtype).min), alpha)
+    # where, not a product: bisection over a row of equal minima may give NaN, and NaN * 0 is NaN.
+    return torch.where(keep.any(dim=-1, keepdim=True), probs, 0.0)
+
+
+def gold_probabilities(scores: torch.Tensor, lengths: torch.Tensor, causal: bool, window: int | None,
+                       alpha: Alpha) -> torch.Tensor:
+    """``(B, H, N, N)`` entmax probabilities of :func:`attention_scores`, zero outside the valid pairs."""
+    valid = valid_pair_mask(lengths.to(scores.device), scores.shape[-1], causal, window)
+    return _restricted(scores, valid.expand_as(scores), alpha)
+
+
+def mass_counts(probs: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gold_mass, mass_hits)``, each ``(B, H)`` float64: the probability on the valid pairs, and on ``edges``.
+
+    ``probs`` is zero outside the valid pairs, so ``gold_mass`` is the number of real
+    queries up to rounding; ``edges`` is ``(B, H|1, N, N)`` bool.
+    """
+    p = probs.double()
+    return p.sum(dim=(-1, -2)), (p * edges.to(p.device)).sum(dim=(-1, -2))
+
+
+def output_error(
+    scores: torch.Tensor,
+    values: torch.Tensor,
+    edges: torch.Tensor,
+    lengths: torch.Tensor,
+    causal: bool,
+    window: int | None,
+    alpha: Alpha,
+) -> torch.Tensor:
+    r"""``(B, H)`` float64 relative L2 error :math:`\lVert \tilde O - O \rVert_F / \lVert O \rVert_F` (see above).
+
+    ``scores`` from :func:`attention_scores`; ``values`` ``(B, H, N, d_v)`` per query
+    head; ``edges`` the predicted graph ``(B, H|1, N, N)`` (pairs outside the layer's
+    mask are ignored). NaN for a sentence without real tokens; 0 when both outputs
+    are zero.
+    """
+    valid = valid_pair_mask(lengths.to(scores.device), scores.shape[-1], causal, window).expand_as(scores)
+    v = values.float().to(scores.device)
+    dense = torch.matmul(_restricted(scores, valid, alpha), v)
+    approx = torch.matmul(_restricted(scores, valid & edges.to(scores.device), alpha), v)
+    real = real_tokens(lengths.to(scores.device), scores.shape[-1])[:, None, :, None]
+    diff = ((approx - dense).double() * real).square().sum(dim=(-1, -2)).sqrt()
+    norm = (dense.double() * real).square().sum(dim=(-1, -2)).sqrt()
+    err = torch.where(norm > 0, diff / norm.clamp(min=torch.finfo(torch.float64).tiny),
+                      torch.where(diff > 0, float("inf"), 0.0))
+    return err.masked_fill((lengths.to(err.device) == 0)[:, None], float("nan"))
