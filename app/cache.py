@@ -247,3 +247,21 @@ def corpus_texts(result: rs.Result) -> tuple[str, ...]:
     if result.store is None:
         return _texts(None, "default")
     return _texts(str(result.store), rs.fingerprint(result.store / "manifest.json"))
+
+
+@st.cache_data(show_spinner=False, max_entries=2)
+def _study_report(name: str, result_name: str, store: str | None, versions: tuple[str, ...]) -> bytes:
+    from sparsefinder.report import study_report
+
+    return study_report(model=name, result=result_name, store=store).encode("utf-8")
+
+
+def study_report(name: str, result: rs.Result) -> bytes:
+    """The study report (:func:`sparsefinder.report.study_report`) of ``result``, with its store when saved;
+    made once per version of its files (~5 MB, a few seconds)."""
+    from sparsefinder.report import interpret_dir
+
+    store = None if result.store is None else str(result.store)
+    versions = (result.key, rs.fingerprint(result.curves), rs.fingerprint(interpret_dir(name, result)),
+                rs.fingerprint(None if result.store is None else result.store / "manifest.json"))
+    return _study_report(name, result.name, store, versions)

@@ -1,5 +1,5 @@
 """The CLI's figures: ``--figure FILE`` / ``--style`` on every subcommand that draws, and the two
-subcommands that only read shipped or saved tables and draw them (``pareto``, ``clusters``).
+subcommands that only read shipped or saved tables and draw them (``pareto``, ``clusters``, ``report``).
 
 Kept out of :mod:`sparsefinder.cli` so that module stays the parser and the corpus/model commands;
 every figure is written by :func:`sparsefinder.plots.export.save_figure`, as the dashboard's downloads.
@@ -91,8 +91,43 @@ def cmd_clusters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """One standalone offline HTML study report of a store and/or a model's result (sparsefinder.report)."""
+    from pathlib import Path
+
+    from sparsefinder.report import study_report, write_report
+
+    if not args.out.lower().endswith((".html", ".htm")):  # checked before minutes of reading
+        raise ValueError(f"--out {args.out}: a study report is an HTML file; end the name in .html")
+    if not (args.store or args.report_model or args.sweep or args.curves or args.interpret):
+        raise ValueError("nothing to report: give --store DIR and/or --model NAME (or --sweep/--curves/--interpret)")
+    start = time.perf_counter()
+    document = study_report(model=args.report_model, result=args.result, store=args.store, sweep=args.sweep,
+                            curves=args.curves, interpret=args.interpret,
+                            runs=Path(args.runs) if args.runs else None)
+    out = write_report(args.out, document)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes, {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def add_report_parser(sub) -> None:
+    """The ``report`` subcommand: its own ``--model`` (default: the store's model, not the default model)."""
+    sp = sub.add_parser("report", help="one standalone offline HTML study report of a store and a model's result")
+    sp.add_argument("--store", default=None, help="extraction store: provenance and gold sparsity of its corpus")
+    sp.add_argument("--model", dest="report_model", default=None,
+                    help="registered model whose results to report (default: the store's model, else the default)")
+    sp.add_argument("--result", default=None,
+                    help="the model's result: 'shipped' or a saved result's name (default: the store's, else shipped)")
+    sp.add_argument("--runs", default=None, help="saved results' folder (default: $SPARSEFINDER_RUNS or runs/ui)")
+    sp.add_argument("--sweep", default=None, help="sweep Parquet file instead of the result's")
+    sp.add_argument("--curves", default=None, help="curves Parquet file (sparsefinder curves) instead of the result's")
+    sp.add_argument("--interpret", default=None, help="interpretation tables directory instead of the result's")
+    sp.add_argument("--out", required=True, help="output HTML file (written atomically)")
+    sp.set_defaults(func=cmd_report)
+
+
 def add_table_parsers(sub, model_args) -> None:
-    """The ``pareto`` and ``clusters`` subcommands (read tables, print them, draw them)."""
+    """The ``pareto``, ``clusters`` and ``report`` subcommands (read tables, print them, draw them)."""
     sp = sub.add_parser("pareto", help="each method's Pareto front of recall against sparsity from a sweep table")
     sp.add_argument("--sweep", default=None, help="sweep Parquet file (default: the model's result's sweep)")
     sp.add_argument("--result", default="shipped", help="the model's result: 'shipped' or a saved result's name")
@@ -114,3 +149,4 @@ def add_table_parsers(sub, model_args) -> None:
     add_figure_args(sp, "the clusters × POS heatmap")
     sp.set_defaults(func=cmd_clusters)
     model_args(sp)
+    add_report_parser(sub)

@@ -149,6 +149,34 @@ def show_curves(name: str) -> None:
         state.download_figure(fig, f"curves-{name}-{metric}", key="curves_html")
 
 
+def report_bytes(name: str) -> bytes:
+    """The active result's study report, or a one-paragraph HTML page saying why it could not be made.
+
+    Called by the download button when clicked (outside the page's run, so outside its error boundary):
+    the error goes to the server log and the visitor gets a short file, never a traceback.
+    """
+    import html
+
+    try:
+        return cache.study_report(name, state.active_result(name))
+    except Exception as e:
+        state.LOG.exception("the study report failed")
+        return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Study report</title></head><body>"
+                f"<p>The study report could not be made: {html.escape(state.error_message(e))}.</p></body></html>"
+                ).encode()
+
+
+def report_button(name: str) -> None:
+    """One standalone offline HTML report of the active result (sparsefinder report), made only when clicked."""
+    st.download_button(
+        "Download study report", lambda: report_bytes(name), file_name=f"study-{name}.html", mime="text/html",
+        icon=":material/summarize:", key="study_report", on_click="ignore",
+        help="Provenance, gold sparsity, the Pareto fronts, the head ranking, clusters × POS and the "
+             "sparsity–accuracy curves in one HTML file that opens offline, each with the command that "
+             "reproduces it (as `sparsefinder report`).",
+    )
+
+
 def main() -> None:
     name = ss[state.MODEL]
     st.title("Pareto fronts")
@@ -183,6 +211,8 @@ def main() -> None:
     fig.update_layout(width=None)
     event = st.plotly_chart(fig, key="pareto_chart", on_select="rerun", selection_mode="points")
     state.download_figure(fig, f"pareto-{name}-{resolution.replace(' ', '-')}", key="pareto_chart_html")
+    with state.error_boundary("study report"):
+        report_button(name)
 
     order = {m: i for i, m in enumerate(REGISTRY)}
     table = front[front["on_front"]][FRONT_COLUMNS]
