@@ -15,6 +15,7 @@ from sparsefinder.cli_commands import (  # the parser looks them up here, so a t
     cmd_gold,
     cmd_interpret,
     cmd_models,
+    cmd_predict,
     cmd_results,
     cmd_sweep,
     cmd_train,
@@ -132,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_figure_args(sp, "the layers × heads gold sparsity, or one head with --layer/--head,")
     model_args(sp)
     sp.set_defaults(func=cmd_gold)
+
+    sp = sub.add_parser("predict", help="a predictor on a text: recall, mass recall, output error … per layer")
+    sp.add_argument("text", nargs="?", help="text to analyse (default: standard input)")
+    sp.add_argument("--method", required=True, help="a registered predictor (sparsefinder results lists them)")
+    sp.add_argument("--params", default=None, help='its parameters as JSON, e.g. \'{"window": 2}\' (default: its own)')
+    sp.add_argument("--result", default="shipped",
+                    help="the model's result whose projections and fitted state the method uses")
+    sp.add_argument("--lines", action="store_true", help="treat each line as a separate text")
+    sp.add_argument("--json", action="store_true")
+    model_args(sp)
+    sp.set_defaults(func=cmd_predict)
 
     sp = sub.add_parser("compare-models", help="two models or two alphas: per-head gold sparsity and the "
                                                "Jaccard overlap of their gold graphs")

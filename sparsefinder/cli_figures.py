@@ -71,7 +71,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     front, where = sweep_fronts(frame, args.layer, args.head, methods)
     winners = front[front["on_front"]].sort_values(["method", "sparsity"])
     print(f"Pareto fronts ({where}), {len(winners)} of {len(front)} configurations:")
-    print(winners[["method", "params", "sparsity", "recall"]].round(3).to_string(index=False))
+    print(winners[["method", "params", "sparsity", "recall", "mass_recall"]].round(3).to_string(index=False))
     write_figure(args, pareto_figure(front, title=f"Recall against sparsity ({where})"))
     return 0
 

@@ -18,6 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from sparsefinder import results as rs
+from sparsefinder.metrics import HEAD_METRICS
 
 
 def _model_name(model: str | None) -> str:
@@ -96,8 +97,9 @@ def _check_sentence(ex, sentence: int) -> None:
 
 def compare_methods(ex, configs: Mapping[str, Mapping[str, Any] | str | None] | Sequence[str],
                     artifacts: rs.ResultArtifacts | None = None) -> pd.DataFrame:
-    """Each method's graph on ``ex`` against the gold one: mean recall, precision, sparsity and exact rows
-    over its sentences, layers and heads, one row per method, in the order given.
+    """Each method's graph on ``ex`` against the gold one: the means of
+    :data:`~sparsefinder.metrics.HEAD_METRICS` (recall, mass recall, precision, sparsity, exact, output
+    error) over its sentences, layers and heads, one row per method, in the order given.
 
     ``configs``: method → parameters (a mapping, a sweep-table ``params`` string, or None for the
     method's defaults), or just method names. A fitted method (k-means, the learned ones) runs with the
@@ -117,8 +119,7 @@ def compare_methods(ex, configs: Mapping[str, Mapping[str, Any] | str | None] | 
         p = predict_batch(ex, method, params, projections=projections, fitted=fitted)
         shown = "" if params is None else params if isinstance(params, str) else json.dumps(dict(params),
                                                                                              separators=(",", ":"))
-        rows.append({"method": method, "params": shown,
-                     **{k: float(np.nanmean(p.metrics[k])) for k in ("recall", "precision", "sparsity", "exact")}})
+        rows.append({"method": method, "params": shown, **{k: float(np.nanmean(p.metrics[k])) for k in HEAD_METRICS}})
     return pd.DataFrame(rows)
 
 

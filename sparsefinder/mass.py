@@ -30,7 +30,10 @@ Because entmax's threshold over a superset of the support is the threshold over
 all keys, :math:`G \subseteq \hat G` gives :math:`\tilde P = P` and an error of 0
 (up to rounding); dropping gold keys renormalises each row over what is left.
 
-The scores are recomputed from the captured queries and keys exactly as the
+Everything here is computed in float64 with the ``entmax`` package's sorting
+``entmax15`` (bisection for other alpha): the numbers then do not depend on how
+sentences were padded into batches, nor on the CPU's vector width, to ~1e-15.
+The scores are recomputed from the captured queries and keys as the
 model's attention computed them (:func:`attention_scores`: the model's scaling,
 Gemma-2's soft-capping, the layer's valid pairs), so the same code serves a live
 extraction (which also captures ``v``) and a stored corpus (queries and keys only:
@@ -40,9 +43,10 @@ mass recall, no output error).
 from __future__ import annotations
 
 import torch
+from entmax import entmax15, entmax_bisect
 
 from sparsefinder.graphs import real_tokens, valid_pair_mask
-from sparsefinder.kernels.entmax import Alpha, entmax
+from sparsefinder.kernels.entmax import Alpha, check_alpha
 
 
 def attention_scores(
@@ -54,7 +58,7 @@ def attention_scores(
     scaling: float | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    r"""``(B, H, N, N)`` float32 scores :math:`s_{ij}` of a layer, the pairs its mask forbids at the dtype's minimum.
+    r"""``(B, H, N, N)`` float64 scores :math:`s_{ij}` of a layer, the pairs its mask forbids at the dtype's minimum.
 
     ``queries``/``keys`` are ``(B, H, N, d)`` per query head (as captured);
     ``scaling`` defaults to :math:`d^{-1/2}`; ``softcap`` applies
@@ -64,7 +68,7 @@ def attention_scores(
     """
     if scaling is None:
         scaling = queries.shape[-1] ** -0.5
-    scores = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scaling
+    scores = torch.matmul(queries.double(), keys.double().transpose(-1, -2)) * scaling
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     valid = valid_pair_mask(lengths.to(scores.device), scores.shape[-1], causal, window)
@@ -72,13 +76,14 @@ def attention_scores(
 
 
 def layer_alpha(alpha: Alpha | list, heads: int) -> Alpha:
-    """One layer's alpha as :func:`~sparsefinder.kernels.entmax.entmax` takes it: a float, or ``(1, H, 1, 1)``.
+    """One layer's alpha as :func:`entmax64` takes it: a float, or ``(1, H, 1, 1)``.
 
     ``alpha`` is a float, a per-head sequence or tensor of length ``heads``.
     """
+    check_alpha(alpha)
     if isinstance(alpha, int | float):
         return float(alpha)
-    values = torch.as_tensor(alpha, dtype=torch.float32).flatten()
+    values = torch.as_tensor(alpha, dtype=torch.float64).flatten()
     if values.numel() == 1:
         return float(values)
     if values.numel() != heads:
@@ -86,16 +91,32 @@ def layer_alpha(alpha: Alpha | list, heads: int) -> Alpha:
     return values.view(1, heads, 1, 1)
 
 
+def entmax64(scores: torch.Tensor, alpha: Alpha = 1.5) -> torch.Tensor:
+    """alpha-entmax over the last dim in float64: sorting ``entmax15`` for 1.5, softmax for 1, else bisection.
+
+    The sort makes a row's result independent of trailing masked entries (padding), bit for bit.
+    """
+    scores = scores.double()
+    if isinstance(alpha, float) and alpha == 1.5:
+        return entmax15(scores, dim=-1)
+    if isinstance(alpha, float) and alpha == 1.0:
+        return torch.softmax(scores, dim=-1)
+    a = torch.as_tensor(alpha, dtype=torch.float64, device=scores.device)
+    if bool((a <= 1).any()):
+        raise ValueError("a per-head alpha must be > 1 for every head (1 is softmax)")
+    return entmax_bisect(scores, alpha=a.expand(*scores.shape[:-1], 1), dim=-1, n_iter=60)
+
+
 def _restricted(scores: torch.Tensor, keep: torch.Tensor, alpha: Alpha) -> torch.Tensor:
     """entmax over the kept pairs only; rows without a kept pair are all zero."""
-    probs = entmax(scores.masked_fill(~keep, torch.finfo(scores.dtype).min), alpha)
+    probs = entmax64(scores.masked_fill(~keep, torch.finfo(scores.dtype).min), alpha)
     # where, not a product: bisection over a row of equal minima may give NaN, and NaN * 0 is NaN.
     return torch.where(keep.any(dim=-1, keepdim=True), probs, 0.0)
 
 
 def gold_probabilities(scores: torch.Tensor, lengths: torch.Tensor, causal: bool, window: int | None,
                        alpha: Alpha) -> torch.Tensor:
-    """``(B, H, N, N)`` entmax probabilities of :func:`attention_scores`, zero outside the valid pairs."""
+    """``(B, H, N, N)`` float64 entmax probabilities of :func:`attention_scores`, zero outside the valid pairs."""
     valid = valid_pair_mask(lengths.to(scores.device), scores.shape[-1], causal, window)
     return _restricted(scores, valid.expand_as(scores), alpha)
 
@@ -127,12 +148,12 @@ def output_error(
     are zero.
     """
     valid = valid_pair_mask(lengths.to(scores.device), scores.shape[-1], causal, window).expand_as(scores)
-    v = values.float().to(scores.device)
+    v = values.double().to(scores.device)
     dense = torch.matmul(_restricted(scores, valid, alpha), v)
     approx = torch.matmul(_restricted(scores, valid & edges.to(scores.device), alpha), v)
     real = real_tokens(lengths.to(scores.device), scores.shape[-1])[:, None, :, None]
-    diff = ((approx - dense).double() * real).square().sum(dim=(-1, -2)).sqrt()
-    norm = (dense.double() * real).square().sum(dim=(-1, -2)).sqrt()
+    diff = ((approx - dense) * real).square().sum(dim=(-1, -2)).sqrt()
+    norm = (dense * real).square().sum(dim=(-1, -2)).sqrt()
     err = torch.where(norm > 0, diff / norm.clamp(min=torch.finfo(torch.float64).tiny),
                       torch.where(diff > 0, float("inf"), 0.0))
     return err.masked_fill((lengths.to(err.device) == 0)[:, None], float("nan"))

@@ -284,7 +284,7 @@ class ExtractionStore:
         }
 
     def gold_probabilities(self, batch: LayerBatch) -> tuple[torch.Tensor, int]:
-        """``(B, H, N, N)`` float32 gold probabilities of a batch, recomputed from its q and k.
+        """``(B, H, N, N)`` float32 gold probabilities of a batch, recomputed (in float64) from its q and k.
 
         They are zero off the stored gold graph. Also returns how many pairs' recomputed
         support (``p > 0``) disagrees with the stored gold bits: 0 when the recomputation
@@ -298,7 +298,8 @@ class ExtractionStore:
                                    layer_alpha(cfg["alpha"], self.num_heads))
         gold = batch.gold.edges.to(probs.device)
         mismatched = int(((probs > 0) != gold).sum())
-        return probs * gold, mismatched
+        # float32 for the sweep's many products; rounding each value is independent of the batch's padding.
+        return (probs * gold).float(), mismatched
 
     def lengths(self) -> np.ndarray:
         """``(S,)`` int64 sentence lengths in corpus order (reads only the small index arrays)."""

@@ -38,7 +38,7 @@ def summarise(frame: pd.DataFrame, by: Sequence[str] = ("method",)) -> pd.DataFr
     out = grouped[list(RATIO_COLUMNS)].mean()
     out["heads"] = grouped.size()
     if counts:
-        out = out.join(grouped[counts].sum())
+        out = out.join(grouped[counts].sum(min_count=1))  # unknown mass stays NaN
     return out.reset_index()
 
 
