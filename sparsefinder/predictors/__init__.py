@@ -12,7 +12,8 @@ and :func:`get_predictor` see them all::
 Modules: :mod:`.base` (protocol, registry, shared window/global helpers),
 :mod:`.paper` (distance, bucketing, k-means, blocks), :mod:`.baselines`
 (window, BigBird, Longformer, Reformer, Routing, strided), :mod:`.patterns`
-(Breaking BERT's syntax, lexical, position, random), :mod:`.exact` (the exact support by block bounds), :mod:`.pages` (page-level support estimates), :mod:`.learned`
+(Breaking BERT's syntax, lexical, position, random), :mod:`.exact` (the exact support by block bounds),
+:mod:`.pages` (page-level support estimates), :mod:`.learned`
 (per-head budgets: calibrated distance, top-k, priors, stacked, cascade, global band, the MLP),
 :mod:`.clustering` (batched seeded k-means and the projected-space distances), :mod:`.constraints`
 (declared hyperparameter checks), :mod:`.methods` (which methods can run on given artifacts, parameter keys).
