@@ -62,8 +62,8 @@ from sparsefinder.kernels.exact_bounds import _lower, entmax_threshold
 from sparsefinder.predictors.base import CoreResult, Predictor, register
 from sparsefinder.predictors.constraints import Constraint, Int, Real
 
-PAGE_SIZES: tuple[int, ...] = (8, 16, 32)
-"""Default page sizes."""
+PAGE_SIZES: tuple[int, ...] = (2, 4, 8, 16, 32)
+"""Default page sizes: small ones too, since the default corpus averages 29 tokens (a 32-token page is a sentence)."""
 SLACKS: tuple[float, ...] = (0.0, 0.5, 0.75, 0.9, 1.0)
 """Default slacks of the superset variant (0: certified)."""
 SPARSITIES: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95)

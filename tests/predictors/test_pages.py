@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsefinder.predictors import get_predictor
-from sparsefinder.predictors.pages import PageStats, PagesPredictor
+from sparsefinder.predictors.pages import PagesPredictor, PageStats
 
 FAST = settings(max_examples=30, deadline=None)
 AMBIGUOUS = 1e-9
@@ -210,7 +210,7 @@ def test_bad_hyperparameters_fail_at_predict(params):
 
 def test_default_grid_has_both_variants_and_valid_points():
     grid = PagesPredictor.grid()
-    assert {p["page_size"] for p in grid} == {8, 16, 32}
+    assert {p["page_size"] for p in grid} == {2, 4, 8, 16, 32}
     assert any(p["sparsity"] is None and p["slack"] == 0 for p in grid)  # the certified superset
     assert {p["sparsity"] for p in grid if p["sparsity"] is not None} == {0.5, 0.7, 0.8, 0.9, 0.95}
     for point in grid:
