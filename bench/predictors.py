@@ -19,8 +19,13 @@
    the gold computation (dense q·kᵀ, then ``entmax.entmax15``, then the support),
    and each predictor's ``predict`` (projection included), plus the
    sub-quadratic paths (``cascade.support``, ``global_band.support``).
+5. ``pages`` (page-level support estimates, :mod:`sparsefinder.predictors.pages`; no fitting, raw q, k):
+   its default grid swept on the validation split (:func:`sparsefinder.evaluation.sweep.run_sweep`), the best
+   recall at mean sparsity >= each level with its efficiency (1 - pairs scored / n²), and its ``predict``
+   time per sentence. ``--pages-only`` runs this part alone.
 
     .venv/bin/python bench/predictors.py [--layers 0,1,2,3,4,5] [--save-fitted DIR] [--json out.json]
+    .venv/bin/python bench/predictors.py --pages-only [--levels 0.7,0.8,0.9] [--json out.json]
 """
 
 from __future__ import annotations
@@ -195,6 +200,51 @@ def time_costs(val: ExtractionStore, n: int, layers: list[int], projs: dict, fit
     return out
 
 
+def pages_rows(val: ExtractionStore, layers: list[int], levels: tuple[float, ...], threads: int) -> dict:
+    """``pages`` on its default grid: per level, the best mean-over-heads recall at mean sparsity >= level."""
+    from sparsefinder.evaluation.pareto import best_recall_at
+    from sparsefinder.evaluation.sweep import run_sweep
+
+    t0 = time.perf_counter()
+    frame = run_sweep(val, None, methods=["pages"], layers=layers, progress=False, threads=threads)
+    seconds = time.perf_counter() - t0
+    out: dict = {"sweep_seconds": seconds, "configurations": int(frame["params"].nunique()), "levels": {}}
+    for level in levels:
+        best = best_recall_at(frame, level).iloc[0]
+        out["levels"][level] = None if not isinstance(best["params"], str) else {
+            "params": best["params"], "recall": float(best["recall"]), "sparsity": float(best["sparsity"]),
+            "exact": float(best["exact"]), "efficiency": float(best["efficiency"])}
+    print(f"\npages (default grid, {out['configurations']} configurations, swept in {seconds:.0f}s): best recall at "
+          "mean sparsity >= level (mean over heads)")
+    print("| level | params | recall | sparsity | exact | efficiency |")
+    print("|---|---|---|---|---|---|")
+    for level, row in out["levels"].items():
+        if row is None:
+            print(f"| {level} | — | | | | |")
+        else:
+            print(f"| {level} | `{row['params']}` | {row['recall']:.3f} | {row['sparsity']:.3f} | {row['exact']:.3f} "
+                  f"| {row['efficiency']:.3f} |")
+    return out
+
+
+def pages_time(val: ExtractionStore, n: int, layers: list[int]) -> list[tuple[str, float]]:
+    """Median ms per sentence of ``n`` tokens, all heads of ``layers``, of ``pages`` predict (two variants)."""
+    _, qk = timing_inputs(val, n, layers)
+    lengths = torch.tensor([n])
+    out = []
+    for label, params in (("pages superset (page 16, slack 0)", {"page_size": 16}),
+                          ("pages budget (page 4, sparsity 0.8)", {"page_size": 4, "slack": 0.5, "sparsity": 0.8})):
+        pred = get_predictor("pages", **params)
+
+        def run(p=pred) -> None:
+            for layer in layers:
+                p.predict(*qk[layer], lengths)
+
+        with torch.no_grad():
+            out.append((label, median_ms(run, 5 if n <= 128 else 3)))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", default="runs/default/train")
@@ -215,6 +265,7 @@ def main() -> int:
                          "stacked, cascade and distance rows on them")
     ap.add_argument("--levels", default="0.7,0.8", help="comma-separated target mean sparsities")
     ap.add_argument("--rows", default=None, help="comma-separated methods: only their rows (and the reference)")
+    ap.add_argument("--pages-only", action="store_true", help="only the pages part (5. above)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     global LEVELS
@@ -222,6 +273,18 @@ def main() -> int:
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
     t_start = time.perf_counter()
 
+    if args.pages_only:
+        val = ExtractionStore.open(args.val)
+        layers = list(range(val.num_layers)) if args.layers is None else [int(x) for x in args.layers.split(",")]
+        pages = pages_rows(val, layers, LEVELS, args.threads)
+        pages["cost_ms"] = [(n, label, ms) for n in [int(x) for x in args.lengths.split(",") if x]
+                            for label, ms in pages_time(val, n, layers)]
+        for n, label, ms in pages["cost_ms"]:
+            print(f"n = {n}: {label}: {ms:.1f} ms ({len(layers)} layer(s) x {val.num_heads} heads)")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"pages": pages, "layers": layers,
+                                                   "threads": torch.get_num_threads()}, indent=1, default=str))
+        return 0
     train, val = ExtractionStore.open(args.train), ExtractionStore.open(args.val)
     projs = {"paper": Projections.load(args.paper_projections, store=val),
              "listwise": ensure_listwise(Path(args.projections), train, val)}
@@ -337,6 +400,9 @@ def main() -> int:
         print("|---|---|---|---|")
         for label, ms in rows_n:
             print(f"| {label} | {ms:.1f} | {ms / base:.2f} | {ms / gold_ms:.3f} |")
+    pages = pages_rows(val, layers, LEVELS, args.threads)
+    pages["cost_ms"] = [(n, label, ms) for n in [int(x) for x in args.lengths.split(",") if x]
+                        for label, ms in pages_time(val, n, layers)]
     cascade_sizes = {}
     for (name, kind, params), by_layer in fitted_models.items():
         if name == "cascade":
@@ -363,7 +429,8 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"recall": results, "cost_ms": cost_rows, "layers": layers,
                                                "threads": torch.get_num_threads(),
-                                               "cascade_scored_fraction": cascade_sizes}, indent=1, default=str))
+                                               "cascade_scored_fraction": cascade_sizes, "pages": pages},
+                                              indent=1, default=str))
     return 0
 
 

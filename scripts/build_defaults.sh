@@ -26,6 +26,8 @@ $sf train --loss listwise --rank 8 --store "$runs/train" --val-store "$runs/val"
 $sf sweep --store "$runs/val" --projections "data/projections/$model-listwise-r8" --fit-store "$runs/train" \
     --methods learned --threads 1 \
     --save-fitted "data/fitted/$model-learned" --out "data/sweeps/$model-learned-validation.parquet"
+# Page-level support estimates (docs/method.md §9): raw q, k, nothing to fit; drawn beside the others on the Pareto page.
+$sf sweep --store "$runs/val" --methods pages --threads 1 --out "data/sweeps/$model-pages-validation.parquet"
 # Projections trained through the stacked model's loss (the best stacked predictor; for stacked/cascade only).
 $sf train --loss stacked --init "data/projections/$model-listwise-r8" --store "$runs/train" --val-store "$runs/val" \
     --out "data/projections/$model-stacked-r8"

@@ -172,12 +172,13 @@ def _file(path: Path | None) -> Path | None:
 def shipped_result(model_name: str) -> Result:
     """The artifacts ``data/models.json`` declares for ``model_name``."""
     spec = load_registry()[model_name]
-    learned = _file(spec.artifact("learned_sweep"))
+    # Sweeps shipped beside the paper's, drawn with it on the Pareto page: the learned predictors', pages'.
+    extra = tuple(f for f in (_file(spec.artifact(kind)) for kind in ("learned_sweep", "pages_sweep")) if f)
     return Result(
         name=SHIPPED, is_default=True, store=None,
         projections=_dir(spec.artifact("projections")), fitted=_dir(spec.artifact("fitted")),
         sweep=_file(spec.artifact("sweep")), curves=_file(spec.artifact("curves")),
-        extra_sweeps=(learned,) if learned is not None else (),
+        extra_sweeps=extra,
         learned_projections=spec.artifact("learned_projections"), learned_fitted=spec.artifact("learned_fitted"),
     )
 

@@ -28,9 +28,10 @@ def data(tmp_path, monkeypatch):
         (d / sub).mkdir(parents=True)
     sweep_table(["kmeans"]).to_parquet(d / "sweep.parquet")
     sweep_table(["kmeans", "stacked"]).to_parquet(d / "learned.parquet")
+    sweep_table(["pages"]).to_parquet(d / "pages.parquet")
     models = {"default": "m", "models": {"m": {"path": "pkg:none", "alpha": 1.5, "artifacts": {
         "projections": "proj", "fitted": "fit", "sweep": "sweep.parquet", "learned_sweep": "learned.parquet",
-        "learned_projections": "lproj", "learned_fitted": "lfit"}}}}
+        "pages_sweep": "pages.parquet", "learned_projections": "lproj", "learned_fitted": "lfit"}}}}
     (d / "models.json").write_text(json.dumps(models), encoding="utf-8")
     monkeypatch.setenv("SPARSEFINDER_DATA", str(d))
     monkeypatch.setenv(rs.RUNS_ENV, str(tmp_path / "runs"))
@@ -56,7 +57,7 @@ def test_shipped_result_resolves_declared_paths(data):
     r = rs.shipped_result("m")
     assert (r.name, r.is_default, r.store) == (rs.SHIPPED, True, None)
     assert r.projections == data / "proj" and r.fitted == data / "fit" and r.sweep == data / "sweep.parquet"
-    assert r.extra_sweeps == (data / "learned.parquet",) and r.curves is None  # declared-but-absent is None
+    assert r.extra_sweeps == (data / "learned.parquet", data / "pages.parquet") and r.curves is None  # absent: None
     assert r.learned_projections == data / "lproj" and r.learned_fitted == data / "lfit"
 
 
@@ -132,9 +133,9 @@ def test_merge_sweeps_keeps_each_method_from_the_first_table_that_has_it():
     assert rs.merge_sweeps([a]) is a
 
 
-def test_load_result_sweep_merges_the_learned_table(data):
+def test_load_result_sweep_merges_the_learned_and_pages_tables(data):
     frame = rs.load_result_sweep(rs.shipped_result("m"))
-    assert frame["method"].tolist() == ["kmeans", "stacked"]
+    assert frame["method"].tolist() == ["kmeans", "stacked", "pages"]
 
 
 def test_params_options_prefer_the_sweep_table():

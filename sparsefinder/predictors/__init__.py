@@ -12,7 +12,8 @@ and :func:`get_predictor` see them all::
 Modules: :mod:`.base` (protocol, registry, shared window/global helpers),
 :mod:`.paper` (distance, bucketing, k-means, blocks), :mod:`.baselines`
 (window, BigBird, Longformer, Reformer, Routing, strided), :mod:`.patterns`
-(Breaking BERT's syntax, lexical, position, random), :mod:`.exact` (the exact support by block bounds), :mod:`.learned`
+(Breaking BERT's syntax, lexical, position, random), :mod:`.exact` (the exact support by block bounds),
+:mod:`.pages` (page-level support estimates), :mod:`.learned`
 (per-head budgets: calibrated distance, top-k, priors, stacked, cascade, global band, the MLP),
 :mod:`.clustering` (batched seeded k-means and the projected-space distances), :mod:`.constraints`
 (declared hyperparameter checks), :mod:`.methods` (which methods can run on given artifacts, parameter keys).
@@ -24,6 +25,7 @@ from sparsefinder.predictors import baselines
 from sparsefinder.predictors.learned import budgets, stacked, cascade, global_band, mlp
 from sparsefinder.predictors import patterns
 from sparsefinder.predictors import exact
+from sparsefinder.predictors import pages
 from sparsefinder.predictors.base import (
     REGISTRY,
     NotFittedError,
@@ -46,6 +48,7 @@ __all__ = [
     "exact",
     "global_band",
     "mlp",
+    "pages",
     "stacked",
     "list_predictors",
     "patterns",

@@ -435,12 +435,13 @@ def sweep_frame(lib):
     if path is None or not path.is_file():
         pytest.skip(f"model {lib.name} ships no sweep table")
     frame = load_sweep(path)
-    learned = spec.artifact("learned_sweep")
-    if learned is not None and learned.is_file():  # shown beside the paper's methods, its own methods only
-        import pandas as pd
+    for kind in ("learned_sweep", "pages_sweep"):
+        extra_path = spec.artifact(kind)
+        if extra_path is not None and extra_path.is_file():  # shown beside the paper's methods, its own methods only
+            import pandas as pd
 
-        extra = load_sweep(learned)
-        frame = pd.concat([frame, extra[~extra["method"].isin(set(frame["method"]))]], ignore_index=True)
+            extra = load_sweep(extra_path)
+            frame = pd.concat([frame, extra[~extra["method"].isin(set(frame["method"]))]], ignore_index=True)
     return frame
 
 

@@ -100,6 +100,9 @@ def _grids(store: ExtractionStore, proj: Projections) -> dict[str, list[dict[str
         "lexical": [{"sparsity": 0.5}, {"sparsity": 0.8}],
         "position": [{"window": 1}, {"window": 5}],
         "random": [{"sparsity": s} for s in (0.5, 0.8, 0.95)] + [{"sparsity": 0.7, "window": 3}],
+        # Pages of 2-4 tokens: these sentences are short, so larger pages would hold whole sentences.
+        "pages": [{"page_size": 2}, {"page_size": 3, "slack": 0.75}, {"page_size": 2, "slack": 0.5, "sparsity": 0.7},
+                  {"page_size": 4, "sparsity": 0.5, "window": 3, "global_tokens": True}],
     }
 
 

@@ -27,7 +27,7 @@ ALL = [
     "distance", "bucketing", "kmeans", "blocks",
     "window", "bigbird", "longformer", "reformer", "routing", "strided",
     "distance_budget", "topk", "stacked", "priors", "cascade", "global_band", "stacked_mlp",
-    "syntax", "lexical", "position", "random", "exact_bounds",
+    "syntax", "lexical", "position", "random", "exact_bounds", "pages",
 ]
 DEFAULT_COST = ["blocks", "window", "bigbird", "longformer", "strided", "syntax", "lexical", "position", "random"]
 
@@ -178,8 +178,9 @@ def test_expand_methods_reads_families_from_the_registry():
     from sparsefinder.predictors import expand_methods
 
     paper = expand_methods("sparsefinder,baseline,pattern")
-    assert paper == [m for m in ALL if REGISTRY[m].family in ("sparsefinder", "baseline", "pattern")]
-    assert len(paper) == 14  # the paper's comparison: 4 Sparsefinder methods, 6 baselines, 4 patterns
+    # Family by family, each in registration order.
+    assert paper == [m for f in ("sparsefinder", "baseline", "pattern") for m in ALL if REGISTRY[m].family == f]
+    assert len(paper) == 15  # the paper's comparison (4 Sparsefinder methods, 6 baselines, 4 patterns) + pages
     learned = expand_methods(["learned"])
     assert "stacked_mlp" not in learned  # opt-in: not in the default sweep, so not in its family's list
     assert learned == [m for m in ALL if REGISTRY[m].family == "learned" and REGISTRY[m].default_sweep]
