@@ -383,6 +383,8 @@ def cmd_curves(args) -> int:
     from sparsefinder.predictors import REGISTRY
 
     grids = {m: ap.thin_grid(REGISTRY[m].grid(), args.points) for m in methods if m in REGISTRY}
+    if args.sparsities:
+        grids.update(ap.target_grids(methods, _floats(args.sparsities, "--sparsities")))
     print(f"{len(texts)} sentences of {corpus.name}; methods {methods}; layers {args.layers}")
     layers = args.layers.split(";") if ";" in args.layers else args.layers.split(",")
     if args.engine == "ray":
@@ -437,6 +439,14 @@ def cmd_windows(args) -> int:
                                   "arguments": {k: v for k, v in vars(args).items() if k != "func"}})
     print(f"saved {len(runs)} learned windows to {args.out}")
     return 0
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    """A comma-separated list of numbers (a usage error names ``flag``)."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
 def _curve_artifacts(args, model):
