@@ -414,6 +414,10 @@ def cmd_curves(args) -> int:
     print(frame[show].round(3).to_string(index=False))
     print(f"best {metric} at each sparsity level of the restricted layers:")
     print(ap.best_at(frame, metric, higher_is_better=metric != "mlm_loss").round(3).to_string())
+    if metric != "mlm_loss":
+        print(f"where {metric} first drops below 0.99 (sparsity of the restricted layers; drops_at interpolated "
+              f"linearly between grid points):")
+        print(ap.drop_below(frame, 0.99, metric).round(3).to_string())
     print(f"wrote {len(frame)} rows to {path} and the plot of {metric} to {plot}")
     return 0
 

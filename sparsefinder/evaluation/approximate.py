@@ -410,6 +410,36 @@ def target_grids(methods: Sequence[str], sparsities: Sequence[float]) -> dict[st
             if m in REGISTRY and "sparsity" in REGISTRY[m].predict_only_params}
 
 
+def drop_below(frame: pd.DataFrame, level: float = 0.99, metric: str = "cos_mean", x: str = "sparsity",
+               ) -> pd.DataFrame:
+    """Per (method, layers): where ``metric`` first falls below ``level`` as ``x`` grows.
+
+    The configurations are taken in order of ``x`` and joined by straight lines. ``last_above``: the largest
+    ``x`` measured before the first configuration below ``level`` (NaN when the first one already is);
+    ``drops_at``: the ``x`` where the line from that configuration to the next one crosses ``level``
+    (linear interpolation between two grid points, not a measurement; NaN when no configuration falls
+    below). Reference rows (exact, gold) are left out.
+    """
+    rows = frame[~frame["method"].isin(("exact", "gold")) & frame[metric].notna()]
+    out = {}
+    for (method, layers), group in rows.groupby(["method", "layers"], sort=False):
+        g = group.sort_values(x, kind="stable")
+        xs, ys = g[x].to_numpy(float), g[metric].to_numpy(float)
+        below = np.flatnonzero(ys < level)
+        if below.size == 0:
+            out[(method, layers)] = {"last_above": float(xs[-1]), "drops_at": float("nan")}
+        elif below[0] == 0:
+            out[(method, layers)] = {"last_above": float("nan"), "drops_at": float("nan")}
+        else:
+            i = int(below[0])
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            at = x0 + (y0 - level) / (y0 - y1) * (x1 - x0)
+            out[(method, layers)] = {"last_above": float(x0), "drops_at": float(at)}
+    table = pd.DataFrame.from_dict(out, orient="index", columns=["last_above", "drops_at"])
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["method", "layers"])
+    return table
+
+
 def best_at(frame: pd.DataFrame, metric: str = "cos_mean", levels: Sequence[float] = (0.5, 0.7, 0.78),
             x: str = "sparsity", higher_is_better: bool = True) -> pd.DataFrame:
     """Per (method, layers): the best ``metric`` among configurations with ``x`` ≥ each level (NaN: none that sparse).

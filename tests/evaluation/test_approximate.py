@@ -461,3 +461,17 @@ def test_fitted_predictor_reuses_a_fit_only_across_predict_only_parameters():
     assert (other.sparsity, other.budget, pred.sparsity, pred.budget) == (0.75, "uniform", 0.5, "per_head")
     with pytest.raises(KeyError):  # the window changes the graph beyond the target: not the stored point
         fitted_predictor(fitted, "distance_budget", {"sparsity": 0.75, "window": 2}, 0)
+
+
+def test_drop_below_interpolates_the_first_crossing():
+    frame = pd.DataFrame({
+        "method": ["exact", "a", "a", "a", "a", "b", "c"], "layers": ["none", "all", "all", "all", "all", "all", "all"],
+        "sparsity": [0.0, 0.7, 0.5, 0.6, 0.9, 0.8, 0.5], "cos_mean": [1.0, 0.98, 0.995, 0.992, 0.995, 0.999, 0.9],
+    })
+    table = ap.drop_below(frame, 0.99)
+    # a: 0.992 at 0.6, 0.98 at 0.7 -> crosses 0.99 a sixth of the way (the later recovery at 0.9 does not count)
+    assert table.loc[("a", "all"), "last_above"] == 0.6
+    assert table.loc[("a", "all"), "drops_at"] == pytest.approx(0.6 + 0.1 * 0.002 / 0.012)
+    assert table.loc[("b", "all"), "last_above"] == 0.8 and np.isnan(table.loc[("b", "all"), "drops_at"])
+    assert np.isnan(table.loc[("c", "all")]).all()
+    assert ("exact", "none") not in table.index
