@@ -475,3 +475,26 @@ def test_drop_below_interpolates_the_first_crossing():
     assert table.loc[("b", "all"), "last_above"] == 0.8 and np.isnan(table.loc[("b", "all"), "drops_at"])
     assert np.isnan(table.loc[("c", "all")]).all()
     assert ("exact", "none") not in table.index
+
+
+def test_shipped_curves_hold_the_learned_predictors_and_the_documented_goal():
+    """The shipped table (issue #15 §5) has the learned predictors at several sparsities on both layer subsets,
+    and the figures docs/results.md quotes from it."""
+    from sparsefinder.model.catalogue import load_registry
+
+    path = load_registry()["minilm-entmax15"].artifact("curves")
+    frame = ap.load_curves(path)
+    for method in ("stacked", "cascade", "distance_budget", "global_band"):
+        for layers in ("all", "later"):
+            rows = frame[(frame.method == method) & (frame.layers == layers)]
+            assert len(rows) >= 8 and rows.sparsity.min() < 0.6 and rows.sparsity.max() > 0.9, (method, layers)
+    assert frame.attrs["curves"]["sentences"] == 200
+    # All layers at model sparsity >= 0.7: cascade is best, just under 0.99; stacked's curve crosses 0.99 at 0.72.
+    best = ap.best_at(frame, "cos_mean", levels=(0.7,), x="model_sparsity")["model_sparsity >= 0.7"]
+    assert best.idxmax() == ("cascade", "all") and best.max() == pytest.approx(0.9889, abs=1e-4)
+    drops = ap.drop_below(frame, 0.99)
+    assert drops.loc[("stacked", "all"), "drops_at"] == pytest.approx(0.721, abs=1e-3)
+    # Later layers (model sparsity at most half): cascade keeps 0.99 up to restricted sparsity 0.747.
+    later = ap.best_at(frame[frame.layers != "all"], "cos_mean", levels=(0.7,))["sparsity >= 0.7"]
+    assert later.idxmax() == ("cascade", "later") and later.max() == pytest.approx(0.9931, abs=1e-4)
+    assert drops.loc[("cascade", "later"), "last_above"] == pytest.approx(0.7474, abs=1e-4)
