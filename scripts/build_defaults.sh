@@ -34,11 +34,13 @@ $sf train --loss stacked --init "data/projections/$model-listwise-r8" --store "$
 $sf interpret --store "$runs/val" --projections "data/projections/$model" --fitted "data/fitted/$model" \
     --out "data/interpret/$model-validation"
 .venv/bin/python scripts/render_pareto.py "data/sweeps/$model-validation.parquet" docs/pareto
-# Sparsity-accuracy curves (entmax restricted to predicted graphs, 200 validation sentences), with learned windows.
+# Sparsity-accuracy curves (entmax restricted to predicted graphs, 200 validation sentences), with learned windows
+# and the learned predictors (stacked, cascade, distance_budget, global_band: listwise r = 8 projections and the
+# learned fitted state above) at the target sparsities --sparsities (any target runs from their one fit per layer).
 for glob in "" --global-tokens; do
     $sf windows --model "$model" --split train --limit 240 --lambdas 0.1,0.3,1,3 --layers all,later $glob \
         --threads 1 --out "data/curves/$model-windows${glob:+-global}"
 done
-$sf curves --model "$model" --limit 200 --points 6 --threads 1 \
+$sf curves --model "$model" --limit 200 --points 6 --sparsities 0.4,0.5,0.55,0.6,0.65,0.7,0.75,0.8,0.9,0.95 --threads 1 \
     --windows "data/curves/$model-windows,data/curves/$model-windows-global" \
     --out "data/curves/$model-validation.parquet" --plot "$runs/curves.html" --png "data/curves/$model-validation.png"

@@ -250,8 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=None, help="only the first N sentences")
     sp.add_argument("--task", default=None, choices=["base", "masked-lm"], help="model head (default: the model's)")
     sp.add_argument("--methods", default=None,
-                    help="comma-separated predictors (default: distance,kmeans,bucketing,position,random,syntax)")
+                    help="comma-separated predictors (default: distance,kmeans,bucketing,position,random,syntax "
+                         "and the learned stacked,cascade,distance_budget,global_band, those the artifacts can run)")
     sp.add_argument("--points", type=int, default=None, help="at most N evenly spaced grid points per method")
+    sp.add_argument("--sparsities", default=None,
+                    help="comma-separated target sparsities of the learned predictors (stacked, cascade, "
+                         "distance_budget, global_band, ...; any value in [0, 1], run from their fitted state), "
+                         "replacing their grid and --points; the other methods keep theirs")
     sp.add_argument("--layers", default="all,later",
                     help="layer subsets, each run separately: all, later, earlier, or e.g. '3-5' "
                          "(separate subsets with ';' when one contains a comma)")

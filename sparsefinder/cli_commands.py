@@ -436,6 +436,8 @@ def cmd_curves(args) -> int:
     from sparsefinder.predictors import REGISTRY
 
     grids = {m: ap.thin_grid(REGISTRY[m].grid(), args.points) for m in methods if m in REGISTRY}
+    if args.sparsities:
+        grids.update(ap.target_grids(methods, _floats(args.sparsities, "--sparsities")))
     print(f"{len(texts)} sentences of {corpus.name}; methods {methods}; layers {args.layers}")
     layers = args.layers.split(";") if ";" in args.layers else args.layers.split(",")
     if args.engine == "ray":
@@ -465,6 +467,10 @@ def cmd_curves(args) -> int:
     print(frame[show].round(3).to_string(index=False))
     print(f"best {metric} at each sparsity level of the restricted layers:")
     print(ap.best_at(frame, metric, higher_is_better=metric != "mlm_loss").round(3).to_string())
+    if metric != "mlm_loss":
+        print(f"where {metric} first drops below 0.99 (sparsity of the restricted layers; drops_at interpolated "
+              f"linearly between grid points):")
+        print(ap.drop_below(frame, 0.99, metric).round(3).to_string())
     print(f"wrote {len(frame)} rows to {path} and the plot of {metric} to {plot}")
     return 0
 
@@ -490,6 +496,14 @@ def cmd_windows(args) -> int:
                                   "arguments": {k: v for k, v in vars(args).items() if k != "func"}})
     print(f"saved {len(runs)} learned windows to {args.out}")
     return 0
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    """A comma-separated list of numbers (a usage error names ``flag``)."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
 def _curve_artifacts(args, model):

@@ -130,13 +130,17 @@ def show_curves(name: str) -> None:
     metric = c1.selectbox("End task", metrics, format_func=lambda m: METRIC_LABELS.get(m, m), key="curves_metric")
     x = c2.selectbox("Sparsity of", CURVE_X, format_func=lambda m: METRIC_LABELS.get(m, m), key="curves_x")
     layers = c3.multiselect("Layers restricted", subsets, default=subsets, key="curves_layers")
-    if not layers:
-        st.info("Choose at least one layer subset.")
+    # The shipped table has over a dozen methods (paper, fixed masks, windows, learned predictors):
+    # narrowing them lets two be compared without hunting through the legend.
+    methods = [m for m in dict.fromkeys(curves["method"]) if m not in ("exact", "gold")]
+    chosen = st.multiselect("Methods", methods, default=methods, key="curves_methods")
+    if not layers or not chosen:
+        st.info("Choose at least one layer subset and one method.")
         return
-    fig = sparsity_accuracy_figure(curves, metric=metric, x=x, layers=layers)
+    fig = sparsity_accuracy_figure(curves, metric=metric, x=x, layers=layers, methods=chosen)
     fig.update_layout(width=None)
     st.plotly_chart(fig, key="curves_chart")
-    table = curves[curves["layers"].isin([*layers, "none"])]
+    table = curves[curves["layers"].isin([*layers, "none"]) & curves["method"].isin([*chosen, "exact", "gold"])]
     st.dataframe(table, hide_index=True, key="curves_table",
                  column_config={c: st.column_config.NumberColumn(c, format="%.4f")
                                 for c in ("sparsity", "model_sparsity", *CURVE_METRICS) if c in table})

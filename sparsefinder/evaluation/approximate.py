@@ -371,8 +371,13 @@ def load_curves(path) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------- grids
 
-DEFAULT_METHODS: tuple[str, ...] = ("distance", "kmeans", "bucketing", "position", "random", "syntax")
-"""The CLI's default methods: the Sparsefinder predictors and Breaking BERT's fixed masks."""
+DEFAULT_METHODS: tuple[str, ...] = (
+    "distance", "kmeans", "bucketing", "position", "random", "syntax",
+    "stacked", "cascade", "distance_budget", "global_band",
+)
+"""The CLI's default methods: the Sparsefinder predictors, Breaking BERT's fixed masks and the learned
+predictors (issue #7; each with the artifacts :meth:`~sparsefinder.results.ResultArtifacts.for_method`
+gives it, skipped where the model ships none)."""
 
 
 def thin_grid(points: Sequence[Mapping[str, Any]], k: int | None) -> list[dict[str, Any]]:
@@ -386,6 +391,53 @@ def thin_grid(points: Sequence[Mapping[str, Any]], k: int | None) -> list[dict[s
         return [points[len(points) // 2]]
     idx = sorted({int(round(x)) for x in np.linspace(0, len(points) - 1, k)})
     return [points[i] for i in idx]
+
+
+def target_grids(methods: Sequence[str], sparsities: Sequence[float]) -> dict[str, list[dict[str, Any]]]:
+    """``{method: [{"sparsity": s}, ...]}`` for the ``methods`` whose target sparsity is a prediction-time knob.
+
+    Those are the learned predictors (``sparsity`` in
+    :attr:`~sparsefinder.predictors.base.Predictor.predict_only_params`): their fitted state holds each head's
+    training curve, so any target runs from it (:func:`sparsefinder.predictors.methods.fitted_predictor`),
+    not only the grid they were fitted at. Fixed masks with a ``sparsity`` (random, lexical) are left out:
+    their grid is their own.
+    """
+    bad = [s for s in sparsities if not 0.0 <= float(s) <= 1.0]
+    if bad or not sparsities:
+        raise ValueError(f"target sparsities must be numbers in [0, 1], got {list(sparsities)}")
+    points = [{"sparsity": float(s)} for s in dict.fromkeys(float(s) for s in sparsities)]
+    return {m: [dict(p) for p in points] for m in methods
+            if m in REGISTRY and "sparsity" in REGISTRY[m].predict_only_params}
+
+
+def drop_below(frame: pd.DataFrame, level: float = 0.99, metric: str = "cos_mean", x: str = "sparsity",
+               ) -> pd.DataFrame:
+    """Per (method, layers): where ``metric`` first falls below ``level`` as ``x`` grows.
+
+    The configurations are taken in order of ``x`` and joined by straight lines. ``last_above``: the largest
+    ``x`` measured before the first configuration below ``level`` (NaN when the first one already is);
+    ``drops_at``: the ``x`` where the line from that configuration to the next one crosses ``level``
+    (linear interpolation between two grid points, not a measurement; NaN when no configuration falls
+    below). Reference rows (exact, gold) are left out.
+    """
+    rows = frame[~frame["method"].isin(("exact", "gold")) & frame[metric].notna()]
+    out = {}
+    for (method, layers), group in rows.groupby(["method", "layers"], sort=False):
+        g = group.sort_values(x, kind="stable")
+        xs, ys = g[x].to_numpy(float), g[metric].to_numpy(float)
+        below = np.flatnonzero(ys < level)
+        if below.size == 0:
+            out[(method, layers)] = {"last_above": float(xs[-1]), "drops_at": float("nan")}
+        elif below[0] == 0:
+            out[(method, layers)] = {"last_above": float("nan"), "drops_at": float("nan")}
+        else:
+            i = int(below[0])
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            at = x0 + (y0 - level) / (y0 - y1) * (x1 - x0)
+            out[(method, layers)] = {"last_above": float(x0), "drops_at": float(at)}
+    table = pd.DataFrame.from_dict(out, orient="index", columns=["last_above", "drops_at"])
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["method", "layers"])
+    return table
 
 
 def best_at(frame: pd.DataFrame, metric: str = "cos_mean", levels: Sequence[float] = (0.5, 0.7, 0.78),

@@ -140,7 +140,8 @@ def prepare_batches(
 
     With ``masked_lm`` (default: the model has an MLM head) the inputs are masked
     by :func:`mask_tokens`. ``syntax``/``lexical`` add the syntax and lexical
-    masks' context (spaCy parse aligned to tokens; input embeddings).
+    masks' context (spaCy parse aligned to tokens; input embeddings). Every batch's context
+    holds ``tokens``, each sentence's token strings (the learned predictors' token priors).
     """
     texts = list(texts)
     if not texts:
@@ -168,7 +169,11 @@ def prepare_batches(
             targets = inputs["input_ids"].clone()
             inputs["input_ids"], positions = mask_tokens(
                 inputs["input_ids"], lengths, enc["special_tokens_mask"], mask_id, ids, seed=seed)
-        context: dict[str, Any] = {}
+        # The learned predictors' token priors read each token's text, as on extracted sentences
+        # (Extraction.tokens); the text of the ids the model is given, masked ones included.
+        context: dict[str, Any] = {"tokens": [
+            model.tokenizer.convert_ids_to_tokens(inputs["input_ids"][b, :int(lengths[b])].tolist())
+            for b in range(len(ids))]}
         if words is not None:
             heads, word_ids = [], []
             for b, i in enumerate(ids):
@@ -199,6 +204,7 @@ class _Live:
     keys: dict[int, torch.Tensor]
     lengths: torch.Tensor
     causal: bool
+    tokens: list[list[str]] | None = None
 
 
 def method_graphs(
@@ -231,7 +237,7 @@ def method_graphs(
             raise ValueError(f"cannot run {method}: {reason}")
 
         def run_registered(layer: int, q: torch.Tensor, k: torch.Tensor, batch: Batch) -> torch.Tensor:
-            live = _Live({layer: q}, {layer: k}, batch.lengths.to(q.device), causal)
+            live = _Live({layer: q}, {layer: k}, batch.lengths.to(q.device), causal, batch.context.get("tokens"))
             return predict_layer(live, layer, method, params, projections, fitted,
                                  sentence_ids=batch.sentence_ids).edges
         return run_registered

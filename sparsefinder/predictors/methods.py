@@ -16,6 +16,7 @@ No Streamlit here.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -79,7 +80,29 @@ def fitted_predictor(fitted: Mapping, method: str, params: str | Mapping[str, An
     for k, by_layer in by_params.items():
         if params_key(k) == key:
             return by_layer[int(layer)]
+    # A point the file does not hold may still share a stored point's fit: the learned predictors'
+    # target sparsity only picks thresholds on the fitted curves (predict_only_params), so any
+    # target in [0, 1] runs from the fit stored for another target (the sweep fits once per layer).
+    wanted = parse_params(params)
+    for k, by_layer in by_params.items():
+        if fit_signature(method, parse_params(k)) == fit_signature(method, wanted):
+            stored = by_layer[int(layer)]
+            changed = {n: v for n, v in wanted.items() if n in REGISTRY[method].predict_only_params}
+            # A shallow copy shares the fitted tensors (read only) and leaves the stored predictor as it was.
+            return copy.copy(stored).set_params(**changed)
     raise KeyError(key)
+
+
+def fit_signature(method: str, params: Mapping[str, Any]) -> str:
+    """The part of a grid point its fit depends on: ``params`` without the method's
+    :attr:`~sparsefinder.predictors.base.Predictor.predict_only_params` (points with equal
+    signatures share one fit, as :func:`sparsefinder.evaluation.sweep.fit_predictors` fits them).
+    ``window`` and ``global_tokens`` change prediction, not the fitted state, so they are part of
+    the signature here: a stored point is only reused for a target that differs in a predict-only
+    parameter, never in what the graph keeps besides it.
+    """
+    skip = REGISTRY[method].predict_only_params
+    return params_key({k: v for k, v in params.items() if k not in skip})
 
 
 def predict_layer(
@@ -119,7 +142,7 @@ def predict_layer(
     if sentence_ids is None:
         sentence_ids = torch.arange(len(lengths))
     context = {"head_dim": int(extraction.queries[layer].shape[-1]), "sentence_ids": sentence_ids}
-    tokens = getattr(extraction, "tokens", None)  # a live model run (sparsefinder.evaluation.approximate) has none
+    tokens = getattr(extraction, "tokens", None)  # a live run (evaluation.approximate) passes its batch's tokens
     if tokens is not None:
         context["tokens"] = [list(t) for t in tokens]
     context = {c: v for c, v in context.items() if c in cls.context_keys}

@@ -238,6 +238,18 @@ def test_pareto_page_shows_the_sparsity_accuracy_curves(lib):  # noqa: F811
     table = next(d.value for d in at.dataframe if "model_sparsity" in d.value.columns)
     assert set(table["layers"]) <= {"later", "none"}
     assert len(table) == int(curves["layers"].isin(["later", "none"]).sum())
+    # The learned predictors' curves are on the page too (issue #15 §5), and narrowing the methods keeps theirs.
+    learned = [m for m in ("stacked", "cascade", "distance_budget", "global_band") if m in set(curves["method"])]
+    if not learned:
+        return
+    assert set(learned) <= set(at.multiselect(key="curves_methods").options)
+    at.multiselect(key="curves_methods").set_value(learned).run()
+    assert not at.exception, at.exception
+    spec = next(s for s in plotly_specs(at) if "retrieval" in s["layout"]["title"]["text"])
+    assert {t["name"] for t in spec["data"] if t["name"].endswith("(later layers)")
+            and not t["name"].startswith("gold")} == {f"{m} (later layers)" for m in learned}
+    table = next(d.value for d in at.dataframe if "model_sparsity" in d.value.columns)
+    assert set(table["method"]) <= {*learned, "exact", "gold"}
 
 
 def test_pareto_shows_the_shipped_learned_predictors_beside_the_paper(lib):  # noqa: F811

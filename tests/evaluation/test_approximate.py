@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 
@@ -389,3 +390,111 @@ def test_best_at_levels():
     assert ("exact", "none") not in table.index
     low = ap.best_at(frame.assign(mlm_loss=frame.cos_mean), "mlm_loss", levels=(0.5,), higher_is_better=False)
     assert low.loc[("a", "all")].tolist() == [0.5]
+
+
+# ---------------------------------------------------------------------- learned predictors
+
+
+def _fit_learned(model, method: str, proj, point: dict) -> dict:
+    """``{method: {params: {layer: fitted}}}`` of ``method`` fitted on the model's own extraction of TEXTS."""
+    from sparsefinder.predictors.base import get_predictor
+    from sparsefinder.predictors.methods import params_key
+
+    ext = model.extract(TEXTS)
+    by_layer = {}
+    for layer in range(model.num_layers):
+        q = proj.project_queries(layer, ext.queries[layer].float()).float()
+        k = proj.project_keys(layer, ext.keys[layer].float()).float()
+        by_layer[layer] = get_predictor(method, **point).fit(q, k, ext.lengths, gold=ext.gold(layer),
+                                                             tokens=ext.tokens)
+    return {method: {params_key(point): by_layer}}
+
+
+def test_batches_carry_the_tokens_the_extraction_has(bert):
+    """The learned predictors' token priors read ``tokens``: the same strings as an extraction's."""
+    ext = bert.extract(TEXTS)
+    seen = set()
+    for batch in ap.prepare_batches(bert, TEXTS, batch_size=4):
+        assert len(batch.context["tokens"]) == len(batch.sentence_ids)
+        for sid, toks in zip(batch.sentence_ids.tolist(), batch.context["tokens"], strict=True):
+            assert toks == ext.tokens[sid]
+            seen.add(sid)
+    assert seen == set(range(len(TEXTS)))
+
+
+def test_curve_runs_a_learned_predictor_at_targets_it_was_not_fitted_at(bert):
+    """A learned predictor's target sparsity is a prediction-time knob: a curve point the fitted state does
+    not hold runs from the stored fit and equals a fit stored under that very point."""
+    from sparsefinder.training.projections import Projections
+
+    proj = Projections(bert.num_layers, bert.num_heads, 8, 4, True, layers=list(range(bert.num_layers)))  # d = 32 / 4
+    fitted = _fit_learned(bert, "stacked", proj, {"sparsity": 0.5})
+    stored = fitted["stacked"]['{"sparsity":0.5}']
+    grid = ap.target_grids(["stacked", "random"], [0.5, 0.85])
+    assert grid == {"stacked": [{"sparsity": 0.5}, {"sparsity": 0.85}]}  # random keeps its own grid
+    frame = ap.sparsity_accuracy_curve(bert, TEXTS, ["stacked"], grid, layers=["all", "later"],
+                                       projections=proj, fitted=fitted, batch_size=4, references=False)
+    rows = frame.set_index(["params", "layers"])
+    assert len(frame) == 4 and frame.cos_mean.between(-1, 1).all()
+    assert rows.loc[('{"sparsity":0.85}', "all"), "sparsity"] > rows.loc[('{"sparsity":0.5}', "all"), "sparsity"]
+    assert all(p.sparsity == 0.5 for p in stored.values())  # the stored predictors are left as they were
+    # The same fit stored under 0.85 itself gives the same row.
+    at = {"stacked": {'{"sparsity":0.85}': {layer: copy.copy(p).set_params(sparsity=0.85)
+                                             for layer, p in stored.items()}}}
+    direct = ap.sparsity_accuracy_curve(bert, TEXTS, ["stacked"], [{"sparsity": 0.85}], layers=["all", "later"],
+                                        projections=proj, fitted=at, batch_size=4, references=False)
+    cols = ["sparsity", "recall", "cos_mean", "retrieval"]
+    pd.testing.assert_frame_equal(frame[frame.params == '{"sparsity":0.85}'][cols].reset_index(drop=True),
+                                  direct[cols].reset_index(drop=True))
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        ap.target_grids(["stacked"], [1.5])
+
+
+def test_fitted_predictor_reuses_a_fit_only_across_predict_only_parameters():
+    from sparsefinder.predictors.base import get_predictor
+    from sparsefinder.predictors.methods import fitted_predictor
+
+    pred = get_predictor("distance_budget", sparsity=0.5)
+    fitted = {"distance_budget": {'{"sparsity":0.5}': {0: pred}}}
+    assert fitted_predictor(fitted, "distance_budget", '{"sparsity":0.5}', 0) is pred
+    other = fitted_predictor(fitted, "distance_budget", {"sparsity": 0.75, "budget": "uniform"}, 0)
+    assert (other.sparsity, other.budget, pred.sparsity, pred.budget) == (0.75, "uniform", 0.5, "per_head")
+    with pytest.raises(KeyError):  # the window changes the graph beyond the target: not the stored point
+        fitted_predictor(fitted, "distance_budget", {"sparsity": 0.75, "window": 2}, 0)
+
+
+def test_drop_below_interpolates_the_first_crossing():
+    frame = pd.DataFrame({
+        "method": ["exact", "a", "a", "a", "a", "b", "c"], "layers": ["none", "all", "all", "all", "all", "all", "all"],
+        "sparsity": [0.0, 0.7, 0.5, 0.6, 0.9, 0.8, 0.5], "cos_mean": [1.0, 0.98, 0.995, 0.992, 0.995, 0.999, 0.9],
+    })
+    table = ap.drop_below(frame, 0.99)
+    # a: 0.992 at 0.6, 0.98 at 0.7 -> crosses 0.99 a sixth of the way (the later recovery at 0.9 does not count)
+    assert table.loc[("a", "all"), "last_above"] == 0.6
+    assert table.loc[("a", "all"), "drops_at"] == pytest.approx(0.6 + 0.1 * 0.002 / 0.012)
+    assert table.loc[("b", "all"), "last_above"] == 0.8 and np.isnan(table.loc[("b", "all"), "drops_at"])
+    assert np.isnan(table.loc[("c", "all")]).all()
+    assert ("exact", "none") not in table.index
+
+
+def test_shipped_curves_hold_the_learned_predictors_and_the_documented_goal():
+    """The shipped table (issue #15 §5) has the learned predictors at several sparsities on both layer subsets,
+    and the figures docs/results.md quotes from it."""
+    from sparsefinder.model.catalogue import load_registry
+
+    path = load_registry()["minilm-entmax15"].artifact("curves")
+    frame = ap.load_curves(path)
+    for method in ("stacked", "cascade", "distance_budget", "global_band"):
+        for layers in ("all", "later"):
+            rows = frame[(frame.method == method) & (frame.layers == layers)]
+            assert len(rows) >= 8 and rows.sparsity.min() < 0.6 and rows.sparsity.max() > 0.9, (method, layers)
+    assert frame.attrs["curves"]["sentences"] == 200
+    # All layers at model sparsity >= 0.7: cascade is best, just under 0.99; stacked's curve crosses 0.99 at 0.72.
+    best = ap.best_at(frame, "cos_mean", levels=(0.7,), x="model_sparsity")["model_sparsity >= 0.7"]
+    assert best.idxmax() == ("cascade", "all") and best.max() == pytest.approx(0.9889, abs=1e-4)
+    drops = ap.drop_below(frame, 0.99)
+    assert drops.loc[("stacked", "all"), "drops_at"] == pytest.approx(0.721, abs=1e-3)
+    # Later layers (model sparsity at most half): cascade keeps 0.99 up to restricted sparsity 0.747.
+    later = ap.best_at(frame[frame.layers != "all"], "cos_mean", levels=(0.7,))["sparsity >= 0.7"]
+    assert later.idxmax() == ("cascade", "later") and later.max() == pytest.approx(0.9931, abs=1e-4)
+    assert drops.loc[("cascade", "later"), "last_above"] == pytest.approx(0.7474, abs=1e-4)
