@@ -73,3 +73,14 @@ def grid_frame(methods: Iterable[str], params: Sequence[str], cells: Sequence[tu
     """
     return pd.DataFrame([{"method": method, "params": p, "layer": layer, "head": head, **values()}
                          for method in methods for p in params for layer, head in cells])
+
+
+def stored_gold_probs(store, i: int, layer: int) -> torch.Tensor:
+    """``(1, H, n, n)`` gold probabilities of stored sentence ``i``: :func:`reference_probs` of its q and k with
+    the store's recorded scaling, soft-cap and alpha, zero off its stored gold graph (as the sweep defines them)."""
+    s = store.sentence(i)
+    cfg = store.score_settings(layer)
+    gold = s.gold_graph(layer)
+    probs = reference_probs(s.queries(layer), s.keys(layer), store.causal, gold.window, cfg["scaling"],
+                            cfg["softcap"], cfg["alpha"])
+    return (probs * gold.edges[0])[None]

@@ -424,6 +424,7 @@ def test_sparsity_heatmap_annotates_values():
 
 # -- Pareto and Compare pages ----------------------------------------------------------
 RATIOS = ("recall", "precision", "sparsity", "exact")
+MASS = ("mass recall", "output error")  # as the pages label them; the tables' columns are mass_recall, output_error
 
 
 @pytest.fixture(scope="module")
@@ -450,8 +451,29 @@ def library_head_metrics(model, text: str, layer: int, head: int, method: str, p
     from sparsefinder.metrics import graph_metrics
 
     ex = model.extract([text])
-    m = graph_metrics(ex.gold(layer), library_graph(model, ex, layer, method, params))
-    return {r: float(m[r][0, head]) for r in RATIOS}
+    graph = library_graph(model, ex, layer, method, params)
+    m = graph_metrics(ex.gold(layer), graph)
+    return {**{r: float(m[r][0, head]) for r in RATIOS}, **library_mass(ex, graph, layer, head)}
+
+
+def library_mass(ex, graph, layer: int, head: int) -> dict[str, float]:
+    """Mass recall and output error of one head of the first text, from the definitions (docs/method.md §2.2):
+    float64 loops over rows with the entmax package (the catalogue models scale q·k by d^-1/2)."""
+    import torch
+    from entmax import entmax15
+
+    n = int(ex.lengths[0])
+    edges = graph.edges[0, head, :n, :n].cpu()
+    p = ex.probs[layer][0, head, :n, :n].double()
+    q, k, v = (t[layer][0, head, :n].double() for t in (ex.queries, ex.keys, ex.values))
+    s = q @ k.T / q.shape[-1] ** 0.5
+    dense = entmax15(s, dim=-1) @ v
+    approx = torch.zeros_like(dense)
+    for i in range(n):
+        if edges[i].any():
+            approx[i] = entmax15(s[i, edges[i]], dim=-1) @ v[edges[i]]
+    return {"mass recall": float(p[edges].sum() / p.sum()),
+            "output error": float((approx - dense).norm() / dense.norm())}
 
 
 def library_graph(model, ex, layer: int, method: str, params: str):
@@ -486,7 +508,7 @@ def library_graph(model, ex, layer: int, method: str, params: str):
 
 
 def shown_metrics(at: AppTest) -> dict[str, float]:
-    return {m.label.lower(): float(m.value) for m in at.metric if m.label.lower() in RATIOS}
+    return {m.label.lower(): float(m.value) for m in at.metric if m.label.lower() in RATIOS + MASS}
 
 
 def pareto_app(lib, **params) -> AppTest:
@@ -523,7 +545,7 @@ def test_pareto_default_state(lib, sweep_frame):
     assert list(best.columns) == [f"recall @ sparsity >= {t:g}" for t in (0.5, 0.7, 0.9)]
     assert any(b.label.startswith("Download the frontier") for b in at.get("download_button"))
     assert at.selectbox(key="_w_pareto_config").value
-    assert set(shown_metrics(at)) == set(RATIOS)
+    assert set(shown_metrics(at)) == set(RATIOS + MASS)
     assert any("predicted vs gold" in s["layout"]["title"]["text"] for s in plotly_specs(at))
 
 
@@ -532,7 +554,7 @@ def _check_config(at: AppTest, lib, text: str = DEFAULT_TEXT) -> dict[str, float
     layer, head = at.session_state["layer"], at.session_state["head"]
     want = library_head_metrics(lib, text, layer, head, method, params)
     got = shown_metrics(at)
-    for r in RATIOS:
+    for r in RATIOS + MASS:
         assert got[r] == pytest.approx(want[r], abs=6e-5), (method, params, r)
     return got
 
@@ -598,9 +620,13 @@ def _check_compare_table(at: AppTest, lib, sweep_frame, text: str = DEFAULT_TEXT
         want = library_head_metrics(lib, text, layer, head, row["method"], row["params"])
         for r in RATIOS:
             assert row[r] == pytest.approx(want[r], abs=1e-12), (row["method"], r)
+        for r in MASS:  # float64 both ways, summed in other orders
+            assert row[r.replace(" ", "_")] == pytest.approx(want[r], rel=1e-9, abs=1e-12), (row["method"], r)
         corpus = sweep_frame[(sweep_frame["method"] == row["method"]) & (sweep_frame["params"] == row["params"])
                              & (sweep_frame["layer"] == layer) & (sweep_frame["head"] == head)].iloc[0]
         assert row["corpus recall"] == pytest.approx(corpus["recall"])
+        assert row["corpus mass_recall"] == pytest.approx(corpus["mass_recall"], nan_ok=True)
+        assert "corpus output_error" not in table.columns  # a stored corpus has no values
     return table
 
 

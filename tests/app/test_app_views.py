@@ -15,6 +15,7 @@ pytest.importorskip("streamlit")
 from tests.app.test_app import (  # noqa: E402
     DEFAULT_TEXT,
     GOOD_TXT,
+    MASS,
     RATIOS,
     decode,
     default_load_error,  # noqa: F401 (fixture)
@@ -57,7 +58,8 @@ def test_sidebar_method_from_url_and_head_metrics(lib):  # noqa: F811
     assert at.query_params["method"] == METHOD and at.query_params["params"] == PARAMS
     want = library_head_metrics(lib, DEFAULT_TEXT, 2, 5, METHOD, PARAMS)
     got = shown_metrics(at)
-    for r in RATIOS:
+    assert set(got) == set(RATIOS + MASS)
+    for r in RATIOS + MASS:
         assert got[r] == pytest.approx(want[r], abs=6e-5), r
 
 

@@ -29,7 +29,7 @@ from sparsefinder.evaluation.sweep import canonical_params, run_sweep
 from sparsefinder.graphs import AttentionGraph
 from sparsefinder.metrics import COUNT_COLUMNS, RATIO_COLUMNS, graph_metrics
 from sparsefinder.predictors import get_predictor
-from tests.helpers import assert_aggregates_match
+from tests.helpers import assert_aggregates_match, stored_gold_probs
 
 TRICKY = [
     "It isn't state-of-the-art, and I can't pay 3,000.50 dollars.",
@@ -305,7 +305,7 @@ def _reference_rows(store, method, point, ctx_of) -> pd.DataFrame:
             lengths = torch.tensor([s.length])
             pred = get_predictor(method, **point).predict(q, k, lengths, store.causal, **ctx_of(i, s))
             gold = AttentionGraph(s.gold(layer)[None], lengths, store.causal)
-            m = graph_metrics(gold, pred)
+            m = graph_metrics(gold, pred, probs=stored_gold_probs(store, i, layer))
             for h in range(store.num_heads):
                 values = {c: float(m[c][0, h]) for c in RATIO_COLUMNS + COUNT_COLUMNS}
                 rows.append({"layer": layer, "head": h, **values})

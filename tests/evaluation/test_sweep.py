@@ -34,7 +34,7 @@ from sparsefinder.predictors import REGISTRY, get_predictor
 from sparsefinder.predictors.baselines import balanced_membership
 from sparsefinder.predictors.clustering import sq_dists
 from sparsefinder.training.projections import Projections
-from tests.helpers import MASS_COLUMNS, MASS_TOLERANCE, assert_aggregates_match, grid_frame, reference_probs
+from tests.helpers import MASS_COLUMNS, MASS_TOLERANCE, assert_aggregates_match, grid_frame, stored_gold_probs
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -140,11 +140,7 @@ def _reference(store, proj, fitted, method, point, layer, seed, embeddings) -> p
             w = words.sentence(i)
             ctx.update(word_ids=[w["word_ids"]], word_heads=[w["word_heads"]])
         graph, cost = pred.predict_with_cost(q, k, [s.length], store.causal, **ctx)
-        gold = s.gold_graph(layer)
-        cfg = store.score_settings(layer)
-        probs = reference_probs(s.queries(layer), s.keys(layer), store.causal, gold.window, cfg["scaling"],
-                                cfg["softcap"], cfg["alpha"])
-        m = graph_metrics(gold, graph, cost, probs=(probs * gold.edges[0])[None])
+        m = graph_metrics(s.gold_graph(layer), graph, cost, probs=stored_gold_probs(store, i, layer))
         for h in range(store.num_heads):
             rows.append({"sentence": i, "head": h, **{c: float(m[c][0, h]) for c in RATIO_COLUMNS + COUNT_COLUMNS}})
     return pd.DataFrame(rows)
@@ -262,8 +258,8 @@ def test_default_methods_skip_what_cannot_run_and_explicit_requests_fail(setup):
     # Opt-in methods are neither run nor listed as skipped by a default sweep.
     assert not {"stacked_mlp", "exact_bounds"} & (set(frame.method) | set(skipped))
     assert "projections" in skipped["distance"] and "fitted" in skipped["routing"] and "context" in skipped["syntax"]
-    # Reformer runs on the raw queries and keys without projections.
-    assert set(frame.method) == set(grids)
+    # Reformer runs on the raw queries and keys without projections; pages needs nothing either (its own grid).
+    assert set(frame.method) == set(grids) | {"pages"}
     with pytest.raises(ValueError, match="needs projections"):
         run_sweep(store, None, methods=["distance"], progress=False)
     with pytest.raises(ValueError, match="fitted"):
