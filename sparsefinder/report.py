@@ -298,14 +298,19 @@ def pareto_section(inputs: ReportInputs, figure: h.FigureEmbedder) -> h.Section:
     front, where = sweep_fronts(inputs.sweep)
     fig = pareto_figure(front, title=f"Recall against sparsity ({where})")
     order = {m: i for i, m in enumerate(REGISTRY)}
-    winners = front[front["on_front"]][["method", "params", "sparsity", "recall", "precision", "exact"]]
+    shown = ["method", "params", "sparsity", "recall", "mass_recall", "precision", "exact"]
+    winners = front[front["on_front"]][[c for c in shown if c in front.columns]]
     winners = winners.sort_values(["method", "sparsity"], key=lambda c: c.map(order) if c.name == "method" else c,
                                   kind="stable")
-    best = best_recall_table(inputs.sweep, thresholds=THRESHOLDS).reset_index()
+    best = best_recall_table(inputs.sweep, thresholds=THRESHOLDS)
+    if "mass_recall" in inputs.sweep and inputs.sweep["mass_recall"].notna().any():
+        best = best.join(best_recall_table(inputs.sweep, thresholds=THRESHOLDS, y="mass_recall"))
+    best = best.reset_index()
     body = (h.para(f"Every configuration's mean over heads and sentences; {len(winners)} of {len(front)} "
                    "configurations are on their method's front.") + figure(fig, "pareto")
             + "<h3>Frontier configurations</h3>" + h.table(winners, 4, "pareto-front-table")
-            + "<h3>Best recall at a minimum sparsity</h3>" + h.table(best, 4, "best-recall-table"))
+            + "<h3>Best recall (and mass recall, the share of the gold probability kept) at a minimum "
+              "sparsity</h3>" + h.table(best, 4, "best-recall-table"))
     cmds = [*sweep_commands(inputs), ("this figure and the frontier",
                                       h.command_line("pareto", {**_pareto_source(inputs), "figure": "pareto.html"}))]
     return h.Section("pareto", title, body, cmds)

@@ -28,6 +28,31 @@ def test_gold_prints_every_layer_and_head(capsys, tiny_model_dir):
     assert payload["tokens"][0][0] == "[CLS]"
 
 
+def test_predict_prints_recall_mass_recall_and_output_error_per_layer(capsys, tiny_model_dir):
+    import numpy as np
+
+    from sparsefinder.evaluation.analysis import predict_batch
+    from sparsefinder.metrics import HEAD_METRICS
+
+    path = str(tiny_model_dir("gpt2"))
+    texts = "The quick brown fox jumps over the lazy dog.\nDogs bark."
+    args = ["predict", texts, "--lines", "--method", "window", "--params", '{"window": 1}', "--model", path,
+            "--device", "cpu"]
+    assert main([*args, "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    want = predict_batch(load_model(path, device="cpu").extract(texts.splitlines()), "window", {"window": 1}).metrics
+    assert len(payload["layers"]) == 2 and set(payload["mean"]) == set(HEAD_METRICS)
+    for layer, row in enumerate(payload["layers"]):
+        for name in HEAD_METRICS:
+            assert row[name] == pytest.approx(float(np.nanmean(want[name][:, layer])), rel=1e-9), (layer, name)
+    assert 0 < payload["mean"]["mass_recall"] < 1 and payload["mean"]["output_error"] > 0
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "mass_recall" in out and "output_error" in out and out.strip().splitlines()[-1].startswith(" mean")
+    assert main(["predict", "x", "--method", "nope", "--model", path, "--device", "cpu"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
 def test_extract_writes_a_store(tmp_path, tiny_model_dir, capsys):
     corpus = tmp_path / "sents.txt"
     corpus.write_text("One sentence here.\nAnother, longer sentence follows it.\nThird.\n", encoding="utf-8")

@@ -40,3 +40,6 @@ def test_docstring_example_runs(tiny_model_dir):
     assert 0.0 <= float(m["recall"].mean()) <= 1.0
     assert gold.sparsity().shape == (1, ex.num_heads)
     assert "window" in sf.list_predictors() and "stacked" in sf.list_predictors()
+    metrics = sf.predict_batch(ex, "window", {"window": 3}).metrics
+    assert metrics["mass_recall"].shape == metrics["output_error"].shape == (1, ex.num_layers, ex.num_heads)
+    assert ((metrics["mass_recall"] >= 0) & (metrics["mass_recall"] <= 1 + 1e-9)).all()

@@ -124,6 +124,9 @@ def test_report_sections_numbers_and_offline_html(tiny):
     np.testing.assert_allclose(shown, want, rtol=0, atol=5e-5)
     # The sweep's sections have content; the store's model is unregistered, so clusters and curves are absent.
     assert "pareto-front-table" in p.tables and "head-ranking-top" in p.tables
+    # Mass recall beside recall (the tiny sweep scored it: its store recorded how the attention scored).
+    assert "mass_recall" in p.tables["pareto-front-table"][0]
+    assert any(c.startswith("mass_recall @ sparsity") for c in p.tables["best-recall-table"][0])
     assert len(p.absent) == 2 and all(a.startswith("No ") for a in p.absent)
     # plotly.js once, inline; no script or stylesheet fetched from anywhere.
     assert doc.count("window.PlotlyConfig") == 1 and doc.count("* plotly.js v") == 1

@@ -15,6 +15,7 @@ from sparsefinder.predictors import REGISTRY
 ss = st.session_state
 FRONT_COLUMNS = ["method", "params", "sparsity", "recall", "mass_recall", "precision", "exact"]
 THRESHOLDS = (0.5, 0.7, 0.9)
+MEASURES = {"gold edges": "recall", "gold probability mass": "mass_recall"}
 _LAST_CLICK = "_pareto_last_click"
 
 
@@ -210,8 +211,15 @@ def main() -> None:
         data = frame[(frame["layer"] == selected_layer) & (frame["head"] == selected_head)]
         by, where = ("method", "layer", "head"), f"layer {selected_layer}, head {selected_head}"
 
-    front = pareto_front(data, by=by)
-    fig = pareto_figure(front, title=f"Recall against sparsity ({where})")
+    measure = "recall"
+    if "mass_recall" in data and data["mass_recall"].notna().any():  # tables from before mass recall have none
+        label = st.radio("Recall of", options=list(MEASURES), horizontal=True, key="pareto_measure",
+                         help="Gold edges found (recall), or the share of the gold attention probability on the "
+                              "predicted pairs (mass recall, docs/method.md §2.2).")
+        measure = MEASURES[label]
+    front = pareto_front(data, by=by, y=measure)
+    title = "Recall" if measure == "recall" else "Mass recall"
+    fig = pareto_figure(front, y=measure, title=f"{title} against sparsity ({where})")
     fig.update_layout(width=None)
     event = st.plotly_chart(fig, key="pareto_chart", on_select="rerun", selection_mode="points")
     state.download_figure(fig, f"pareto-{name}-{resolution.replace(' ', '-')}", key="pareto_chart_html")
@@ -231,8 +239,8 @@ def main() -> None:
         "Download the frontier (CSV)", table.to_csv(index=False).encode("utf-8"),
         file_name=f"pareto-{name}-{resolution.replace(' ', '-')}.csv", mime="text/csv", icon=":material/download:",
     )
-    st.subheader("Best recall at a minimum sparsity")
-    best = best_recall_table(data, thresholds=THRESHOLDS)
+    st.subheader(f"Best {title.lower()} at a minimum sparsity")
+    best = best_recall_table(data, thresholds=THRESHOLDS, y=measure)
     st.dataframe(best, key="best_table",
                  column_config={c: st.column_config.NumberColumn(c, format="%.4f") for c in best.columns})
 

@@ -535,7 +535,7 @@ def test_pareto_default_state(lib, sweep_frame):
     specs = [s for s in plotly_specs(at) if "Recall against sparsity" in s["layout"]["title"]["text"]]
     assert len(specs) == 1 and specs[0]["data"], "the Pareto figure is missing"
     front_table = at.dataframe[0].value
-    assert list(front_table.columns) == ["method", "params", "sparsity", "recall", "precision", "exact"]
+    assert list(front_table.columns) == ["method", "params", "sparsity", "recall", "mass_recall", "precision", "exact"]
     want = pareto_front(sweep_frame)
     want = want[want["on_front"]]
     assert len(front_table) == len(want)
