@@ -50,5 +50,4 @@ USER 10001
 RUN python -c "from sparsefinder.kernels.entmax15 import kernel_available; assert kernel_available()"
 EXPOSE 8501
 HEALTHCHECK CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8501/_stcore/health')"]
-CMD ["streamlit", "run", "app/streamlit_app.py", "--server.address=0.0.0.0", "--server.port=8501", \
-     "--server.headless=true", "--browser.gatherUsageStats=false"]
+CMD ["sparsefinder", "serve", "--host", "0.0.0.0", "--port", "8501"]

@@ -3,6 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/streamlit run app/streamlit_app.py --server.address "${HOST:-127.0.0.1}" \
-    --server.port "${PORT:-8501}" --server.headless true --browser.gatherUsageStats false
+exec .venv/bin/sparsefinder serve --host "${HOST:-127.0.0.1}" --port "${PORT:-8501}"

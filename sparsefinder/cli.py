@@ -17,6 +17,7 @@ from sparsefinder.cli_commands import (  # the parser looks them up here, so a t
     cmd_models,
     cmd_predict,
     cmd_results,
+    cmd_serve,
     cmd_sweep,
     cmd_train,
     cmd_windows,
@@ -133,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_figure_args(sp, "the layers × heads gold sparsity, or one head with --layer/--head,")
     model_args(sp)
     sp.set_defaults(func=cmd_gold)
+
+    sp = sub.add_parser("serve", help="serve the dashboard (from a source checkout), offline")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=8501)
+    sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("predict", help="a predictor on a text: recall, mass recall, output error … per layer")
     sp.add_argument("text", nargs="?", help="text to analyse (default: standard input)")

@@ -99,6 +99,27 @@ def cmd_gold(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """The dashboard: ``streamlit run app/streamlit_app.py`` from the source checkout, offline, headless.
+
+    The process becomes Streamlit's (``exec``), so signals and the exit code are the server's. The menu lists
+    the shipped catalogue and your own (``sparsefinder models add``; ``$SPARSEFINDER_CATALOGUE``).
+    """
+    import os
+
+    root = Path(__file__).resolve().parent.parent
+    app = root / "app" / "streamlit_app.py"
+    if not app.is_file():
+        raise ValueError(f"the dashboard needs the source checkout ({app} is missing): run it from a clone")
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    os.chdir(root)  # .streamlit/config.toml (upload cap, error details hidden) is read from here
+    cmd = [sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.address", args.host,
+           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
 def cmd_predict(args) -> int:
     """One predictor on a text: per layer (means over heads and texts) recall, mass recall, precision,
     sparsity, exact and the output error of entmax restricted to its graph."""

@@ -60,7 +60,7 @@ def _assert_clean_log() -> None:
 
 @contextmanager
 def streamlit_server(log_path: Path = SERVER_LOG) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``streamlit run app/streamlit_app.py`` on a free local port, its stdout and stderr in ``log_path``.
+    """``sparsefinder serve`` (``streamlit run app/streamlit_app.py``) on a free local port, its output in ``log_path``.
 
     Yields the base URL and the server process (for its resident memory); the
     server is stopped on exit. Checking the log is the caller's.
@@ -74,13 +74,8 @@ def streamlit_server(log_path: Path = SERVER_LOG) -> Iterator[tuple[str, subproc
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
     }
-    cmd = [
-        sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py",
-        "--server.headless", "true",
-        "--server.port", str(port),
-        "--server.address", "127.0.0.1",
-        "--browser.gatherUsageStats", "false",
-    ]  # fmt: skip
+    # Through the CLI, as a user starts it: every browser test also checks `sparsefinder serve`.
+    cmd = [sys.executable, "-m", "sparsefinder.cli", "serve", "--port", str(port), "--host", "127.0.0.1"]
     log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -189,3 +189,26 @@ def test_failures_exit_1_and_debug_shows_the_traceback(tmp_path, capsys, monkeyp
     assert capsys.readouterr().err == "error: RuntimeError: the disk is full\n"
     with pytest.raises(RuntimeError, match="the disk is full"):
         main(["--debug", "models"])
+
+
+def test_serve_runs_the_dashboard_from_the_checkout(monkeypatch, tmp_path):
+    """`sparsefinder serve` becomes `streamlit run app/streamlit_app.py` in the checkout, offline and headless
+    (every browser test starts the server this way, tests/browser_support.py)."""
+    import os
+    import sys
+    from pathlib import Path
+
+    seen = {}
+
+    def fake_exec(path, argv):
+        seen.update(path=path, argv=argv, cwd=os.getcwd(), offline=os.environ.get("HF_HUB_OFFLINE"))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os, "execv", fake_exec)
+    main(["serve", "--port", "8765", "--host", "0.0.0.0"])
+    root = Path(__file__).resolve().parent.parent
+    assert seen["path"] == sys.executable and Path(seen["cwd"]) == root and seen["offline"] == "1"
+    argv = seen["argv"]
+    assert argv[1:4] == ["-m", "streamlit", "run"] and (root / argv[4]).is_file()
+    assert argv[argv.index("--server.port") + 1] == "8765" and argv[argv.index("--server.address") + 1] == "0.0.0.0"
+    assert argv[argv.index("--server.headless") + 1] == "true"
