@@ -121,6 +121,38 @@ def gold_probabilities(scores: torch.Tensor, lengths: torch.Tensor, causal: bool
     return _restricted(scores, valid.expand_as(scores), alpha)
 
 
+def support_probabilities(scores: torch.Tensor, support: torch.Tensor, alpha: Alpha) -> tuple[torch.Tensor, int]:
+    r"""``(B, H, N, N)`` float64 entmax probabilities of a layer whose support is known, and the disagreements.
+
+    For :math:`\alpha = 1.5`, with :math:`z = (s - \max_S s)/2` and the row's support :math:`S` given
+    (a stored gold graph), the threshold solves :math:`\sum_{j \in S} (z_j - \tau)^2 = 1` in closed form,
+
+    .. math:: \tau = \frac{s_1 - \sqrt{s_1^2 - c\,(s_2 - 1)}}{c}, \qquad
+              c = |S|,\; s_1 = \sum_S z_j,\; s_2 = \sum_S z_j^2,
+
+    and :math:`p_j = [z_j - \tau]_+^2` on :math:`S`: a few elementwise passes, no sort, and only sums
+    along each row (so the result does not depend on how rows were padded). The second value counts
+    the valid pairs where :math:`z_j > \tau` disagrees with :math:`j \in S`: 0 when ``support`` is the
+    support of these scores (ties at the threshold aside). Other alpha: bisection over the valid pairs
+    (:func:`gold_probabilities`), then zero off ``support``.
+    """
+    valid = scores > torch.finfo(scores.dtype).min  # attention_scores puts the forbidden pairs at the minimum
+    support = support.to(scores.device) & valid
+    if not (isinstance(alpha, float) and alpha == 1.5):
+        probs = _restricted(scores, valid, alpha)
+        return probs * support, int(((probs > 0) != support).sum())
+    neg = torch.finfo(scores.dtype).min
+    top = scores.masked_fill(~support, neg).amax(dim=-1, keepdim=True)
+    z = ((scores - top) / 2).masked_fill(~valid, neg)
+    zs = torch.where(support, z, 0.0)
+    c = support.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    s1, s2 = zs.sum(dim=-1, keepdim=True), zs.square().sum(dim=-1, keepdim=True)
+    tau = (s1 - (s1.square() - c * (s2 - 1)).clamp(min=0).sqrt()) / c.clamp(min=1)
+    probs = torch.where(support, (z - tau).clamp(min=0).square(), 0.0)
+    mismatched = int(((z > tau) != support)[valid].sum())
+    return probs, mismatched
+
+
 def mass_counts(probs: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(gold_mass, mass_hits)``, each ``(B, H)`` float64: the probability on the valid pairs, and on ``edges``.
 

@@ -228,3 +228,23 @@ def test_a_store_without_its_scaling_is_checked_before_mass_is_reported(gemma_st
     off = run_sweep(ExtractionStore.open(gemma_store), methods=["window"], grids={"window": [{"window": 1}]},
                     progress=False, mass=False)
     assert off["mass_recall"].isna().all() and off.attrs["sweep"]["mass"]["scored"] is False
+
+
+@settings(max_examples=30, deadline=None)
+@given(**graph_cases(max_heads=3, max_length=9, window=st.sampled_from([None, 2]), alpha=st.sampled_from([1.5, 2.0])))
+def test_probabilities_on_a_known_support_are_entmax(seed, B, H, N, causal, window, alpha):
+    """Given the true support, the closed-form threshold gives entmax's probabilities (float64 sorting
+    entmax15 / bisection as reference) and no disagreement; a wrong support is counted."""
+    from sparsefinder.mass import support_probabilities
+
+    lengths, q, k, _, _ = _case(seed, B, H, N, causal, window)
+    scores = attention_scores(q, k, lengths, causal, window)
+    ref = gold_probabilities(scores, lengths, causal, window, alpha)
+    probs, bad = support_probabilities(scores, ref > 0, alpha)
+    assert bad == 0
+    np.testing.assert_allclose(probs.numpy(), ref.numpy(), rtol=0, atol=1e-6 if alpha != 1.5 else 1e-12)
+    if alpha == 1.5 and bool((ref > 0).any()):
+        wrong = (ref > 0).clone()
+        wrong.view(-1)[int(torch.nonzero(wrong.view(-1))[0])] = False  # drop one gold edge
+        _, bad = support_probabilities(scores, wrong, alpha)
+        assert bad >= 1

@@ -37,7 +37,7 @@ from sparsefinder.corpora.shards import (  # noqa: F401 - the format's names sta
     read_manifest,
 )
 from sparsefinder.graphs import AttentionGraph
-from sparsefinder.mass import attention_scores, gold_probabilities, layer_alpha
+from sparsefinder.mass import attention_scores, layer_alpha, support_probabilities
 
 if TYPE_CHECKING:  # the store sits below the model layer; it only needs the model's attributes
     from sparsefinder.model.entmax_model import EntmaxModel
@@ -286,20 +286,19 @@ class ExtractionStore:
     def gold_probabilities(self, batch: LayerBatch) -> tuple[torch.Tensor, int]:
         """``(B, H, N, N)`` float32 gold probabilities of a batch, recomputed (in float64) from its q and k.
 
-        They are zero off the stored gold graph. Also returns how many pairs' recomputed
-        support (``p > 0``) disagrees with the stored gold bits: 0 when the recomputation
-        is the model's own (ties at the threshold aside).
+        Given the stored support, 1.5-entmax has its threshold in closed form
+        (:func:`sparsefinder.mass.support_probabilities`); they are zero off the stored gold
+        graph. Also returns how many valid pairs' recomputed support (:math:`z > \tau`)
+        disagrees with the stored gold bits: 0 when the recomputation is the model's own
+        (ties at the threshold aside).
         """
         cfg = self.score_settings(batch.layer)
         window = self.windows[self._layer_index(batch.layer)]
         scores = attention_scores(batch.queries, batch.keys, batch.lengths, batch.causal, window,
                                   cfg["scaling"], cfg["softcap"])
-        probs = gold_probabilities(scores, batch.lengths, batch.causal, window,
-                                   layer_alpha(cfg["alpha"], self.num_heads))
-        gold = batch.gold.edges.to(probs.device)
-        mismatched = int(((probs > 0) != gold).sum())
+        probs, mismatched = support_probabilities(scores, batch.gold.edges, layer_alpha(cfg["alpha"], self.num_heads))
         # float32 for the sweep's many products; rounding each value is independent of the batch's padding.
-        return (probs * gold).float(), mismatched
+        return probs.float(), mismatched
 
     def lengths(self) -> np.ndarray:
         """``(S,)`` int64 sentence lengths in corpus order (reads only the small index arrays)."""

@@ -64,9 +64,27 @@ class _Batch:
         if self.probs is None:
             self.gold_mass = torch.full((b, h), float("nan"), dtype=torch.float64, device=self.lengths.device)
         else:
-            self.gold_mass = self.probs.sum(dim=(-1, -2), dtype=torch.float64)
+            # The mass lives on the gold edges only (a fifth of the pairs or fewer): every mass sum is a
+            # weighted bincount over them, in row-major order, so it is the same whatever the padding.
+            flat = self.gold.reshape(-1).nonzero().squeeze(1)
+            self.gold_index = flat
+            self.gold_segment = flat // (n * n)  # (sentence, head) of each gold edge
+            self.gold_p = self.probs.reshape(-1)[flat].double()
+            self.gold_mass = self._segment_sum(self.gold_p)
         self.valid_pairs = num_valid_pairs(self.lengths, self.causal, self.window)[:, None].expand(b, h)
         self.valid_queries = self.lengths[:, None].expand(b, h)
+
+    def _segment_sum(self, weights: torch.Tensor) -> torch.Tensor:
+        b, h, _ = self.shape
+        return torch.bincount(self.gold_segment, weights=weights, minlength=b * h).reshape(b, h)
+
+    def at_gold(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (``(B, H|1, N, N)``) at each gold edge, in the order of ``gold_p``."""
+        if values.shape[1] == self.shape[1]:
+            return values.reshape(-1)[self.gold_index]
+        b, h, n = self.shape  # one head for all: skip the head part of the flat index
+        index = self.gold_index // (h * n * n) * (n * n) + self.gold_index % (n * n)
+        return values.reshape(-1)[index]
 
     def inputs(self, cls: type[Predictor]) -> tuple[torch.Tensor, torch.Tensor]:
         if cls.reads_projections(self.proj_q is not None):
@@ -89,7 +107,7 @@ def _mass_hits(edges: torch.Tensor, batch: _Batch) -> torch.Tensor:
     b, h, _ = batch.shape
     if batch.probs is None:
         return torch.full((b, h), float("nan"), dtype=torch.float64, device=batch.lengths.device)
-    return (batch.probs * edges).sum(dim=(-1, -2), dtype=torch.float64)
+    return batch._segment_sum(batch.gold_p * batch.at_gold(edges))
 
 
 def _count(edges: torch.Tensor) -> torch.Tensor:
@@ -182,9 +200,11 @@ def _nested_counts(lv: _Levels, n_levels: int, batch: _Batch) -> Counts:
     hits = _cumulative_hist(gold_levels.reshape(b * h, n * n), c).reshape(b, h, c)
     if batch.probs is None:
         mass = torch.full((b, h, c), float("nan"), dtype=torch.float64, device=hits.device)
-    else:  # the probabilities are zero off the gold graph, so the gold levels carry all the mass
-        mass = _cumulative_hist(gold_levels.reshape(b * h, n * n), c, batch.probs.reshape(b * h, n * n))
-        mass = mass.reshape(b, h, c)
+    else:  # the mass lives on the gold edges: a weighted histogram of their levels, per (sentence, head)
+        width = c + 1
+        key = batch.at_gold(levels).long() + batch.gold_segment * width
+        mass = torch.bincount(key, weights=batch.gold_p, minlength=b * h * width).reshape(b, h, width)
+        mass = mass.cumsum(dim=-1)[..., :c]
     # A query is covered at level c when its latest gold key enters by level c (no gold key: always).
     latest = ((levels + 1) * batch.gold.to(dtype)).amax(dim=-1).to(torch.int32) - 1  # -1: no gold key
     latest = torch.where(batch.real[:, None, :], latest.clamp(min=0), c)
