@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
@@ -22,6 +23,7 @@ from sparsefinder.mass import attention_scores, layer_alpha
 from sparsefinder.model import attention
 from sparsefinder.model.adapter import apply_adapter, weights_checksum
 from sparsefinder.model.catalogue import CONFIG_ALPHA, DEFAULT_ALPHA, ModelSpec, get_spec, native_alpha
+from sparsefinder.model.gold_bits import unpack_batch
 
 TASKS = {"base": AutoModel, "masked-lm": AutoModelForMaskedLM}
 
@@ -44,6 +46,10 @@ class Extraction:
 
     ``queries[l]``, ``keys[l]``: ``(B, H, N, d)``; ``probs[l]``: ``(B, H, N, N)``
     float32 (empty when not kept); ``lengths``: real tokens per text.
+
+    A gold-bits extraction (``extract(..., gold_bits=True)``, for long inputs) keeps no probabilities:
+    ``gold_packed[l][b]`` is sentence ``b``'s packed support (the bytes of
+    :meth:`AttentionGraph.pack`), from which :meth:`gold` unpacks the graph.
     """
 
     texts: list[str]
@@ -66,6 +72,8 @@ class Extraction:
     scaling: list[float] | None = None
     softcaps: list[float | None] | None = None
     alphas: list | None = None
+    # Per layer, per sentence: the packed gold support (uint8, AttentionGraph.pack layout); gold-bits mode only.
+    gold_packed: list[list[np.ndarray]] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -81,10 +89,20 @@ class Extraction:
         return torch.arange(n)[None, :] < self.lengths[:, None]
 
     def gold(self, layer: int) -> AttentionGraph:
-        """Gold graph of one layer: ``p_ij > 0``."""
+        """Gold graph of one layer: ``p_ij > 0`` (unpacked from the bits in a gold-bits extraction)."""
+        if self.gold_packed is not None:
+            n = int(self.queries[layer].shape[2])
+            edges = unpack_batch(self.gold_packed[layer], self.lengths, self.num_heads, n)
+            return AttentionGraph(edges, self.lengths, self.causal, self.window(layer))
         if self.probs[layer].numel() == 0:
             raise ValueError("probabilities were not kept in this extraction")
         return AttentionGraph(self.probs[layer].cpu() > 0, self.lengths, self.causal, self.window(layer))
+
+    def gold_bits(self, layer: int, b: int) -> np.ndarray:
+        """Sentence ``b``'s packed gold support in one layer (:meth:`AttentionGraph.pack`'s bytes), either mode."""
+        if self.gold_packed is not None:
+            return self.gold_packed[layer][b]
+        return self.gold(layer).pack(b)
 
     def window(self, layer: int) -> int | None:
         return None if self.windows is None else self.windows[layer]
@@ -231,14 +249,22 @@ class EntmaxModel:
         return enc, truncated
 
     # -- forward -------------------------------------------------------------
-    def extract(self, texts: list[str], keep_probs: bool = True) -> Extraction:
-        """Run the model on ``texts`` and capture every layer's q, k and entmax probs."""
+    def extract(self, texts: list[str], keep_probs: bool = True, gold_bits: bool = False) -> Extraction:
+        """Run the model on ``texts`` and capture every layer's q, k and entmax probs.
+
+        ``gold_bits=True`` (long inputs, corpus stores): each layer's gold support is packed into bits
+        inside the attention call and no float probabilities are kept, so memory is ``H N² / 8`` bytes
+        per layer instead of ``4 H N²`` (the extraction has no ``probs``; :meth:`Extraction.gold` works).
+        """
         enc, truncated = self.tokenize(texts)
         inputs = _model_inputs(enc.to(self.device))
-        with torch.inference_mode(), attention.capture(keep_probs=keep_probs) as sink:
+        lengths = enc["attention_mask"].sum(1).cpu()
+        with torch.inference_mode(), attention.capture(
+            keep_probs=keep_probs, gold_bits=gold_bits, lengths=lengths.tolist(), causal=self.causal,
+            windows=list(self.windows),
+        ) as sink:
             out = self.model(**inputs)
         hidden = _last_hidden(out)
-        lengths = enc["attention_mask"].sum(1).cpu()
         tokens, offsets, word_ids, special = [], [], [], []
         for b in range(len(lengths)):
             n = int(lengths[b])
@@ -267,6 +293,7 @@ class EntmaxModel:
             scaling=[r.scaling for r in records],
             softcaps=[r.softcap for r in records],
             alphas=[_layer_alpha_value(r.alpha) for r in records],
+            gold_packed=[[bits.numpy() for bits in r.gold_bits] for r in records] if gold_bits else None,
         )
 
     def embed(self, texts: list[str]) -> torch.Tensor:
