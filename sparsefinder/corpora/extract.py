@@ -232,6 +232,8 @@ def new_manifest(
             "batch_size": batch_size,
             "shard_size": shard_size,
             "device": str(model.device),
+            # What the model computed in (entmax and the gold graph are float32 whatever it is).
+            "compute_dtype": str(next(model.model.parameters()).dtype).removeprefix("torch."),
             "torch_threads": torch.get_num_threads(),
             "sort": "length descending within each shard; stored in corpus order",
         },

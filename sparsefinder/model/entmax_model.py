@@ -32,6 +32,24 @@ class TruncationWarning(UserWarning):
     """An input was longer than the model's maximum length and was cut."""
 
 
+# The dtypes a model may compute in (its weights and hidden states). Entmax itself always runs in float32:
+# the attention function upcasts q and k before q·k (sparsefinder.model.attention), so the gold graph is
+# the float32 support of what a bfloat16/float16 model's q and k score.
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def resolve_compute_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """A model compute dtype from its name (``float32``, ``bfloat16``, ``float16``; None: the checkpoint's)."""
+    if value is None or isinstance(value, torch.dtype) and value in COMPUTE_DTYPES.values():
+        return value
+    name = str(value).removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {value!r}")
+    return COMPUTE_DTYPES[name]
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, torch.device):
         return device
@@ -372,8 +390,14 @@ def load_hf(
     attn_implementation: str = attention.ATTN_IMPLEMENTATION,
     task: str = "base",
     device: str | torch.device = "auto",
+    compute_dtype: str | torch.dtype | None = None,
 ) -> tuple[torch.nn.Module, object]:
-    """Load weights and tokenizer from a local directory (never from a hub)."""
+    """Load weights and tokenizer from a local directory (never from a hub).
+
+    ``compute_dtype`` casts the weights (e.g. ``bfloat16`` on a GPU: half the memory, tensor cores);
+    None keeps the checkpoint's dtype.
+    """
+    dtype = resolve_compute_dtype(compute_dtype)
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
@@ -382,7 +406,8 @@ def load_hf(
     attention.register()
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = TASKS[task].from_pretrained(
-        path, config=config, attn_implementation=attn_implementation, local_files_only=True
+        path, config=config, attn_implementation=attn_implementation, local_files_only=True,
+        **({} if dtype is None else {"dtype": dtype}),
     )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:  # GPT-2-style tokenizers have none
@@ -397,15 +422,20 @@ def load_model(
     device: str | torch.device = "auto",
     task: str | None = None,
     use_adapter: bool = True,
+    compute_dtype: str | torch.dtype | None = None,
 ) -> EntmaxModel:
-    """Load a registered model by name, or a local model directory, with entmax attention."""
+    """Load a registered model by name, or a local model directory, with entmax attention.
+
+    ``compute_dtype`` (``float32``, ``bfloat16``, ``float16``; default the checkpoint's) is the dtype the
+    model runs in; entmax stays float32 (:data:`COMPUTE_DTYPES`).
+    """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         spec = ModelSpec(name=str(path), path=str(path.resolve()))
     else:
         spec = get_spec(name_or_path)
     model_dir = spec.resolve_path()
-    model, tokenizer = load_hf(model_dir, task=task or spec.task, device=device)
+    model, tokenizer = load_hf(model_dir, task=task or spec.task, device=device, compute_dtype=compute_dtype)
     # The caller's alpha, else the catalogue's, else the model's own (trained with entmax), else the default.
     own = native_alpha(model.config)
     chosen = next(
