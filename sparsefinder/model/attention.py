@@ -227,7 +227,8 @@ def _record(sink: Capture, module, query, key, value, probs, attention_mask, gro
         window = sink.window(layer)
         # Packed on the probabilities' device; only H n² / 8 bytes per sentence move to the host.
         bits = [sentence_bits(probs[b], n, sink.causal, window).cpu() for b, n in enumerate(sink.lengths)]
-    kept = probs if sink.keep_probs else probs[:0]
+    # Not probs[:0]: a view, even an empty one, keeps the whole (B, H, N, N) storage alive.
+    kept = probs if sink.keep_probs else probs.new_empty((0, *probs.shape[1:]))
     mask = None if attention_mask is None else attention_mask.detach()
     settings = dict(scaling=float(scaling), softcap=float(softcap) if softcap else None, alpha=module_alpha(module),
                     gold_bits=bits)

@@ -51,6 +51,13 @@ def test_gold_bits_equal_the_support_of_the_normal_mode(family_model):
     assert packed.gold_packed is not None and normal.gold_packed is None
     # No float probabilities are kept in the gold-bits mode, and q/k are the same numbers.
     assert all(p.numel() == 0 for p in packed.probs)
+    with torch.inference_mode(), attention.capture(gold_bits=True, lengths=[int(n) for n in packed.lengths],
+                                                   causal=model.causal, windows=model.windows) as sink:
+        enc, _ = model.tokenize(TEXTS)
+        model.model(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    # Not even an empty view of the probabilities: a view would keep their whole storage alive.
+    assert all(r.probs.untyped_storage().nbytes() == 0 for r in sink.records)
+    assert all(len(r.gold_bits) == len(TEXTS) for r in sink.records)
     for layer in range(model.num_layers):
         assert torch.equal(packed.queries[layer], normal.queries[layer])
         assert torch.equal(packed.keys[layer], normal.keys[layer])
