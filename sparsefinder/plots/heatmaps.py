@@ -112,7 +112,7 @@ def block_reduce(a: np.ndarray, size: int, how: str = "max") -> np.ndarray:
     if how == "max":
         return tiles.max(axis=(1, 3)).astype(float)
     if how == "sum":
-        return tiles.sum(axis=(1, 3), dtype=np.int64).astype(float)
+        return tiles.sum(axis=(1, 3), dtype=float if a.dtype.kind == "f" else np.int64).astype(float)
     raise ValueError(f"how must be 'max' or 'sum', not {how!r}")
 
 
