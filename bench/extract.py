@@ -12,8 +12,13 @@ bit-identical, which is checked): sentences/s and tokens/s of each, and Ray's ov
 worker (end to end: both include loading the model; starting Ray itself is not counted).
 Timings on a shared machine are noisy; run it twice.
 
+``--long`` measures long inputs instead (bench/long_inputs.py): a tiny random Llama extracts one text of
+n = 512, 2048, 8192 tokens in the normal mode (float probabilities kept) and the gold-bits mode, each in a
+fresh subprocess with one torch thread: wall time, peak RSS, and that both give the same gold graph.
+
     .venv/bin/python bench/extract.py [--split validation] [--batch-size 32] [--limit N] [--device auto]
     .venv/bin/python bench/extract.py --engine ray --workers 1,2 --limit 256 --shard-size 32 [--json]
+    .venv/bin/python bench/extract.py --long [--sizes 512,2048,8192] [--modes normal,bits] [--max-gb 12] [--json]
 """
 
 from __future__ import annotations
@@ -51,8 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--engine", default="local", choices=["local", "ray"], help="ray: compare with the Ray engine")
     p.add_argument("--workers", default="1,2", help="--engine ray: comma-separated worker counts")
-    p.add_argument("--json", action="store_true", help="--engine ray: print the figures as one JSON object")
+    p.add_argument("--json", action="store_true", help="--engine ray, --long: print the figures as one JSON object")
+    p.add_argument("--long", action="store_true", help="long inputs: normal vs gold-bits mode (bench/long_inputs.py)")
+    p.add_argument("--sizes", default="512,2048,8192", help="--long: comma-separated token counts")
+    p.add_argument("--modes", default="normal,bits", help="--long: normal and/or bits")
+    p.add_argument("--layers", type=int, default=4, help="--long: layers of the tiny Llama")
+    p.add_argument("--heads", type=int, default=4, help="--long: query heads of the tiny Llama")
+    p.add_argument("--hidden", type=int, default=64, help="--long: hidden size of the tiny Llama")
+    p.add_argument("--max-gb", type=float, default=12.0, help="--long: address-space cap of each child (GiB)")
+    p.add_argument("--child-timeout", type=float, default=900.0, help="--long: seconds per child")
     args = p.parse_args(argv)
+    if args.long:
+        return bench_long(args)
     if args.engine == "ray":
         return bench_ray(args)
 
@@ -104,6 +119,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def bench_long(args: argparse.Namespace) -> int:
+    import long_inputs
+
+    sizes = [int(n) for n in args.sizes.split(",")]
+    modes = args.modes.split(",")
+    if any(n < 8 for n in sizes) or not set(modes) <= {"normal", "bits"}:
+        raise SystemExit("error: --sizes are token counts >= 8 and --modes is normal and/or bits")
+    result = long_inputs.run(sizes, modes, args.layers, args.heads, args.hidden, args.max_gb, args.child_timeout)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        long_inputs.print_table(result)
     return 0
 
 

@@ -54,6 +54,27 @@ def _device(value: str) -> str:
     return value
 
 
+def _store_dtype(value: str) -> str:
+    """Stored q/k dtype of ``extract``: float32 (exact) or float16 (half the disk)."""
+    from sparsefinder.corpora.extract import _store_dtype as check
+
+    try:
+        return check(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be float32 or float16, got {value!r}") from None
+
+
+def _compute_dtype(value: str) -> str:
+    """The dtype a model computes in (entmax itself stays float32)."""
+    from sparsefinder.model.entmax_model import COMPUTE_DTYPES, resolve_compute_dtype
+
+    try:
+        dtype = resolve_compute_dtype(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(COMPUTE_DTYPES)}, got {value!r}") from None
+    return next(name for name, d in COMPUTE_DTYPES.items() if d == dtype)
+
+
 _ARTIFACT_HELP = {
     "store": "extraction of the corpus (sparsefinder extract)",
     "projections": "projections directory (sparsefinder train)",
@@ -174,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help="replace an existing extraction in --out")
     sp.add_argument("--shard-size", type=_positive, default=None, help="sentences per shard (default 1024)")
     sp.add_argument("--resume", action="store_true", help="--engine ray: continue an interrupted extraction in --out")
+    sp.add_argument("--dtype", type=_store_dtype, default="float32",
+                    help="stored queries/keys: float32 (exact, default) or float16 (half the disk)")
+    sp.add_argument("--compute-dtype", type=_compute_dtype, default=None,
+                    help="dtype the model runs in: float32, bfloat16 or float16 (e.g. bfloat16 on a GPU; default "
+                         "the checkpoint's); entmax and the gold graph stay float32; local engine only")
     engine_args(sp)
     model_args(sp)
     sp.set_defaults(func=cmd_extract)

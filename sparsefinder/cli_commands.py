@@ -212,8 +212,11 @@ def cmd_extract(args) -> int:
     if args.engine == "ray":
         from sparsefinder.distributed.ray_extract import extract_corpus_ray
 
+        if args.compute_dtype:
+            raise ValueError("--compute-dtype is for the local engine; Ray workers load the model in its own dtype")
         out = extract_corpus_ray(
             args.model, texts, Path(args.out), alpha=args.alpha, device=args.device, batch_size=args.batch_size,
+            dtype=args.dtype,
             shard_size=args.shard_size, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
             gpus_per_worker=args.gpus_per_worker, address=args.address, corpus_name=corpus.name, split=args.split,
             overwrite=args.overwrite, resume=args.resume,
@@ -223,9 +226,9 @@ def cmd_extract(args) -> int:
     if args.resume:
         raise ValueError("--resume continues an interrupted --engine ray extraction; the local engine restarts "
                          "(--overwrite)")
-    model = load_model(args.model, alpha=args.alpha, device=args.device)
+    model = load_model(args.model, alpha=args.alpha, device=args.device, compute_dtype=args.compute_dtype)
     out = extract_corpus(
-        model, texts, Path(args.out), batch_size=args.batch_size, progress=True,
+        model, texts, Path(args.out), batch_size=args.batch_size, dtype=args.dtype, progress=True,
         corpus_name=corpus.name, split=args.split, overwrite=args.overwrite,
         **({"shard_size": args.shard_size} if args.shard_size else {}),
     )

@@ -65,6 +65,34 @@ def test_extract_writes_a_store(tmp_path, tiny_model_dir, capsys):
     assert store.sentence(2).text == "Third."
 
 
+def test_extract_dtype_and_compute_dtype(tmp_path, tiny_model_dir, capsys):
+    import torch
+
+    corpus = tmp_path / "sents.txt"
+    corpus.write_text("One sentence here.\nAnother, longer sentence follows it.\n", encoding="utf-8")
+    path = str(tiny_model_dir("llama"))
+    common = ["extract", "--corpus", str(corpus), "--split", "all", "--model", path, "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "h"), "--dtype", "float16"]) == 0
+    half = ExtractionStore.open(tmp_path / "h")
+    q = half.sentence(0).queries(0)
+    assert half.manifest["dtype"] == "float16" and torch.equal(q, q.half().float()) and not torch.equal(q, q.round())
+    assert main([*common, "--out", str(tmp_path / "b"), "--compute-dtype", "bfloat16"]) == 0
+    store = ExtractionStore.open(tmp_path / "b")
+    assert store.manifest["settings"]["compute_dtype"] == "bfloat16" and store.manifest["dtype"] == "float32"
+    # The stored q/k are exactly a bfloat16 model's (float32 copies of bfloat16 numbers).
+    q = store.sentence(1).queries(1)
+    assert torch.equal(q, q.to(torch.bfloat16).float())
+    for flag, value in (("--dtype", "int8"), ("--compute-dtype", "float64")):
+        with pytest.raises(SystemExit):
+            main([*common, "--out", str(tmp_path / "x"), flag, value])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].endswith(f"argument {flag}: must be " + ("float32 or float16" if flag == "--dtype" else
+                                "one of float32, bfloat16, float16") + f", got {value!r}")
+    assert main([*common, "--out", str(tmp_path / "r"), "--engine", "ray", "--compute-dtype", "bfloat16"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --compute-dtype is for the local engine; Ray workers load the model in its own dtype")
+
+
 def test_errors_are_clear_and_nonzero(tmp_path, capsys):
     assert main(["gold", "hello", "--model", "no-such-model"]) == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err

@@ -232,6 +232,8 @@ def new_manifest(
             "batch_size": batch_size,
             "shard_size": shard_size,
             "device": str(model.device),
+            # What the model computed in (entmax and the gold graph are float32 whatever it is).
+            "compute_dtype": str(next(model.model.parameters()).dtype).removeprefix("torch."),
             "torch_threads": torch.get_num_threads(),
             "sort": "length descending within each shard; stored in corpus order",
         },
@@ -312,7 +314,9 @@ def _write_shard(
         rows = order[start : start + batch_size]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TruncationWarning)
-            ext = model.extract([window[i] for i in rows])
+            # Gold-bits mode: the store keeps only the support, packed inside each attention call, so no
+            # layer's (B, H, N, N) float probabilities are held (what lets long inputs fit; same bytes).
+            ext = model.extract([window[i] for i in rows], gold_bits=True)
         if not np.array_equal(ext.lengths.numpy(), lengths[rows]):
             raise RuntimeError("tokenisation differed between the shard and its batch; cannot place the tokens")
         q = torch.stack(ext.queries)  # (L, B, H, N, d)
@@ -321,13 +325,12 @@ def _write_shard(
             raise ValueError(f"queries/keys exceed the range of {np_dtype.name}; extract with dtype=float32")
         qn = q.permute(0, 1, 3, 2, 4).numpy()  # (L, B, N, H, d) — token-major, as stored
         kn = kk.permute(0, 1, 3, 2, 4).numpy()
-        gold = torch.stack([ext.gold(layer).edges for layer in range(L)]).numpy()  # (L, B, H, N, N)
         for b, i in enumerate(rows.tolist()):
             n, a = int(lengths[i]), int(token_offsets[i])
             arr["queries"][:, a : a + n] = qn[:, b, :n]
             arr["keys"][:, a : a + n] = kn[:, b, :n]
-            arr["gold_bits"][:, gold_offsets[i] : gold_offsets[i + 1]] = np.packbits(
-                gold[:, b, :, :n, :n].reshape(L, -1), axis=1
+            arr["gold_bits"][:, gold_offsets[i] : gold_offsets[i + 1]] = np.stack(
+                [ext.gold_bits(layer, b) for layer in range(L)]
             )
             arr["input_ids"][a : a + n] = input_ids[i, :n]
             arr["char_offsets"][a : a + n] = np.asarray(ext.offsets[b], dtype=np.int64).reshape(n, 2)

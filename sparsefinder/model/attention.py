@@ -22,6 +22,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 
 from sparsefinder.kernels.entmax import Alpha, entmax
+from sparsefinder.model.gold_bits import sentence_bits
 
 ATTN_IMPLEMENTATION = "entmax"
 
@@ -53,6 +54,9 @@ class AttentionRecord:
     scaling: float | None = None
     softcap: float | None = None
     alpha: Alpha = 1.5
+    # Gold-bits capture (Capture.gold_bits): per sentence, the packed support of the probabilities over its
+    # valid pairs (sparsefinder.model.gold_bits), on the CPU; ``probs`` is then empty.
+    gold_bits: list[torch.Tensor] | None = None
 
 
 def expand_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -69,6 +73,16 @@ class Capture:
     # Training (distillation) needs gradients through the captured probabilities.
     detach: bool = True
     records: list[AttentionRecord] = field(default_factory=list)
+    # Gold-bits mode (long inputs): pack each sentence's support into bits inside the call and keep no float
+    # probabilities. Needs the real lengths of the right-padded batch, the causal flag and the layer windows,
+    # which define the valid pairs the bits cover (sparsefinder.graphs.valid_pair_mask).
+    gold_bits: bool = False
+    lengths: list[int] | None = None
+    causal: bool = False
+    windows: list[int | None] | None = None
+
+    def window(self, layer: int) -> int | None:
+        return None if self.windows is None or not 0 <= layer < len(self.windows) else self.windows[layer]
 
 
 _capture: ContextVar[Capture | None] = ContextVar("sparsefinder_capture", default=None)
@@ -77,9 +91,23 @@ _tagger: ContextVar[list | None] = ContextVar("sparsefinder_tagger", default=Non
 
 
 @contextlib.contextmanager
-def capture(keep_probs: bool = True, detach: bool = True) -> Iterator[Capture]:
-    """Record q, k and entmax probabilities of every attention call in this context."""
-    sink = Capture(keep_probs=keep_probs, detach=detach)
+def capture(
+    keep_probs: bool = True,
+    detach: bool = True,
+    gold_bits: bool = False,
+    lengths: list[int] | None = None,
+    causal: bool = False,
+    windows: list[int | None] | None = None,
+) -> Iterator[Capture]:
+    """Record q, k and entmax probabilities of every attention call in this context.
+
+    ``gold_bits=True`` records, instead of the probabilities, each sentence's packed gold support
+    (``lengths``: real tokens per text of the right-padded batch; ``causal``/``windows``: the valid pairs).
+    """
+    if gold_bits and lengths is None:
+        raise ValueError("a gold-bits capture needs the lengths of the batch")
+    sink = Capture(keep_probs=keep_probs and not gold_bits, detach=detach, gold_bits=gold_bits,
+                   lengths=None if lengths is None else [int(n) for n in lengths], causal=causal, windows=windows)
     token = _capture.set(sink)
     try:
         yield sink
@@ -152,12 +180,17 @@ def entmax_attention_forward(
     key, value = expand_kv(key, groups), expand_kv(value, groups)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    # In place wherever no gradient flows (extraction runs under inference mode): at long N each out-of-place
+    # step would hold a second (B, H, N, N) float32 tensor (12 heads at N = 8192: 3.2 GB each).
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2))
+    inplace = not (torch.is_grad_enabled() and scores.requires_grad)
+    scores = scores.mul_(scaling) if inplace else scores * scaling
     softcap = kwargs.get("softcap")
     if softcap:  # Gemma-2's logit soft-capping, applied before the mask as in transformers' eager attention
-        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.div_(softcap).tanh_().mul_(softcap) if inplace else torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]].float()
+        mask_bias = attention_mask[..., : key.shape[-2]].float()
+        scores = scores.add_(mask_bias) if inplace else scores + mask_bias
     restrict = _support.get()
     empty_rows = None
     if restrict is not None:
@@ -172,24 +205,39 @@ def entmax_attention_forward(
                 # Clamped so that a masked score plus a large negative bias stays finite.
                 scores = (scores + keep.to(scores.dtype)).clamp(min=torch.finfo(scores.dtype).min)
     probs = entmax(scores, module_alpha(module))
+    del scores  # the scores are not needed past entmax: free them before the output matmul
     if empty_rows is not None and bool(empty_rows.any()):
         probs = probs.masked_fill(empty_rows, 0.0)
     sink = _capture.get()
     if sink is not None:
-        kept = probs if sink.keep_probs else probs[:0]
-        mask = None if attention_mask is None else attention_mask.detach()
-        settings = dict(scaling=float(scaling), softcap=float(softcap) if softcap else None, alpha=module_alpha(module))
-        if sink.detach:
-            sink.records.append(AttentionRecord(query.detach(), key.detach(), kept.detach(), groups, mask,
-                                                value.detach() if sink.keep_probs else None, **settings))
-        else:
-            sink.records.append(AttentionRecord(query, key, kept, groups, mask, **settings))
+        _record(sink, module, query, key, value, probs, attention_mask, groups, scaling, softcap)
     if dropout > 0.0 and module.training:
         probs_used = torch.nn.functional.dropout(probs, p=dropout, training=True)
     else:
         probs_used = probs
     out = torch.matmul(probs_used.to(value.dtype), value)
     return out.transpose(1, 2).contiguous(), probs
+
+
+def _record(sink: Capture, module, query, key, value, probs, attention_mask, groups, scaling, softcap) -> None:
+    """Append this call's :class:`AttentionRecord` to the capture (gold bits packed here, in gold-bits mode)."""
+    bits = None
+    if sink.gold_bits:
+        layer = getattr(module, "sparsefinder_layer", len(sink.records))
+        window = sink.window(layer)
+        # Packed on the probabilities' device; only H n² / 8 bytes per sentence move to the host.
+        bits = [sentence_bits(probs[b], n, sink.causal, window).cpu() for b, n in enumerate(sink.lengths)]
+    # Not probs[:0]: a view, even an empty one, keeps the whole (B, H, N, N) storage alive.
+    kept = probs if sink.keep_probs else probs.new_empty((0, *probs.shape[1:]))
+    mask = None if attention_mask is None else attention_mask.detach()
+    settings = dict(scaling=float(scaling), softcap=float(softcap) if softcap else None, alpha=module_alpha(module),
+                    gold_bits=bits)
+    if sink.detach:
+        keep_values = sink.keep_probs or sink.gold_bits
+        sink.records.append(AttentionRecord(query.detach(), key.detach(), kept.detach(), groups, mask,
+                                            value.detach() if keep_values else None, **settings))
+    else:
+        sink.records.append(AttentionRecord(query, key, kept, groups, mask, **settings))
 
 
 _registered = False

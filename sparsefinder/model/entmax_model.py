@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
@@ -22,12 +23,31 @@ from sparsefinder.mass import attention_scores, layer_alpha
 from sparsefinder.model import attention
 from sparsefinder.model.adapter import apply_adapter, weights_checksum
 from sparsefinder.model.catalogue import CONFIG_ALPHA, DEFAULT_ALPHA, ModelSpec, get_spec, native_alpha
+from sparsefinder.model.gold_bits import unpack_batch
 
 TASKS = {"base": AutoModel, "masked-lm": AutoModelForMaskedLM}
 
 
 class TruncationWarning(UserWarning):
     """An input was longer than the model's maximum length and was cut."""
+
+
+# The dtypes a model may compute in (its weights and hidden states). Entmax itself always runs in float32:
+# the attention function upcasts q and k before q·k (sparsefinder.model.attention), so the gold graph is
+# the float32 support of what a bfloat16/float16 model's q and k score.
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def resolve_compute_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """A model compute dtype from its name (``float32``, ``bfloat16``, ``float16``; None: the checkpoint's)."""
+    if value is None or isinstance(value, torch.dtype) and value in COMPUTE_DTYPES.values():
+        return value
+    name = str(value).removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {value!r}")
+    return COMPUTE_DTYPES[name]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -44,6 +64,10 @@ class Extraction:
 
     ``queries[l]``, ``keys[l]``: ``(B, H, N, d)``; ``probs[l]``: ``(B, H, N, N)``
     float32 (empty when not kept); ``lengths``: real tokens per text.
+
+    A gold-bits extraction (``extract(..., gold_bits=True)``, for long inputs) keeps no probabilities:
+    ``gold_packed[l][b]`` is sentence ``b``'s packed support (the bytes of
+    :meth:`AttentionGraph.pack`), from which :meth:`gold` unpacks the graph.
     """
 
     texts: list[str]
@@ -66,6 +90,8 @@ class Extraction:
     scaling: list[float] | None = None
     softcaps: list[float | None] | None = None
     alphas: list | None = None
+    # Per layer, per sentence: the packed gold support (uint8, AttentionGraph.pack layout); gold-bits mode only.
+    gold_packed: list[list[np.ndarray]] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -81,10 +107,20 @@ class Extraction:
         return torch.arange(n)[None, :] < self.lengths[:, None]
 
     def gold(self, layer: int) -> AttentionGraph:
-        """Gold graph of one layer: ``p_ij > 0``."""
+        """Gold graph of one layer: ``p_ij > 0`` (unpacked from the bits in a gold-bits extraction)."""
+        if self.gold_packed is not None:
+            n = int(self.queries[layer].shape[2])
+            edges = unpack_batch(self.gold_packed[layer], self.lengths, self.num_heads, n)
+            return AttentionGraph(edges, self.lengths, self.causal, self.window(layer))
         if self.probs[layer].numel() == 0:
             raise ValueError("probabilities were not kept in this extraction")
         return AttentionGraph(self.probs[layer].cpu() > 0, self.lengths, self.causal, self.window(layer))
+
+    def gold_bits(self, layer: int, b: int) -> np.ndarray:
+        """Sentence ``b``'s packed gold support in one layer (:meth:`AttentionGraph.pack`'s bytes), either mode."""
+        if self.gold_packed is not None:
+            return self.gold_packed[layer][b]
+        return self.gold(layer).pack(b)
 
     def window(self, layer: int) -> int | None:
         return None if self.windows is None else self.windows[layer]
@@ -231,14 +267,22 @@ class EntmaxModel:
         return enc, truncated
 
     # -- forward -------------------------------------------------------------
-    def extract(self, texts: list[str], keep_probs: bool = True) -> Extraction:
-        """Run the model on ``texts`` and capture every layer's q, k and entmax probs."""
+    def extract(self, texts: list[str], keep_probs: bool = True, gold_bits: bool = False) -> Extraction:
+        """Run the model on ``texts`` and capture every layer's q, k and entmax probs.
+
+        ``gold_bits=True`` (long inputs, corpus stores): each layer's gold support is packed into bits
+        inside the attention call and no float probabilities are kept, so memory is ``H N² / 8`` bytes
+        per layer instead of ``4 H N²`` (the extraction has no ``probs``; :meth:`Extraction.gold` works).
+        """
         enc, truncated = self.tokenize(texts)
         inputs = _model_inputs(enc.to(self.device))
-        with torch.inference_mode(), attention.capture(keep_probs=keep_probs) as sink:
+        lengths = enc["attention_mask"].sum(1).cpu()
+        with torch.inference_mode(), attention.capture(
+            keep_probs=keep_probs, gold_bits=gold_bits, lengths=lengths.tolist(), causal=self.causal,
+            windows=list(self.windows),
+        ) as sink:
             out = self.model(**inputs)
         hidden = _last_hidden(out)
-        lengths = enc["attention_mask"].sum(1).cpu()
         tokens, offsets, word_ids, special = [], [], [], []
         for b in range(len(lengths)):
             n = int(lengths[b])
@@ -267,6 +311,7 @@ class EntmaxModel:
             scaling=[r.scaling for r in records],
             softcaps=[r.softcap for r in records],
             alphas=[_layer_alpha_value(r.alpha) for r in records],
+            gold_packed=[[bits.numpy() for bits in r.gold_bits] for r in records] if gold_bits else None,
         )
 
     def embed(self, texts: list[str]) -> torch.Tensor:
@@ -345,8 +390,14 @@ def load_hf(
     attn_implementation: str = attention.ATTN_IMPLEMENTATION,
     task: str = "base",
     device: str | torch.device = "auto",
+    compute_dtype: str | torch.dtype | None = None,
 ) -> tuple[torch.nn.Module, object]:
-    """Load weights and tokenizer from a local directory (never from a hub)."""
+    """Load weights and tokenizer from a local directory (never from a hub).
+
+    ``compute_dtype`` casts the weights (e.g. ``bfloat16`` on a GPU: half the memory, tensor cores);
+    None keeps the checkpoint's dtype.
+    """
+    dtype = resolve_compute_dtype(compute_dtype)
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
@@ -355,7 +406,8 @@ def load_hf(
     attention.register()
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = TASKS[task].from_pretrained(
-        path, config=config, attn_implementation=attn_implementation, local_files_only=True
+        path, config=config, attn_implementation=attn_implementation, local_files_only=True,
+        **({} if dtype is None else {"dtype": dtype}),
     )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:  # GPT-2-style tokenizers have none
@@ -370,15 +422,20 @@ def load_model(
     device: str | torch.device = "auto",
     task: str | None = None,
     use_adapter: bool = True,
+    compute_dtype: str | torch.dtype | None = None,
 ) -> EntmaxModel:
-    """Load a registered model by name, or a local model directory, with entmax attention."""
+    """Load a registered model by name, or a local model directory, with entmax attention.
+
+    ``compute_dtype`` (``float32``, ``bfloat16``, ``float16``; default the checkpoint's) is the dtype the
+    model runs in; entmax stays float32 (:data:`COMPUTE_DTYPES`).
+    """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         spec = ModelSpec(name=str(path), path=str(path.resolve()))
     else:
         spec = get_spec(name_or_path)
     model_dir = spec.resolve_path()
-    model, tokenizer = load_hf(model_dir, task=task or spec.task, device=device)
+    model, tokenizer = load_hf(model_dir, task=task or spec.task, device=device, compute_dtype=compute_dtype)
     # The caller's alpha, else the catalogue's, else the model's own (trained with entmax), else the default.
     own = native_alpha(model.config)
     chosen = next(

@@ -102,13 +102,17 @@ def block_reduce(a: np.ndarray, size: int, how: str = "max") -> np.ndarray:
         return a.astype(float)
     n0, n1 = a.shape
     m0, m1 = -(-n0 // size), -(-n1 // size)
-    pad = np.zeros((m0 * size, m1 * size), dtype=float)
-    pad[:n0, :n1] = a
+    # Padded (with zeros, which change neither a max of probabilities nor a sum) in the input's own dtype,
+    # and only when the side is not a multiple of the block: at 8192 tokens a float64 copy is 512 MiB.
+    pad = a
+    if (m0 * size, m1 * size) != (n0, n1):
+        pad = np.zeros((m0 * size, m1 * size), dtype=a.dtype)
+        pad[:n0, :n1] = a
     tiles = pad.reshape(m0, size, m1, size)
     if how == "max":
-        return tiles.max(axis=(1, 3))
+        return tiles.max(axis=(1, 3)).astype(float)
     if how == "sum":
-        return tiles.sum(axis=(1, 3))
+        return tiles.sum(axis=(1, 3), dtype=float if a.dtype.kind == "f" else np.int64).astype(float)
     raise ValueError(f"how must be 'max' or 'sum', not {how!r}")
 
 
@@ -153,7 +157,9 @@ def attention_heatmap(
     hover gives the block's counts. A 512-token head is then ~96 × 96 cells,
     not 262,144.
     """
-    p = np.asarray(probs, dtype=float)
+    p = np.asarray(probs)
+    if p.dtype.kind != "f":  # float32 probabilities stay float32: a float64 copy of a long head is 4 × n² bytes more
+        p = p.astype(float)
     key_tokens = query_tokens if key_tokens is None else key_tokens
     if p.shape != (len(query_tokens), len(key_tokens)):
         raise ValueError(f"probs shape {p.shape} does not match {len(query_tokens)} queries × {len(key_tokens)} keys")
@@ -163,7 +169,7 @@ def attention_heatmap(
     gold = p > 0
     if size == 1:
         y, x = token_labels(query_tokens), token_labels(key_tokens)
-        z = p
+        z = p.astype(float)
         hover_zero = "query %{y}<br>key %{x}<br>p = 0 (no edge)"
         hover_pos = "query %{y} → key %{x}<br>p = %{z:.4g}"
     else:
