@@ -41,6 +41,6 @@ for glob in "" --global-tokens; do
     $sf windows --model "$model" --split train --limit 240 --lambdas 0.1,0.3,1,3 --layers all,later $glob \
         --threads 1 --out "data/curves/$model-windows${glob:+-global}"
 done
-$sf curves --model "$model" --limit 200 --points 6 --sparsities 0.4,0.5,0.55,0.6,0.65,0.7,0.75,0.8,0.9,0.95 --threads 1 \
+$sf curves --model "$model" --limit 200 --points 6 --sparsities 0.4,0.5,0.55,0.6,0.65,0.7,0.72,0.73,0.75,0.8,0.9,0.95 --threads 1 \
     --windows "data/curves/$model-windows,data/curves/$model-windows-global" \
     --out "data/curves/$model-validation.parquet" --plot "$runs/curves.html" --png "data/curves/$model-validation.png"

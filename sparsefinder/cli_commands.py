@@ -481,6 +481,7 @@ def cmd_curves(args) -> int:
     metric = args.metric or ("mlm_accuracy" if frame.attrs["curves"]["masked_lm"] else "cos_mean")
     fig = sparsity_accuracy_figure(frame, metric=metric)
     plot = Path(args.plot) if args.plot else Path(args.out).with_suffix(".html")
+    plot.parent.mkdir(parents=True, exist_ok=True)  # after minutes of work, a missing folder is not an error
     fig.write_html(str(plot), include_plotlyjs=True)
     figures.write_figure(args, fig)
     if args.png:
