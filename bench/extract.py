@@ -18,7 +18,7 @@ fresh subprocess with one torch thread: wall time, peak RSS, and that both give 
 
     .venv/bin/python bench/extract.py [--split validation] [--batch-size 32] [--limit N] [--device auto]
     .venv/bin/python bench/extract.py --engine ray --workers 1,2 --limit 256 --shard-size 32 [--json]
-    .venv/bin/python bench/extract.py --long [--sizes 512,2048,8192] [--modes normal,bits] [--max-gb 12] [--json]
+    .venv/bin/python bench/extract.py --long [--sizes 512,2048,8192] [--modes forward,normal,bits] [--json]
 """
 
 from __future__ import annotations
@@ -59,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="--engine ray, --long: print the figures as one JSON object")
     p.add_argument("--long", action="store_true", help="long inputs: normal vs gold-bits mode (bench/long_inputs.py)")
     p.add_argument("--sizes", default="512,2048,8192", help="--long: comma-separated token counts")
-    p.add_argument("--modes", default="normal,bits", help="--long: normal and/or bits")
+    p.add_argument("--modes", default="forward,normal,bits",
+                   help="--long: forward (the plain eager forward, the reference), normal and/or bits")
     p.add_argument("--layers", type=int, default=4, help="--long: layers of the tiny Llama")
-    p.add_argument("--heads", type=int, default=4, help="--long: query heads of the tiny Llama")
+    p.add_argument("--heads", type=int, default=8, help="--long: query heads of the tiny Llama")
+    p.add_argument("--kv-heads", type=int, default=2, help="--long: key/value heads of the tiny Llama")
     p.add_argument("--hidden", type=int, default=64, help="--long: hidden size of the tiny Llama")
     p.add_argument("--max-gb", type=float, default=12.0, help="--long: address-space cap of each child (GiB)")
     p.add_argument("--child-timeout", type=float, default=900.0, help="--long: seconds per child")
@@ -127,9 +129,10 @@ def bench_long(args: argparse.Namespace) -> int:
 
     sizes = [int(n) for n in args.sizes.split(",")]
     modes = args.modes.split(",")
-    if any(n < 8 for n in sizes) or not set(modes) <= {"normal", "bits"}:
-        raise SystemExit("error: --sizes are token counts >= 8 and --modes is normal and/or bits")
-    result = long_inputs.run(sizes, modes, args.layers, args.heads, args.hidden, args.max_gb, args.child_timeout)
+    if any(n < 8 for n in sizes) or not set(modes) <= {"forward", "normal", "bits"}:
+        raise SystemExit("error: --sizes are token counts >= 8 and --modes is forward, normal and/or bits")
+    result = long_inputs.run(sizes, modes, args.layers, args.heads, args.hidden, args.max_gb, args.child_timeout,
+                             args.kv_heads)
     if args.json:
         print(json.dumps(result))
     else:
