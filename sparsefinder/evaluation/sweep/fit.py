@@ -92,8 +92,11 @@ def fit_predictors(
     })
     for m in todo:
         out[m] = {}
+    # Seconds spent in each method's fits (all layers), and in streaming/projecting the store.
+    by_method = dict.fromkeys(todo, 0.0) | {"(load)": 0.0}
     bar = tqdm(total=len(layer_ids), desc="fit", disable=not progress, dynamic_ncols=True)
     for layer in layer_ids:
+        t_load = time.perf_counter()
         raw_q, raw_k, proj_q, proj_k, lens = [], [], [], [], []
         golds: list[torch.Tensor] = []
         tokens: list[list[str]] = []
@@ -124,7 +127,9 @@ def fit_predictors(
             data["raw"] = (_pad_cat(raw_q), _pad_cat(raw_k))
         if projections is not None:
             data["projected"] = (_pad_cat(proj_q), _pad_cat(proj_k))
+        by_method["(load)"] += time.perf_counter() - t_load
         for m in todo:
+            t_m = time.perf_counter()
             cls = REGISTRY[m]
             q, k = data["projected" if _uses_projection(cls, projections) else "raw"]
             cache: dict[str, Predictor] = {}
@@ -141,7 +146,9 @@ def fit_predictors(
                 for attr in cls.fitted_tensors:
                     setattr(pred, attr, getattr(cache[sig], attr))
                 out[m].setdefault(canonical_params(point), {})[layer] = pred
+            by_method[m] += time.perf_counter() - t_m
         bar.update(1)
     bar.close()
     out.info["seconds"] = round(time.perf_counter() - t0, 3)
+    out.info["seconds_by_method"] = {m: round(v, 3) for m, v in by_method.items()}
     return out
