@@ -135,12 +135,16 @@ def fit_predictors(
             cache: dict[str, Predictor] = {}
             names = set(_param_names(cls))
             extra = {"max_points": max_points} if "max_points" in names else {}
-            for point in grids.get(m) or cls.grid():
-                params = _config_params(m, point, seed, extra)
+            points = [(point, _config_params(m, point, seed, extra)) for point in grids.get(m) or cls.grid()]
+            for _, params in points:
                 sig = _fit_signature(m, params)
                 if sig not in cache:
-                    kw = gold_kw if cls.fit_uses_gold else {}
-                    cache[sig] = get_predictor(m, **params).fit(q, k, lengths, **kw)
+                    cache[sig] = get_predictor(m, **params)
+            # All distinct fits of the method at once: the centroid methods share the pooling, seeding and
+            # passes over every n_clusters (CentroidPredictor.fit_many); each ends as its own fit would.
+            cls.fit_many(list(cache.values()), q, k, lengths, **(gold_kw if cls.fit_uses_gold else {}))
+            for point, params in points:
+                sig = _fit_signature(m, params)
                 pred = get_predictor(m, **params).load_state_dict(cache[sig].state_dict())
                 # Share the fitted tensors themselves, so run_sweep sees one fit for the whole group.
                 for attr in cls.fitted_tensors:
