@@ -21,11 +21,17 @@ def sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     Summed one dimension at a time in order, not through
     :math:`\|a\|^2 + \|b\|^2 - 2a\cdot b`: the result is then exactly a loop's,
-    so thresholds and nearest neighbours do not flip on rounding.
+    so thresholds and nearest neighbours do not flip on rounding. The terms go
+    through one reused buffer, in place (the same roundings as fresh tensors,
+    without allocating and faulting in two ``(..., P, C)`` tensors per dimension).
     """
-    out = torch.zeros(*a.shape[:-1], b.shape[-2], dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
-    for e in range(a.shape[-1]):
-        out += (a[..., :, None, e] - b[..., None, :, e]) ** 2
+    if a.shape[-1] == 0:
+        return torch.zeros(*a.shape[:-1], b.shape[-2], dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    out = (a[..., :, None, 0] - b[..., None, :, 0]).pow_(2)
+    if a.shape[-1] > 1:
+        term = torch.empty_like(out)
+        for e in range(1, a.shape[-1]):
+            out += torch.sub(a[..., :, None, e], b[..., None, :, e], out=term).pow_(2)
     return out
 
 
@@ -181,42 +187,30 @@ def spherical_kmeans_step(centroids: torch.Tensor, x: torch.Tensor, decay: float
 
     and one without points is left unchanged.
     """
-    return _spherical_step(centroids, x, decay, None)
-
-
-def _group_table(cluster_counts: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(G, max C)`` columns of each group's centroids in their concatenation, and each group's first column.
-
-    Positions past a group's count point at column ``ΣC``, the padding column.
-    """
-    total, cmax = sum(cluster_counts), max(cluster_counts)
-    offsets = torch.tensor([0, *itertools.accumulate(cluster_counts)][:-1], device=device)
-    cols = offsets[:, None] + torch.arange(cmax, device=device)
-    sizes = torch.tensor(list(cluster_counts), device=device)
-    table = torch.where(torch.arange(cmax, device=device) < sizes[:, None], cols, total)
-    return table, offsets
+    return _spherical_step(centroids, x, decay)
 
 
 def _spherical_step(centroids: torch.Tensor, x: torch.Tensor, decay: float,
-                    groups: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """:func:`spherical_kmeans_step` on ``(H, ΣC, D)`` centroids made of independent groups (:func:`_group_table`).
+                    bounds: Sequence[int] | None = None) -> torch.Tensor:
+    """:func:`spherical_kmeans_step` on ``(H, ΣC, D)`` centroids made of independent consecutive sets.
 
-    Each point is assigned once per group, to the best centroid of that group;
-    the similarities of all groups come from one product, so a group's
-    assignments, sums (points added in the same order) and update are those of
-    its own step.
+    Set ``g`` is centroids ``bounds[g]:bounds[g+1]`` (default: one set). Each
+    point is assigned once per set, to the best centroid of that set. The
+    similarities of all sets come from one product and are the ones each set's
+    own step computes, and each centroid's sum adds its points in the same
+    order, so every set's update is its own step's.
     """
     heads, total, dim = centroids.shape
+    bounds = [0, total] if bounds is None else bounds
     sim = torch.einsum("hmd,hcd->hmc", x, centroids)  # (H, m, ΣC)
-    if groups is None:
-        assign = sim.argmax(dim=-1)  # (H, m)
+    sets = len(bounds) - 1
+    if sets == 1:
+        assign = sim.argmax(dim=-1)  # ties: the lowest index
     else:
-        table, offsets = groups
-        pad = torch.full((*sim.shape[:2], 1), float("-inf"), dtype=sim.dtype, device=sim.device)
-        # (H, m, G, max C), padding at -inf: the first best of each group (argmax ties: lowest index).
-        per_group = torch.cat([sim, pad], dim=-1)[..., table]
-        assign = (per_group.argmax(dim=-1) + offsets).reshape(heads, -1)  # (H, m·G), point-major
-        x = x[:, :, None, :].expand(-1, -1, table.shape[0], -1).reshape(heads, -1, dim)
+        # (H, m·G), point-major: each centroid sums its points in point order, as alone.
+        assign = torch.stack([sim[..., lo:hi].argmax(dim=-1) + lo for lo, hi in itertools.pairwise(bounds)],
+                             dim=-1).reshape(heads, -1)
+        x = x[:, :, None, :].expand(-1, -1, sets, -1).reshape(heads, -1, dim)
     sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, dim), x)
     counts = torch.zeros(heads, total, dtype=x.dtype, device=x.device)
     counts.scatter_add_(1, assign, torch.ones_like(assign, dtype=x.dtype))
@@ -233,7 +227,7 @@ def spherical_kmeans_many(x: torch.Tensor, cluster_counts: Sequence[int], epochs
     seeded permutation (cycled when ``P < C``), then ``epochs`` passes, each over a
     fresh seeded permutation in mini-batches of ``batch_points``
     (:func:`spherical_kmeans_step`). The permutations do not depend on ``C``, so
-    every count is run in the same passes over one concatenation of centroids
+    every count is run in the same passes, as one set of consecutive centroids
     (:func:`_spherical_step`), and each result equals the count's own run from a
     copy of ``generator``.
     """
@@ -243,11 +237,12 @@ def spherical_kmeans_many(x: torch.Tensor, cluster_counts: Sequence[int], epochs
     if points == 0:
         raise ValueError("no points to cluster")
     start = torch.randperm(points, generator=generator).to(x.device)
+    # Each count's starting points, its centroids a consecutive set (H, ΣC, D).
     centroids = torch.cat([x[:, start[torch.arange(c, device=x.device) % points]] for c in cluster_counts], dim=1)
-    groups = None if len(cluster_counts) == 1 else _group_table(cluster_counts, x.device)
+    bounds = [0, *itertools.accumulate(cluster_counts)]
     for _ in range(epochs):
         # One gather per pass; the mini-batches are then slices (the same points as indexing each).
         shuffled = x[:, torch.randperm(points, generator=generator).to(x.device)]
         for lo in range(0, points, batch_points):
-            centroids = _spherical_step(centroids, shuffled[:, lo : lo + batch_points], decay, groups)
-    return list(centroids.split(list(cluster_counts), dim=1))
+            centroids = _spherical_step(centroids, shuffled[:, lo : lo + batch_points], decay, bounds)
+    return [part.clone() for part in centroids.split(list(cluster_counts), dim=1)]
