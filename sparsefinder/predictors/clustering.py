@@ -27,11 +27,13 @@ def sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.shape[-1] == 0:
         return torch.zeros(*a.shape[:-1], b.shape[-2], dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
-    out = (a[..., :, None, 0] - b[..., None, :, 0]).pow_(2)
+    # b's coordinates as contiguous rows: the broadcast subtraction then runs along a contiguous inner dim.
+    bt = b.movedim(-1, 0).contiguous()  # (D, ..., C)
+    out = (a[..., :, None, 0] - bt[0][..., None, :]).pow_(2)
     if a.shape[-1] > 1:
         term = torch.empty_like(out)
         for e in range(1, a.shape[-1]):
-            out += torch.sub(a[..., :, None, e], b[..., None, :, e], out=term).pow_(2)
+            out += torch.sub(a[..., :, None, e], bt[e][..., None, :], out=term).pow_(2)
     return out
 
 
