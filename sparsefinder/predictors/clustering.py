@@ -210,8 +210,8 @@ def _spherical_step(centroids: torch.Tensor, x: torch.Tensor, decay: float,
         assign = sim.argmax(dim=-1)  # ties: the lowest index
     else:
         # (H, m·G), point-major: each centroid sums its points in point order, as alone.
-        assign = torch.stack([sim[..., lo:hi].argmax(dim=-1) + lo for lo, hi in itertools.pairwise(bounds)],
-                             dim=-1).reshape(heads, -1)
+        best = torch.stack([sim[..., lo:hi].argmax(dim=-1) for lo, hi in itertools.pairwise(bounds)], dim=-1)
+        assign = (best + torch.tensor(bounds[:-1], device=x.device)).reshape(heads, -1)
         x = x[:, :, None, :].expand(-1, -1, sets, -1).reshape(heads, -1, dim)
     sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, dim), x)
     counts = torch.zeros(heads, total, dtype=x.dtype, device=x.device)
