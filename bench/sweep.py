@@ -4,10 +4,13 @@
    split with the default model into a cache directory (reused next time).
 2. Loads ``--projections``, or trains quick ones on the store's first
    sentences (for timing only; say so in any report).
-3. Fits the learning methods (k-means, blocks, Routing) on ``--train-store``
-   (default: the default training split, extracted into the cache like the
-   validation split when ``--store`` is not given; with ``--store`` but no
-   ``--train-store``, the swept store itself, which is fine for timing only).
+3. Fits the methods that learn (k-means, blocks, Routing and the learned
+   predictors of the default sweep) on ``--train-store``, printing the seconds
+   per method (default store: the default training split, extracted into the
+   cache like the validation split when ``--store`` is not given; with
+   ``--store`` but no ``--train-store``, the swept store itself, which is fine
+   for timing only). ``bench/fit.py`` times the centroid fits alone, against
+   one fit per grid point.
 4. Times :func:`sparsefinder.evaluation.sweep.run_sweep` over the full default grid, every
    layer and head, every sentence.
 5. Times the straightforward implementation on ``--subset`` sentences spread
