@@ -538,15 +538,17 @@ class CentroidPredictor(Predictor):
     @classmethod
     def fit_many(cls, predictors: Sequence[Predictor], queries: torch.Tensor, keys: torch.Tensor,
                  lengths: torch.Tensor, gold: AttentionGraph | None = None, **kw: Any) -> None:
-        """Fit ``predictors`` that differ only in ``n_clusters`` (or not at all) together; others one by one.
+        """Fit together ``predictors`` that differ only in ``n_clusters`` or in what prediction alone reads.
 
         The result of each is its own :meth:`fit`'s (:meth:`_fit_centroids_many`).
         """
         groups: dict[str, list[CentroidPredictor]] = {}
+        # What the fit does not read: the count (shared work) and what only prediction uses.
+        skip = {"n_clusters", "window", "global_tokens"} | cls.predict_only_params
         for pred in predictors:
             assert isinstance(pred, CentroidPredictor)
             pred._check_params()
-            rest = {k: v for k, v in pred.get_params().items() if k != "n_clusters"}
+            rest = {k: v for k, v in pred.get_params().items() if k not in skip}
             groups.setdefault(repr(sorted(rest.items())), []).append(pred)
         for group in groups.values():
             counts = sorted({p.n_clusters for p in group})

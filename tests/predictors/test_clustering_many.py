@@ -138,9 +138,11 @@ def test_fit_many_leaves_each_predictor_as_its_own_fit(method):
     extra = {"max_points": 40} if method != "routing" else {"batch_points": 8}
     preds = [get_predictor(method, n_clusters=c, seed=2, **extra) for c in (6, 2, 4)]
     preds.append(get_predictor(method, n_clusters=4, seed=3, **extra))  # another seed: its own group
+    preds.append(get_predictor(method, n_clusters=6, seed=2, window=3, **extra))  # prediction-only: the same fit
     REGISTRY[method].fit_many(preds, q, k, lengths)
     for pred in preds:
         alone = pred.clone().fit(q, k, lengths)
         assert torch.equal(pred.centroids_, alone.centroids_)
     assert not torch.equal(preds[2].centroids_, preds[3].centroids_)
+    assert torch.equal(preds[0].centroids_, preds[4].centroids_)
     assert preds[1].centroids_.data_ptr() != preds[2].centroids_.data_ptr()  # own tensors
