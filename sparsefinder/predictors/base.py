@@ -210,6 +210,17 @@ class Predictor:
              **kw: Any) -> None:
         """Set the fitted attributes (ending in ``_``) from checked hyperparameters; nothing for fixed patterns."""
 
+    @classmethod
+    def fit_many(cls, predictors: Sequence[Predictor], queries: torch.Tensor, keys: torch.Tensor,
+                 lengths: torch.Tensor, gold: AttentionGraph | None = None, **kw: Any) -> None:
+        """:meth:`fit` each of ``predictors`` (instances of this class) on the same data.
+
+        Each ends as its own :meth:`fit` would leave it; subclasses may share work
+        between them (the centroid methods fit every ``n_clusters`` at once).
+        """
+        for pred in predictors:
+            pred.fit(queries, keys, lengths, gold, **kw)
+
     def predict(self, q: torch.Tensor, k: torch.Tensor | None, lengths: torch.Tensor | Sequence[int],
                 causal: bool = False, **context: Any) -> AttentionGraph:
         """The predicted graph of every head of one layer (``k=None`` means ``k = q``)."""
@@ -502,14 +513,50 @@ class CentroidPredictor(Predictor):
 
     def _fit(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, gold: AttentionGraph | None,
              **kw: Any) -> None:
+        self.centroids_ = self._fit_centroids(*self._fit_inputs(queries, keys, lengths))
+
+    @staticmethod
+    def _fit_inputs(queries: torch.Tensor, keys: torch.Tensor,
+                    lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # As in check_inputs: float64 stays float64, and half precision is clustered in float32.
         dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
-        lengths = torch.as_tensor(lengths, device=queries.device).long()
-        self.centroids_ = self._fit_centroids(queries.to(dtype), keys.to(dtype), lengths)
+        return queries.to(dtype), keys.to(dtype), torch.as_tensor(lengths, device=queries.device).long()
 
     def _fit_centroids(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``(H, C, ·)`` centroids from float training queries/keys ``(B, H, N, r)`` and int64 ``lengths``."""
         raise NotImplementedError
+
+    def _fit_centroids_many(self, cluster_counts: Sequence[int], queries: torch.Tensor, keys: torch.Tensor,
+                            lengths: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`_fit_centroids` for each of ``cluster_counts``, the other hyperparameters this instance's.
+
+        Each entry must equal a lone fit with that ``n_clusters``; this default makes
+        one fit per count, subclasses share the pooling, seeding and passes.
+        """
+        return [self.clone(n_clusters=c)._fit_centroids(queries, keys, lengths) for c in cluster_counts]
+
+    @classmethod
+    def fit_many(cls, predictors: Sequence[Predictor], queries: torch.Tensor, keys: torch.Tensor,
+                 lengths: torch.Tensor, gold: AttentionGraph | None = None, **kw: Any) -> None:
+        """Fit together ``predictors`` that differ only in ``n_clusters`` or in what prediction alone reads.
+
+        The result of each is its own :meth:`fit`'s (:meth:`_fit_centroids_many`).
+        """
+        groups: dict[str, list[CentroidPredictor]] = {}
+        # What the fit does not read: the count (shared work) and what only prediction uses.
+        skip = {"n_clusters", "window", "global_tokens"} | cls.predict_only_params
+        for pred in predictors:
+            assert isinstance(pred, CentroidPredictor)
+            pred._check_params()
+            rest = {k: v for k, v in pred.get_params().items() if k not in skip}
+            groups.setdefault(repr(sorted(rest.items())), []).append(pred)
+        for group in groups.values():
+            counts = sorted({p.n_clusters for p in group})
+            fitted = group[0]._fit_centroids_many(counts, *cls._fit_inputs(queries, keys, lengths))
+            fits = dict(zip(counts, fitted, strict=True))
+            for pred in group:
+                # Each its own tensor, as separate fits would give (in-place edits stay local).
+                pred.centroids_ = fits[pred.n_clusters].clone()
 
     def _fitted_centroids(self, q: torch.Tensor, width: int) -> torch.Tensor:
         """The fitted centroids on ``q``'s device, checked against the heads of ``q``, ``width`` and ``n_clusters``."""

@@ -35,7 +35,7 @@ from sparsefinder.predictors.base import (
     star_mask,
     window_mask,
 )
-from sparsefinder.predictors.clustering import make_generator, normalise, pool_tokens, spherical_kmeans_step
+from sparsefinder.predictors.clustering import make_generator, normalise, pool_tokens, spherical_kmeans_many
 from sparsefinder.predictors.constraints import Constraint, Int, Real
 
 # ---------------------------------------------------------------------- window
@@ -276,19 +276,14 @@ class RoutingPredictor(CentroidPredictor):
         self._init_params(locals())
 
     def _fit_centroids(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self._fit_centroids_many([self.n_clusters], queries, keys, lengths)[0]
+
+    def _fit_centroids_many(self, cluster_counts: Sequence[int], queries: torch.Tensor, keys: torch.Tensor,
+                            lengths: torch.Tensor) -> list[torch.Tensor]:
+        # Every count in the same seeded passes (spherical_kmeans_many): one pooling, one shuffle per epoch.
         x = normalise(pool_tokens(queries, keys, lengths))  # (H, P, D)
-        points = x.shape[1]
-        if points == 0:
-            raise ValueError("no points to cluster")
-        gen = make_generator(self.seed)
-        # Distinct starting points when there are enough; cycled otherwise.
-        start = torch.randperm(points, generator=gen)[torch.arange(self.n_clusters) % points].to(x.device)
-        centroids = x[:, start]
-        for _ in range(self.epochs):
-            perm = torch.randperm(points, generator=gen).to(x.device)
-            for lo in range(0, points, self.batch_points):
-                centroids = spherical_kmeans_step(centroids, x[:, perm[lo : lo + self.batch_points]], self.decay)
-        return centroids
+        return spherical_kmeans_many(x, cluster_counts, self.epochs, self.batch_points, self.decay,
+                                     make_generator(self.seed))
 
     def _members(self, x: torch.Tensor, centroids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return balanced_membership(x, centroids, lengths)

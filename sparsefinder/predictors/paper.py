@@ -31,7 +31,7 @@ from sparsefinder.predictors.base import (
     register,
     shared_group_edges,
 )
-from sparsefinder.predictors.clustering import pooled_kmeans, sq_dists
+from sparsefinder.predictors.clustering import pooled_kmeans, pooled_kmeans_many, sq_dists
 from sparsefinder.predictors.constraints import Constraint, Int, Options, Real, check_int
 
 # ---------------------------------------------------------------------- distance
@@ -208,6 +208,11 @@ class KMeansPredictor(CentroidPredictor):
     def _fit_centroids(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return pooled_kmeans(queries, keys, lengths, self.n_clusters, self.max_iter, self.max_points, self.seed)
 
+    def _fit_centroids_many(self, cluster_counts: Sequence[int], queries: torch.Tensor, keys: torch.Tensor,
+                            lengths: torch.Tensor) -> list[torch.Tensor]:
+        # One pooling, subsample and k-means++ seeding for every count (pooled_kmeans_many).
+        return pooled_kmeans_many(queries, keys, lengths, cluster_counts, self.max_iter, self.max_points, self.seed)
+
     def _members(self, x: torch.Tensor, centroids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return centroid_membership(x, centroids, self.top_t, lengths)
 
@@ -314,6 +319,13 @@ class BlocksPredictor(CentroidPredictor):
         bq, bk = block_vectors(queries, lengths, b), block_vectors(keys, lengths, b)
         return pooled_kmeans(bq, bk, block_lengths(lengths, b), self.n_clusters, self.max_iter, self.max_points,
                              self.seed)
+
+    def _fit_centroids_many(self, cluster_counts: Sequence[int], queries: torch.Tensor, keys: torch.Tensor,
+                            lengths: torch.Tensor) -> list[torch.Tensor]:
+        b = self.block_size
+        bq, bk = block_vectors(queries, lengths, b), block_vectors(keys, lengths, b)
+        return pooled_kmeans_many(bq, bk, block_lengths(lengths, b), cluster_counts, self.max_iter, self.max_points,
+                                  self.seed)
 
     def block_edges(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, causal: bool) -> torch.Tensor:
         """``(B, H, M, M)`` predicted block edges, ``M = ⌈N/b⌉`` (before expansion to tokens)."""

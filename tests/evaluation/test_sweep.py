@@ -276,6 +276,7 @@ def test_default_methods_skip_what_cannot_run_and_explicit_requests_fail(setup):
     assert by_params['{"top_k":1}'][1].centroids_ is by_params['{"top_k":3}'][1].centroids_
     assert by_params['{"n_clusters":2,"top_k":1}'][1].centroids_.shape[1] == 2
     assert fitted.info["layers"] == [1]
+    assert set(fitted.info["seconds_by_method"]) == {"blocks", "(load)"}
     bad = Halve(store)
     bad.num_heads += 1
     with pytest.raises(ValueError, match="num_heads"):

@@ -92,8 +92,11 @@ def fit_predictors(
     })
     for m in todo:
         out[m] = {}
+    # Seconds spent in each method's fits (all layers), and in streaming/projecting the store.
+    by_method = dict.fromkeys(todo, 0.0) | {"(load)": 0.0}
     bar = tqdm(total=len(layer_ids), desc="fit", disable=not progress, dynamic_ncols=True)
     for layer in layer_ids:
+        t_load = time.perf_counter()
         raw_q, raw_k, proj_q, proj_k, lens = [], [], [], [], []
         golds: list[torch.Tensor] = []
         tokens: list[list[str]] = []
@@ -124,24 +127,32 @@ def fit_predictors(
             data["raw"] = (_pad_cat(raw_q), _pad_cat(raw_k))
         if projections is not None:
             data["projected"] = (_pad_cat(proj_q), _pad_cat(proj_k))
+        by_method["(load)"] += time.perf_counter() - t_load
         for m in todo:
+            t_m = time.perf_counter()
             cls = REGISTRY[m]
             q, k = data["projected" if _uses_projection(cls, projections) else "raw"]
             cache: dict[str, Predictor] = {}
             names = set(_param_names(cls))
             extra = {"max_points": max_points} if "max_points" in names else {}
-            for point in grids.get(m) or cls.grid():
-                params = _config_params(m, point, seed, extra)
+            points = [(point, _config_params(m, point, seed, extra)) for point in grids.get(m) or cls.grid()]
+            for _, params in points:
                 sig = _fit_signature(m, params)
                 if sig not in cache:
-                    kw = gold_kw if cls.fit_uses_gold else {}
-                    cache[sig] = get_predictor(m, **params).fit(q, k, lengths, **kw)
+                    cache[sig] = get_predictor(m, **params)
+            # All distinct fits of the method at once: the centroid methods share the pooling, seeding and
+            # passes over every n_clusters (CentroidPredictor.fit_many); each ends as its own fit would.
+            cls.fit_many(list(cache.values()), q, k, lengths, **(gold_kw if cls.fit_uses_gold else {}))
+            for point, params in points:
+                sig = _fit_signature(m, params)
                 pred = get_predictor(m, **params).load_state_dict(cache[sig].state_dict())
                 # Share the fitted tensors themselves, so run_sweep sees one fit for the whole group.
                 for attr in cls.fitted_tensors:
                     setattr(pred, attr, getattr(cache[sig], attr))
                 out[m].setdefault(canonical_params(point), {})[layer] = pred
+            by_method[m] += time.perf_counter() - t_m
         bar.update(1)
     bar.close()
     out.info["seconds"] = round(time.perf_counter() - t0, 3)
+    out.info["seconds_by_method"] = {m: round(v, 3) for m, v in by_method.items()}
     return out
