@@ -29,6 +29,11 @@ def sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.zeros(*a.shape[:-1], b.shape[-2], dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
     # b's coordinates as contiguous rows: the broadcast subtraction then runs along a contiguous inner dim.
     bt = b.movedim(-1, 0).contiguous()  # (D, ..., C)
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):  # training: no in-place, no out=
+        out = (a[..., :, None, 0] - bt[0][..., None, :]).square()
+        for e in range(1, a.shape[-1]):
+            out = out + (a[..., :, None, e] - bt[e][..., None, :]).square()
+        return out
     out = (a[..., :, None, 0] - bt[0][..., None, :]).pow_(2)
     if a.shape[-1] > 1:
         term = torch.empty_like(out)

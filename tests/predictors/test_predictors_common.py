@@ -379,6 +379,21 @@ def test_sq_dists_is_exactly_the_loop_sum():
                 assert got[h, p, c] == total
 
 
+def test_sq_dists_with_gradients_is_the_same_sum_and_differentiable():
+    """Training (stacked projections) differentiates through sq_dists: the in-place path cannot, the other
+    one must give the same numbers."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 4, 3, generator=gen, dtype=torch.float64)
+    with_grad = sq_dists(a, b)
+    with torch.no_grad():
+        plain = sq_dists(a, b)
+    assert torch.equal(with_grad.detach(), plain)
+    with_grad.sum().backward()
+    expected = 2 * (a.detach()[:, :, None, :] - b[:, None, :, :]).sum(dim=2)
+    torch.testing.assert_close(a.grad, expected, rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- invariants of every predictor
 
 BATCHES = [([5, 1, 3, 0], 5), ([1], 1), ([2, 1], 2), ([7, 6], 8)]
