@@ -13,5 +13,5 @@ NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict -q
 # depends on the vector width or the thread count fails here before it fails on another machine.
 if [ $# -eq 0 ]; then
     MKL_ENABLE_INSTRUCTIONS=SSE4_2 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -p no:cacheprovider \
-        tests/kernels tests/predictors tests/training tests/test_metrics.py tests/test_graphs.py
+        tests/kernels tests/predictors tests/training tests/test_metrics.py tests/test_graphs.py tests/test_mass.py
 fi
