@@ -155,6 +155,7 @@ def main() -> None:
     if prediction is not None:
         c4.metric(f"Mean recall of {method}", f"{prediction.metrics['recall'][b].mean():.4f}",
                   f"mass recall {np.nanmean(prediction.metrics['mass_recall'][b]):.4f}", delta_color="off",
+                  delta_arrow="off",
                   help=f"{method} {params}: mean over all layers and heads of this sentence; below it, the share "
                        "of the gold attention probability on its predicted pairs (docs/method.md §2.2).")
 
