@@ -71,20 +71,31 @@ def cmd_results(args) -> int:
     return 0
 
 
-def cmd_gold(args) -> int:
-    from sparsefinder.model.entmax_model import load_model
-
+def _input_texts(args) -> list[str]:
+    """The non-empty texts of the ``text`` argument (or standard input), one per line with ``--lines``."""
     text = args.text if args.text is not None else sys.stdin.read()
-    texts = [t for t in (text.splitlines() if args.lines else [text]) if t.strip()]
-    if not texts:
-        print("error: no text given", file=sys.stderr)
-        return 2
-    model = load_model(args.model, alpha=args.alpha, device=args.device)
+    return [t for t in (text.splitlines() if args.lines else [text]) if t.strip()]
+
+
+def _extract(model, texts: list[str]):
+    """``model.extract(texts)``, its warnings (truncation) printed as one line each on standard error."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ex = model.extract(texts)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
+    return ex
+
+
+def cmd_gold(args) -> int:
+    from sparsefinder.model.entmax_model import load_model
+
+    texts = _input_texts(args)
+    if not texts:
+        print("error: no text given", file=sys.stderr)
+        return 2
+    model = load_model(args.model, alpha=args.alpha, device=args.device)
+    ex = _extract(model, texts)
     grid = [[float(v) for v in ex.gold(layer).sparsity().mean(0)] for layer in range(ex.num_layers)]
     if args.figure:
         figures.write_figure(args, figures.gold_figure(args, ex))
@@ -129,8 +140,7 @@ def cmd_predict(args) -> int:
     from sparsefinder.model.catalogue import load_registry
     from sparsefinder.model.entmax_model import load_model
 
-    text = args.text if args.text is not None else sys.stdin.read()
-    texts = [t for t in (text.splitlines() if args.lines else [text]) if t.strip()]
+    texts = _input_texts(args)
     if not texts:
         print("error: no text given", file=sys.stderr)
         return 2
@@ -141,11 +151,7 @@ def cmd_predict(args) -> int:
         if reason := artifacts.unsupported(args.method):
             raise ValueError(f"{args.method} cannot run with the {args.result} result: {reason}")
         projections, fitted = artifacts.for_method(args.method)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ex = model.extract(texts)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+    ex = _extract(model, texts)
     params = args.params
     if params is None:  # the configuration the dashboard starts at (a fitted one for the fitted methods)
         sweep = rs.load_result_sweep(rs.resolve_result(model.name, args.result)) \
