@@ -12,17 +12,21 @@ Gaussian ``q, k`` of shape ``(1, 12, n, 64)`` (12 heads, head dim 64), forward o
 
 The functions are called in turn, ``--repeats`` rounds (after a warm-up round; 3x as many
 rounds for n <= 512), and each figure is the best of its rounds: load from other processes
-only adds time, and hits all of them alike.
+only adds time, and hits all of them alike. Before each timed call the scores are written
+afresh into the input buffer (untimed), as the q·kᵀ product leaves them in attention: every
+function then starts from the same cache state, whichever function ran before it (``entmax15``'s
+sort evicts the 12 MB of scores at n = 512; without this, whatever runs after it reads them from memory).
 Also checks that ``fast`` agrees with ``entmax15`` (same supports, max abs difference), how far
 each is from the float64 solution, and counts the rows the kernel handed back to ``entmax15``
 (an entry too close to the threshold).
 
-    .venv/bin/python bench/entmax_speed.py [--n 128 512 2048] [--repeats 7] [--threads N]
+    .venv/bin/python bench/entmax_speed.py [--n 128 512 2048] [--repeats 7] [--threads N] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +37,8 @@ from entmax import entmax15
 from sparsefinder.kernels import entmax15 as ef
 
 
-def best_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def best_ms(fns: dict[str, Callable[[], object]], repeats: int,
+            prepare: Callable[[], object] = lambda: None) -> dict[str, float]:
     """Best wall time (ms) of each function, calling them in turn for ``repeats`` rounds.
 
     The minimum, not the median: on a shared machine other processes only ever add time,
@@ -42,6 +47,7 @@ def best_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(repeats + 1):
         for name, fn in fns.items():
+            prepare()
             t0 = time.perf_counter()
             fn()
             if r:  # round 0 is the warm-up
@@ -58,6 +64,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the figures to this file as JSON")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,11 +82,13 @@ def main() -> None:
     )
     g = torch.Generator().manual_seed(args.seed)
     scale = args.d**-0.5
+    rows = []
     for n in args.n:
         q = torch.randn(1, args.heads, n, args.d, generator=g)
         k = torch.randn(1, args.heads, n, args.d, generator=g)
         v = torch.randn(1, args.heads, n, args.d, generator=g)
-        scores = q @ k.transpose(-1, -2) * scale
+        fresh = q @ k.transpose(-1, -2) * scale
+        scores = fresh.clone()  # the buffer every timed function reads, rewritten before each call
         with torch.no_grad():
             ref = entmax15(scores, dim=-1)
             exact = entmax15(scores.double(), dim=-1)  # float64: how far each float32 result is from exact
@@ -94,9 +103,16 @@ def main() -> None:
                     "attn": lambda q=q, k=k, v=v: torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v,
                 },
                 args.repeats * (3 if n <= 512 else 1),
+                prepare=lambda s=scores, f=fresh: s.copy_(f),
             )
         supp = (ref > 0).sum(-1).float()
         redone = 0 if flagged is None else int(flagged.sum())
+        rows.append({"n": n, **{f"{name}_ms": round(v, 4) for name, v in t.items()},
+                     "entmax15_over_fast": round(t["entmax15"] / t["fast"], 2),
+                     "fast_over_softmax": round(t["fast"] / t["softmax"], 3),
+                     "topk_over_softmax": round(t["topk"] / t["softmax"], 3),
+                     "same_supports": bool(torch.equal(out > 0, ref > 0)),
+                     "max_abs_diff": float((out - ref).abs().max()), "redone_rows": redone})
         print(
             f"{n:>5} {t['entmax15']:>9.2f} {t['fast']:>7.2f} {t['topk']:>7.2f} {t['softmax']:>8.2f} {t['attn']:>7.2f}"
             f" {t['entmax15'] / t['fast']:>14.1f} {t['fast'] / t['softmax']:>13.2f}"
@@ -109,6 +125,10 @@ def main() -> None:
         " fast-f64 / ref-f64 = |fast - exact| / |entmax15 - exact| (exact: entmax15 in float64);"
         " redone = rows recomputed by entmax15"
     )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "heads": args.heads,
+                       "d": args.d, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

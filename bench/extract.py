@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
     p.add_argument("--limit", type=int, default=None, help="only the first N sentences")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="--engine ray: the texts K times over (the fixed start-up cost amortised on a larger corpus)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--out", default=None, help="keep the store in this directory (default: a removed temp dir)")
@@ -147,6 +149,9 @@ def bench_ray(args: argparse.Namespace) -> int:
     workers = [int(w) for w in args.workers.split(",")]
     corpus = default_corpus(None if args.split == "all" else args.split)
     texts = corpus.texts()[: args.limit] if args.limit else corpus.texts()
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be >= 1")
+    texts = texts * args.repeat
     ray, _ = connect(None, num_cpus=os.cpu_count())  # workers import the driver's sparsefinder
     tmp = Path(tempfile.mkdtemp(prefix="sparsefinder-bench-"))
     rows = []
@@ -163,6 +168,9 @@ def bench_ray(args: argparse.Namespace) -> int:
         store = ExtractionStore.open(tmp / "single")
         tokens, name = store.num_tokens, model.name
         size = sum(f.stat().st_size for f in (tmp / "single").iterdir())
+        local_hashes = [e["sha256"] for e in store.manifest["shards"]]
+        del store
+        shutil.rmtree(tmp / "single")  # only its hashes are compared: a repeated corpus fills the disk otherwise
         rows.append({"engine": "local", "workers": 1, "seconds": single,
                      "startup_seconds": round(single - local_extract_s, 2),
                      "steady_sentences_per_s": round(len(texts) / local_extract_s, 2)})
@@ -176,8 +184,8 @@ def bench_ray(args: argparse.Namespace) -> int:
             # Steady state: the workers' own time on their shards (model loaded, actors up), shared by w workers.
             busy = engine["worker_seconds"] / w
             steady = len(texts) / busy if busy > 0 else None
-            same = [e["sha256"] for e in json.loads((out / "manifest.json").read_text())["shards"]] == \
-                [e["sha256"] for e in store.manifest["shards"]]
+            same = [e["sha256"] for e in json.loads((out / "manifest.json").read_text())["shards"]] == local_hashes
+            shutil.rmtree(out)
             rows.append({"engine": "ray", "workers": w, "seconds": wall, "identical_to_local": same,
                          "steady_sentences_per_s": None if steady is None else round(steady, 2),
                          "startup_seconds": round(wall - busy, 2)})
@@ -194,7 +202,7 @@ def bench_ray(args: argparse.Namespace) -> int:
     if one is not None and one["steady_sentences_per_s"]:
         steady_overhead = round(local_rate / one["steady_sentences_per_s"] - 1, 3)
     result = {
-        "model": name, "sentences": len(texts), "tokens": tokens, "shard_size": args.shard_size,
+        "model": name, "sentences": len(texts), "repeat": args.repeat, "tokens": tokens, "shard_size": args.shard_size,
         "batch_size": args.batch_size, "device": args.device, "cpus": os.cpu_count(), "torch_threads_per_worker": 1,
         "bytes_on_disk": size, "bytes_per_sentence": round(size / len(texts)),
         "local_seconds_per_sentence": round(1 / local_rate, 4),

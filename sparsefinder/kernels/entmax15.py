@@ -53,12 +53,16 @@ rows with an entry within 1e-5 of :math:`\tau` are also recomputed with ``entmax
 
 The kernel is C (below), compiled once with the system C compiler into
 ``$SPARSEFINDER_CACHE/kernels`` (default ``~/.cache/sparsefinder/kernels``) and loaded with
-:mod:`ctypes`. Rows go, in chunks taken from an atomic counter, to the calling thread and
-``torch.get_num_threads() - 1`` detached POSIX threads started by the kernel; the call
-returns once every chunk is done, so a helper that a busy machine schedules late takes
-fewer chunks (or none) instead of holding the call up (with a pool of Python threads, or
-joining the helpers, 2 threads were 3x slower than 1 on this shared 2-core machine). AVX-512 is used where the CPU
-has it, plain C elsewhere.
+:mod:`ctypes`. Rows go, in chunks, to ``torch.get_num_threads()`` threads. Where torch runs on
+GNU OpenMP (its Linux wheels) the kernel is built with ``-fopenmp`` and takes them from torch's
+own OpenMP pool: after torch's last parallel op (the q·kᵀ product) those workers are still
+spinning, so they pick up chunks at once; a thread of the kernel's own would compete with
+them for the core, and that made two threads no faster than one. Elsewhere (or with
+``SPARSEFINDER_ENTMAX_OPENMP=0``) the calling thread and ``torch.get_num_threads() - 1``
+detached POSIX threads take chunks from an atomic counter, and the call returns once every
+chunk is done, so a helper that a busy machine schedules late takes fewer chunks instead
+of holding the call up. Either way each row is computed alone, with the same bits.
+AVX-512 is used where the CPU has it, plain C elsewhere.
 
 Backward (same as :class:`entmax.activations.Entmax15Function`): with
 :math:`g_j = \sqrt{p_j}` (:math:`= 1/\Psi''(p_j)` on the support),
@@ -328,6 +332,26 @@ static int64_t entmax15_rows(const float *x, float *y, uint8_t *flag, int64_t ro
     return nflag;
 }
 
+#ifdef _OPENMP
+/* Rows go in chunks to the threads of the OpenMP runtime torch itself runs on (the kernel is
+   built with OpenMP only where torch ships GNU OpenMP, so the same libgomp.so.1 is loaded
+   once): its workers, still spinning after torch's last parallel op, take chunks at once,
+   instead of a new thread competing with them for the core. */
+#include <omp.h>
+int64_t entmax15(const float *x, float *y, uint8_t *flag, int64_t rows, int64_t n, int64_t threads,
+                 int64_t chunk) {
+    int64_t n_chunks = (rows + chunk - 1) / chunk, flagged = 0;
+    int oom = 0;
+#pragma omp parallel for num_threads((int)threads) schedule(dynamic, 1) \
+    reduction(+ : flagged) reduction(| : oom) if (threads > 1)
+    for (int64_t i = 0; i < n_chunks; ++i) {
+        int64_t a = i * chunk, b = a + chunk < rows ? a + chunk : rows;
+        int64_t got = entmax15_rows(x + a * n, y + a * n, flag + a, b - a, n);
+        if (got < 0) oom = 1; else flagged += got;
+    }
+    return oom ? -1 : flagged;
+}
+#else
 /* Rows are handed out in chunks through an atomic counter to the calling thread and
    threads - 1 detached helpers. The caller returns as soon as every chunk is done: a helper
    that a busy machine schedules late finds no chunk left and exits, without holding it up.
@@ -381,8 +405,20 @@ int64_t entmax15(const float *x, float *y, uint8_t *flag, int64_t rows, int64_t 
     drop_job(job);
     return flagged > rows ? -1 : flagged;
 }
+#endif
 """
 _CFLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]
+
+
+def _torch_gnu_openmp() -> bool:
+    """Whether torch runs on GNU OpenMP from its own ``libgomp.so.1``.
+
+    Only then does a kernel built with ``-fopenmp`` share torch's thread pool (the dynamic
+    loader resolves ``libgomp.so.1`` to the copy torch loaded); another runtime would add a
+    second pool of threads competing with torch's.
+    """
+    lib = Path(torch.__file__).parent / "lib"
+    return (lib / "libgomp.so.1").exists() and "OpenMP" in torch.__config__.parallel_info()
 
 
 def _kernel_dir() -> Path:
@@ -390,18 +426,32 @@ def _kernel_dir() -> Path:
     return (Path(env).expanduser() if env else Path.home() / ".cache" / "sparsefinder") / "kernels"
 
 
-@functools.lru_cache(maxsize=2)
-def _kernel(generic: bool = False) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    """The compiled ``entmax15_rows`` (built on first use, then cached on disk), or ``None``.
+@functools.lru_cache(maxsize=4)
+def _kernel(generic: bool = False, openmp: bool | None = None) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """The compiled ``entmax15`` (built on first use, then cached on disk), or ``None``.
 
     ``generic``: the plain-C build without AVX-512 (what CPUs without it run; for tests).
+    ``openmp``: threads from torch's OpenMP pool (``None``: where :func:`_torch_gnu_openmp`,
+    unless ``SPARSEFINDER_ENTMAX_OPENMP=0``), else the kernel's own POSIX threads; a compiler
+    without OpenMP falls back to the latter.
     """
     if os.environ.get("SPARSEFINDER_ENTMAX_KERNEL", "1") == "0":
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return None
-    flags = [*_CFLAGS, "-DENTMAX15_GENERIC"] if generic else _CFLAGS
+    if openmp is None:
+        openmp = os.environ.get("SPARSEFINDER_ENTMAX_OPENMP", "1") != "0" and _torch_gnu_openmp()
+    base = [*_CFLAGS, "-DENTMAX15_GENERIC"] if generic else list(_CFLAGS)
+    builds = [[*base, "-fopenmp"], base] if openmp else [base]
+    for flags in builds:
+        fn = _build(cc, flags)
+        if fn is not None:
+            return fn
+    return None
+
+
+def _build(cc: str, flags: list[str]) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     key = hashlib.sha256((_C_SOURCE + " ".join(flags) + cc).encode()).hexdigest()[:16]
     for folder in (_kernel_dir(), Path(tempfile.gettempdir()) / "sparsefinder-kernels"):
         lib = folder / f"entmax15-{key}.so"
@@ -427,9 +477,10 @@ def kernel_available() -> bool:
     return _kernel() is not None
 
 
-def _kernel_forward(x: torch.Tensor, generic: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _kernel_forward(x: torch.Tensor, generic: bool = False,
+                    openmp: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(p, flagged rows or None)`` from the compiled kernel; ``x`` float32, contiguous, CPU."""
-    fn = _kernel(generic)
+    fn = _kernel(generic, openmp)
     assert fn is not None
     n = x.shape[-1]
     rows = x.numel() // n

@@ -173,6 +173,25 @@ def test_kernel_rows_split_over_threads(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 @pytest.mark.skipif(not kernel_available(), reason="no C compiler")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_openmp_and_posix_thread_builds_agree(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    # the two ways of sharing rows among threads (torch's OpenMP pool, or the kernel's own
+    # POSIX threads) compute each row alone, so they must give the same bits
+    monkeypatch.setattr(ef, "_MIN_PARALLEL", 1 << 10)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 5, 129, 257, generator=g) * 2
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        builds = [ef._kernel_forward(x, openmp=o) for o in (True, False)]
+    finally:
+        torch.set_num_threads(before)
+    (a, fa), (b, fb) = builds
+    assert torch.equal(a, b)
+    assert (fa is None and fb is None) or torch.equal(fa, fb)
+
+
+@pytest.mark.skipif(not kernel_available(), reason="no C compiler")
 def test_generic_kernel_matches() -> None:
     # the plain-C build (CPUs without AVX-512) on the same hard rows
     g = torch.Generator().manual_seed(7)
