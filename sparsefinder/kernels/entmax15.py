@@ -583,6 +583,17 @@ def _entmax15_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return dx
 
 
+def _forward(x: torch.Tensor, k: int, backend: str) -> torch.Tensor:
+    """The forward pass over the last dim: the kernel or the top-k path, flagged rows by ``entmax15``."""
+    if _use_kernel(x, backend):
+        y, flagged = _kernel_forward(x.contiguous())
+    else:
+        y, flagged = _torch_forward(x, k)
+    if flagged is not None:
+        y[flagged] = entmax15(x[flagged], dim=-1)
+    return y
+
+
 class Entmax15FastFunction(Function):
     r"""Autograd function of :func:`entmax15_fast` over the last dim (see the module docstring).
 
@@ -593,12 +604,7 @@ class Entmax15FastFunction(Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, k: int = DEFAULT_K, backend: str = "auto") -> torch.Tensor:  # type: ignore[override]
-        if _use_kernel(x, backend):
-            y, flagged = _kernel_forward(x.contiguous())
-        else:
-            y, flagged = _torch_forward(x, k)
-        if flagged is not None:
-            y[flagged] = entmax15(x[flagged], dim=-1)
+        y = _forward(x, k, backend)
         ctx.save_for_backward(y)
         return y
 
@@ -626,5 +632,8 @@ def entmax15_fast(x: torch.Tensor, dim: int = -1, k: int = DEFAULT_K, backend: s
         return x.clone()
     last = dim in (-1, x.dim() - 1)
     xt = x if last else x.transpose(dim, -1)
-    y = Entmax15FastFunction.apply(xt, k, backend)
+    if torch.is_grad_enabled() and xt.requires_grad:
+        y = Entmax15FastFunction.apply(xt, k, backend)
+    else:  # inference (the extraction, the sweep): no autograd node to build
+        y = _forward(xt, k, backend)
     return y if last else y.transpose(dim, -1)
