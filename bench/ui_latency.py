@@ -168,6 +168,45 @@ WATCH_NEW = """want => {
 }"""
 
 
+# Every websocket message the page receives: (arrival time, bytes). Registered before Streamlit's own
+# handler, so the time is the arrival, not the end of its processing.
+WS_HOOK = """(() => {
+    const Native = window.WebSocket;
+    window.__sfMsgs = [];
+    window.__sfSent = [];
+    const send = Native.prototype.send;
+    Native.prototype.send = function (data) {
+        window.__sfSent.push(performance.now());
+        return send.call(this, data);
+    };
+    function Hooked(...args) {
+        const ws = new Native(...args);
+        ws.addEventListener('message', e => window.__sfMsgs.push(
+            [performance.now(), e.data.byteLength ?? e.data.size ?? e.data.length ?? 0]));
+        return ws;
+    }
+    Hooked.prototype = Native.prototype;
+    for (const k of ['CONNECTING', 'OPEN', 'CLOSING', 'CLOSED']) Hooked[k] = Native[k];
+    window.WebSocket = Hooked;
+})()"""
+
+
+def phases(pg) -> dict:
+    """Where the last timed interval went, from the messages that arrived inside it: until the first
+    (the click reaching the server, the rerun starting and its first delta), until the last (the script
+    run and the transfer of its deltas), and after it until drawn (the browser's work); with the bytes."""
+    t0, t1, msgs, sent = pg.evaluate(
+        "() => [window.__sfT0, window.__sfT1, window.__sfMsgs || [], window.__sfSent || []]")
+    inside = [(t, n) for t, n in msgs if t0 <= t <= t1]
+    requests = sum(1 for t in sent if t0 <= t <= t1)
+    if not inside:
+        return {"to_first_msg": None, "msgs": None, "after_last_msg": None, "messages": 0, "kib": 0.0,
+                "requests": requests}
+    return {"requests": requests, "to_first_msg": inside[0][0] - t0, "msgs": inside[-1][0] - inside[0][0],
+            "after_last_msg": t1 - inside[-1][0], "messages": len(inside),
+            "kib": sum(n for _, n in inside) / 1024, "largest_kib": max(n for _, n in inside) / 1024}
+
+
 def _elapsed(pg) -> float:
     t0, t1 = pg.evaluate("() => [window.__sfT0, window.__sfT1]")
     if t0 is None or t1 is None:
@@ -289,18 +328,25 @@ def main() -> int:
     proc, url = start_server(log, env_extra)
     results: dict[str, dict[str, list[float]]] = {}
     shown: dict[str, int] = {}
+    profile: dict[str, dict[str, list[dict]]] = {}
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             for kind, batch in texts.items():
                 context = browser.new_context(viewport={"width": 1400, "height": 1000})
                 pg = context.new_page()
+                pg.add_init_script(WS_HOOK)
                 pg.set_default_timeout(600_000)
                 open_explore(pg, url, name, layer, args.method, args.params)
                 first = submit_text(pg, batch[0], layer, 0)  # as a visitor would: the text is analysed once
                 shown[kind] = shown_tokens(pg)
-                results[kind] = {"new text": [submit_text(pg, t, layer, 0) for t in batch[1:]] if time_new else [],
-                                 "head switch": [switch_head(pg, layer, h) for h in range(1, repeats + 1)]}
+                results[kind] = {"new text": [], "head switch": []}
+                for t in batch[1:] if time_new else []:
+                    results[kind]["new text"].append(submit_text(pg, t, layer, 0))
+                    profile.setdefault(kind, {}).setdefault("new text", []).append(phases(pg))
+                for h in range(1, repeats + 1):
+                    results[kind]["head switch"].append(switch_head(pg, layer, h))
+                    profile.setdefault(kind, {}).setdefault("head switch", []).append(phases(pg))
                 results[kind]["first analysis"] = [first]
                 context.close()
             browser.close()
@@ -325,11 +371,23 @@ def main() -> int:
                                                                        "goal": goal}
             print(f"{kind:>6} {shown[kind]:>6} {what:>16} {s['n']:>3} {s['median']:>10.0f} {s['p90']:>8.0f} "
                   f"{s['max']:>8.0f} {'' if goal is None else f'{goal:.0f}':>8}")
+    print("median phases (ms, KiB): click -> first message | first -> last message | last message -> drawn")
+    medians: dict = {}
+    for kind, per in profile.items():
+        for what, rows in per.items():
+            med = {k: round(statistics.median(r[k] for r in rows), 1) for k in rows[0]
+                   if all(r.get(k) is not None for r in rows)}
+            medians.setdefault(kind, {})[what] = med
+            print(f"{kind:>6} {what:>16}: {med.get('to_first_msg', '-')} | {med.get('msgs', '-')} | "
+                  f"{med.get('after_last_msg', '-')}   ({med.get('requests', 0):.0f} sent, "
+                  f"{med.get('messages', 0):.0f} received, "
+                  f"{med.get('kib', 0):.0f} KiB, largest {med.get('largest_kib', 0):.0f} KiB)")
     raw = {k: {w: [round(1000 * t, 1) for t in v] for w, v in d.items()} for k, d in results.items()}
     print(json.dumps(raw))
     if args.json:
         args.json.write_text(json.dumps({"model": name, "layer": layer, "method": args.method, "params": args.params,
                                          "torch_threads": torch.get_num_threads(), "summary": summary,
+                                         "phases": medians,
                                          "ms": raw, "expected_tokens": tokens}, indent=1))
     bad = [k for k in shown if abs(shown[k] - tokens[k]) > 2]
     if bad:
