@@ -139,10 +139,12 @@ def model_comparison(a: tuple[str, str, float | None], b: tuple[str, str, float 
 def extraction(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...]) -> Extraction:
     """One model run per text batch, shared by the analysis, the head heatmaps and the predictions.
 
-    Holds dense probabilities of every head, so only the two latest batches
+    Holds dense probabilities of every head (above
+    :data:`~sparsefinder.evaluation.analysis.LONG_INPUT_TOKENS` tokens, gold bits and block summaries
+    instead: :func:`~sparsefinder.evaluation.analysis.extract_for_view`), so only the two latest batches
     are kept; callers read it and never modify it (it is shared by sessions).
     """
-    return require_model(model_name).extract(list(_texts))
+    return an.extract_for_view(require_model(model_name), _texts)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -159,6 +161,14 @@ def head_probabilities(model_name: str, version: str, alpha: str, texts_hash: st
     gold graph's non-edges there); only this head's matrix is kept."""
     ex = extraction(model_name, version, alpha, texts_hash, _texts)
     return an.head_probabilities(ex, sentence, layer, head)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def head_view(model_name: str, version: str, alpha: str, texts_hash: str, sentence: int, layer: int, head: int,
+              _texts: tuple[str, ...]) -> an.HeadView:
+    """One head as it is drawn (:func:`~sparsefinder.evaluation.analysis.head_view`): every pair of a short
+    text, at most 96 × 96 blocks of a long one, so an entry is small whatever the length."""
+    return an.head_view(extraction(model_name, version, alpha, texts_hash, _texts), sentence, layer, head)
 
 
 def allowed_pairs(model_name: str, version: str, alpha: str, texts_hash: str, sentence: int, layer: int,

@@ -187,18 +187,61 @@ def attention_heatmap(
     gold = p > 0
     if size == 1:
         y, x = token_labels(query_tokens), token_labels(key_tokens)
-        z = p.astype(float)
-        hover_zero = "query %{y}<br>key %{x}<br>p = 0 (no edge)"
-        hover_pos = "query %{y} → key %{x}<br>p = %{z:.4g}"
+        z, edges = p.astype(float), None
     else:
         y, x = block_labels(list(query_tokens), size), block_labels(list(key_tokens), size)
         z = block_reduce(p, size, "max")
         edges = block_reduce(gold, size, "sum")
+    fig, height, side = _probability_figure(z, edges, _forbidden(allowed, p.shape, size), x, y, size)
+    notes = []
+    if size > 1:
+        notes.append(f"{p.shape[0]} tokens drawn as blocks of {size} (colour: largest p in the block)")
+    if pred is not None:
+        notes.append(_add_overlay(fig, gold, np.asarray(pred, dtype=bool), z, x, y, size, height, side))
+    return _probability_layout(fig, title, notes, x, y, height)
+
+
+def block_attention_heatmap(
+    top: np.ndarray,
+    edges: np.ndarray,
+    allowed: np.ndarray,
+    tokens: Sequence[str],
+    size: int,
+    title: str = "Entmax attention probabilities",
+) -> go.Figure:
+    """:func:`attention_heatmap` of one head from its block summary (no ``(n, n)`` matrix needed).
+
+    ``size`` tokens per block a side; per block ``top`` is the largest probability, ``edges`` the
+    number of gold edges (``p > 0``) and ``allowed`` the number of pairs the layer's mask allows
+    (:class:`sparsefinder.evaluation.analysis.HeadView`). A block's colour is its largest p; grey: no
+    gold edge in it; white: none of its pairs is allowed (future keys, outside the window). With
+    ``size`` 1 the blocks are the pairs and the figure is :func:`attention_heatmap`'s.
+    """
+    top, edges, allowed = np.asarray(top), np.asarray(edges), np.asarray(allowed)
+    m = -(-len(tokens) // size)
+    if top.shape != (m, m) or edges.shape != (m, m) or allowed.shape != (m, m):
+        raise ValueError(f"{len(tokens)} tokens in blocks of {size} are {m} × {m} blocks, got {top.shape}, "
+                         f"{edges.shape}, {allowed.shape}")
+    if size == 1:
+        return attention_heatmap(top, tokens, title=title, allowed=allowed > 0)
+    labels = block_labels(list(tokens), size)
+    forbidden = None if int(allowed.sum()) == len(tokens) ** 2 else allowed == 0
+    fig, height, _ = _probability_figure(top.astype(float), edges, forbidden, labels, labels, size)
+    notes = [f"{len(tokens)} tokens drawn as blocks of {size} (colour: largest p in the block)"]
+    return _probability_layout(fig, title, notes, labels, labels, height)
+
+
+def _probability_figure(z: np.ndarray, edges: np.ndarray | None, forbidden: np.ndarray | None, x, y,
+                        size: int) -> tuple[go.Figure, int, int]:
+    """The not-allowed, zero and probability traces of a head (cells, or blocks with their edge counts)."""
+    if size == 1:
+        hover_zero = "query %{y}<br>key %{x}<br>p = 0 (no edge)"
+        hover_pos = "query %{y} → key %{x}<br>p = %{z:.4g}"
+    else:
         hover_zero = f"queries %{{y}}<br>keys %{{x}}<br>no edge in this {size}×{size} block"
         hover_pos = "queries %{y}<br>keys %{x}<br>max p = %{z:.4g}<br>gold edges %{customdata}"
     zero = z == 0
     fig = go.Figure()
-    forbidden = _forbidden(allowed, p.shape, size)
     if forbidden is not None:
         zero = zero & ~forbidden
         fig.add_trace(_forbidden_trace(forbidden, x, y, gap=0))
@@ -213,18 +256,16 @@ def attention_heatmap(
     positive = np.where(zero | (forbidden if forbidden is not None else False), np.nan, z)
     fig.add_trace(go.Heatmap(
         z=positive.astype(np.float32), x=x, y=y, zmin=0.0,
-        zmax=max(float(np.nanmax(positive)) if np.any(~zero) else 1.0, 1e-9),
+        zmax=max(float(np.nanmax(positive)) if np.any(~np.isnan(positive)) else 1.0, 1e-9),
         colorscale=PROB_COLORSCALE, colorbar=dict(title="p" if size == 1 else "max p"), name="p",
-        customdata=None if size == 1 else edges.astype(np.uint16 if size * size < 2**16 else np.uint32),
+        customdata=None if edges is None else np.asarray(edges).astype(np.uint16 if size * size < 2**16 else np.uint32),
         hovertemplate=hover_pos + "<extra></extra>",
     ))
     side = max(len(y), len(x), 1)
-    height = min(260 + 22 * side, 1400)
-    notes = []
-    if size > 1:
-        notes.append(f"{p.shape[0]} tokens drawn as blocks of {size} (colour: largest p in the block)")
-    if pred is not None:
-        notes.append(_add_overlay(fig, gold, np.asarray(pred, dtype=bool), z, x, y, size, height, side))
+    return fig, min(260 + 22 * side, 1400), side
+
+
+def _probability_layout(fig: go.Figure, title: str, notes: list[str], x, y, height: int) -> go.Figure:
     top = 60 + 18 * len(notes) + label_extent(x, -60) + 24  # title, its notes, the key labels, "key"
     fig.update_layout(
         title=dict(text=title + "".join(f"<br><sup>{n}</sup>" for n in notes), y=1.0, yanchor="top",
