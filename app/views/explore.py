@@ -211,9 +211,6 @@ def head_section(name, version, alpha, key, texts, b, grid, tokens, num_layers, 
         with st.spinner(f"Computing layer {layer}, head {head}…"):
             if prediction is None:  # gold only: the head's drawing, small at any length
                 view = cache.head_view(name, version, alpha, key, b, layer, head, texts)
-                fig = block_attention_heatmap(view.top, view.edges, view.allowed, list(tokens), view.size,
-                                              title=title)
-                zeros, forbidden, size, allowed_count = view.zeros, view.forbidden, view.size, int(view.allowed.sum())
             else:  # the overlay compares every pair (texts of up to LONG_INPUT_TOKENS tokens)
                 probs = cache.head_probabilities(name, version, alpha, key, b, layer, head, texts)
                 allowed = cache.allowed_pairs(name, version, alpha, key, b, layer, texts)
@@ -221,7 +218,10 @@ def head_section(name, version, alpha, key, texts, b, grid, tokens, num_layers, 
         st.error(f"Could not compute the probabilities: {type(e).__name__}: {e}")
         return
     pred = None
-    if prediction is not None:
+    if prediction is None:
+        fig = block_attention_heatmap(view.top, view.edges, view.allowed, list(tokens), view.size, title=title)
+        zeros, forbidden, size, allowed_count = view.zeros, view.forbidden, view.size, int(view.allowed.sum())
+    else:
         pred = prediction.edges(b, layer, len(tokens))[head]
         title = f"Layer {layer}, head {head}: entmax probabilities and {method} {params}"
         with st.container(key="head_metrics"):
