@@ -160,7 +160,7 @@ class HeadView:
 def head_view(extraction, sentence: int, layer: int, head: int, max_side: int = HEAD_MAX_SIDE) -> HeadView:
     """:class:`HeadView` of one head: from the extraction's block summaries when it kept them at this
     ``max_side`` (a long text's gold-bits extraction), else from its probabilities."""
-    from sparsefinder.model.blocks import block_side, block_sum, head_blocks
+    from sparsefinder.model.blocks import allowed_block_counts, block_side, head_blocks
 
     ex = extraction
     n = int(ex.lengths[sentence])
@@ -173,8 +173,7 @@ def head_view(extraction, sentence: int, layer: int, head: int, max_side: int = 
     else:
         raise ValueError("this extraction kept neither the probabilities nor block summaries at "
                          f"{max_side} blocks a side")
-    valid = valid_pair_mask(torch.tensor([n]), n, ex.causal, ex.window(layer))[0, 0]
-    allowed = block_sum(valid, size).numpy()
+    allowed = allowed_block_counts(n, size, ex.causal, ex.window(layer)).numpy()
     return HeadView(n=n, size=size, top=np.asarray(top, dtype=np.float32), edges=np.asarray(edges, dtype=np.int32),
                     allowed=allowed.astype(np.int32))
 

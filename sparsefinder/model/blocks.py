@@ -32,6 +32,27 @@ def block_counts(n: int, size: int) -> torch.Tensor:
     return sides[:, None] * sides[None, :]
 
 
+def allowed_block_counts(n: int, size: int, causal: bool = False, window: int | None = None) -> torch.Tensor:
+    """``(m, m)`` int32: pairs per block that :func:`sparsefinder.graphs.valid_pair_mask` allows for one
+    sentence of ``n`` tokens, without building its ``(n, n)`` mask.
+
+    A query's allowed keys are one interval (all keys; up to itself when ``causal``; within ``window``
+    of it), so a block's count is the sum over its queries of that interval's overlap with the block's
+    keys: ``n × m`` numbers instead of ``n²`` (8,192 tokens: milliseconds, not a 256 MiB pool).
+    """
+    i = torch.arange(n, dtype=torch.int64)
+    lo = torch.zeros(n, dtype=torch.int64) if window is None else (i - window).clamp(min=0)
+    hi = i.clone() if causal else torch.full((n,), n - 1, dtype=torch.int64)
+    if window is not None and not causal:
+        hi = (i + window).clamp(max=n - 1)
+    m = -(-n // size)
+    start = torch.arange(m, dtype=torch.int64) * size
+    stop = (start + size - 1).clamp(max=n - 1)
+    overlap = (torch.minimum(hi[:, None], stop[None, :]) - torch.maximum(lo[:, None], start[None, :]) + 1).clamp(min=0)
+    rows = torch.zeros((m, m), dtype=torch.int64).index_add_(0, i // size, overlap)
+    return rows.to(torch.int32)
+
+
 def block_sum(mask: torch.Tensor, size: int) -> torch.Tensor:
     """``(..., n, n)`` bool → ``(..., m, m)`` int32 counts of True per ``size × size`` block.
 

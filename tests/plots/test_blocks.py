@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsefinder.model.blocks import block_side, block_sum, head_blocks
+from sparsefinder.graphs import valid_pair_mask
+from sparsefinder.model.blocks import allowed_block_counts, block_side, block_sum, head_blocks
 from sparsefinder.plots.heatmaps import MAX_SIDE, attention_heatmap, block_attention_heatmap, block_size
 
 
@@ -49,6 +50,16 @@ def test_head_blocks_match_a_loop(n, max_side, heads, causal, seed):
         np.testing.assert_array_equal(top[h].numpy(), want_top)
         np.testing.assert_array_equal(edges[h].numpy(), want_edges)
         np.testing.assert_array_equal(counts, want_allowed)
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 40), max_side=st.integers(1, 12), causal=st.booleans(),
+       window=st.one_of(st.none(), st.integers(0, 10)))
+def test_allowed_block_counts_match_a_loop_over_the_mask(n, max_side, causal, window):
+    s = block_side(n, max_side)
+    valid = valid_pair_mask(torch.tensor([n]), n, causal, window)[0, 0].numpy()
+    _, _, want = loop_blocks(np.zeros((n, n), np.float32), valid, s)
+    np.testing.assert_array_equal(allowed_block_counts(n, s, causal, window).numpy(), want)
 
 
 def test_block_sum_is_exact_for_large_blocks():
