@@ -785,28 +785,17 @@ def test_corpus_train_and_sweep_from_ui(lib, monkeypatch, tmp_path):
     assert row["name"] == "tiny" and bool(row["projections"]) and bool(row["sweep"])
 
 
-def test_a_long_text_is_drawn_in_blocks_from_its_gold_bits(tmp_path, monkeypatch):
+def test_a_long_text_is_drawn_in_blocks_from_its_gold_bits(tiny_model_dir, tmp_path, monkeypatch):
     """#13 item 6: a text above LONG_INPUT_TOKENS (a registered tiny Llama of 2,048 positions) is analysed
     without keeping the probabilities, and its head is drawn as blocks equal to the library's HeadView."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
-
     from sparsefinder.evaluation import analysis as an
     from sparsefinder.model.user_catalogue import add_model
-    from tests.conftest import _minilm_dir
 
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(_minilm_dir(), local_files_only=True)
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, vocab_size=tokenizer.vocab_size, max_position_embeddings=2048,
-                         initializer_range=0.5, bos_token_id=tokenizer.cls_token_id,
-                         eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaModel(config).save_pretrained(tmp_path / "llama")
-    tokenizer.model_max_length = 2048
-    tokenizer.save_pretrained(tmp_path / "llama")
     monkeypatch.setenv("SPARSEFINDER_CATALOGUE", str(tmp_path / "user.json"))
-    add_model("tiny-llama-long", tmp_path / "llama")
-    text = " ".join(["Sparse attention skips most pairs of tokens, and entmax gives exact zeros."] * 90)
+    add_model("tiny-llama-long", tiny_model_dir("llama-long"))
+    tokenizer = load_model("tiny-llama-long").tokenizer
+    from tests.helpers import LONG_TEXT as text
+
     n = len(tokenizer(text)["input_ids"])
     assert an.LONG_INPUT_TOKENS < n <= 2048
 
