@@ -202,7 +202,10 @@ def phases(pg) -> dict:
     if not inside:
         return {"to_first_msg": None, "msgs": None, "after_last_msg": None, "messages": 0, "kib": 0.0,
                 "requests": requests}
-    return {"requests": requests, "to_first_msg": inside[0][0] - t0, "msgs": inside[-1][0] - inside[0][0],
+    after = [t for t, _ in msgs if t >= t0]
+    # last_msg: when the rerun's last message arrived (the page is complete), which may be after the heatmap
+    return {"requests": requests, "last_msg": after[-1] - t0, "to_first_msg": inside[0][0] - t0,
+            "msgs": inside[-1][0] - inside[0][0],
             "after_last_msg": t1 - inside[-1][0], "messages": len(inside),
             "kib": sum(n for _, n in inside) / 1024, "largest_kib": max(n for _, n in inside) / 1024}
 
@@ -371,7 +374,8 @@ def main() -> int:
                                                                        "goal": goal}
             print(f"{kind:>6} {shown[kind]:>6} {what:>16} {s['n']:>3} {s['median']:>10.0f} {s['p90']:>8.0f} "
                   f"{s['max']:>8.0f} {'' if goal is None else f'{goal:.0f}':>8}")
-    print("median phases (ms, KiB): click -> first message | first -> last message | last message -> drawn")
+    print("median phases (ms, KiB): click -> first message | first -> last message | last message -> drawn "
+          "[click -> the rerun's last message, drawn or not]")
     medians: dict = {}
     for kind, per in profile.items():
         for what, rows in per.items():
@@ -379,7 +383,8 @@ def main() -> int:
                    if all(r.get(k) is not None for r in rows)}
             medians.setdefault(kind, {})[what] = med
             print(f"{kind:>6} {what:>16}: {med.get('to_first_msg', '-')} | {med.get('msgs', '-')} | "
-                  f"{med.get('after_last_msg', '-')}   ({med.get('requests', 0):.0f} sent, "
+                  f"{med.get('after_last_msg', '-')} [{med.get('last_msg', '-')}]   "
+                  f"({med.get('requests', 0):.0f} sent, "
                   f"{med.get('messages', 0):.0f} received, "
                   f"{med.get('kib', 0):.0f} KiB, largest {med.get('largest_kib', 0):.0f} KiB)")
     raw = {k: {w: [round(1000 * t, 1) for t in v] for w, v in d.items()} for k, d in results.items()}

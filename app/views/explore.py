@@ -152,6 +152,20 @@ def main() -> None:
 
     grid = result.sparsity[b]
     tokens = result.tokens[b]
+    # The head's section is laid out below the overview but filled first: a visitor who types a text looks
+    # at the head view they were on, and its heatmap is sent (and drawn by the browser) before the overview's
+    # figure and tables, not after them (bench/ui_latency.py "new text"). The page's layout is unchanged.
+    overview, below = st.container(), st.container()
+    with below:
+        st.subheader("One head")
+        head_section(name, version, alpha, key, texts, b, grid, tokens, result.num_layers, result.num_heads,
+                     prediction, method, params)
+    with overview:
+        draw_overview(name, result, b, grid, tokens, prediction, method, params)
+
+
+def draw_overview(name, result, b, grid, tokens, prediction, method, params) -> None:
+    """The sentence's metrics, the layers × heads overview (gold sparsity or a method's recall) and its tables."""
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("Mean gold sparsity", f"{grid.mean():.4f}", help="Mean over all layers and heads of this sentence.")
     c2.metric("Tokens", len(tokens))
@@ -190,9 +204,6 @@ def main() -> None:
         with st.container(key="gold_table"):
             st.table(frame.map(lambda v: f"{v:.4f}"), hide_index=False)
 
-    st.subheader("One head")
-    head_section(name, version, alpha, key, texts, b, grid, tokens, result.num_layers, result.num_heads,
-                 prediction, method, params)
 
 
 @st.fragment
