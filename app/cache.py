@@ -147,10 +147,25 @@ def extraction(model_name: str, version: str, alpha: str, texts_hash: str, _text
     return an.extract_for_view(require_model(model_name), _texts)
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
 def analyse(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...]) -> an.Analysis:
     """:func:`~sparsefinder.evaluation.analysis.analyse` of ``_texts``; ``_texts`` is not hashed by
-    Streamlit (its hash is ``texts_hash``)."""
+    Streamlit (its hash is ``texts_hash``).
+
+    An analysis holds the packed gold graphs (``H n² / 8`` bytes a layer: 256 MiB for 4 layers of 8 heads
+    at 8,192 tokens), so a long text's (a gold-bits extraction) goes to a cache of two entries, not 64.
+    """
+    long = an.is_long_input(require_model(model_name), _texts)  # tokenizing only: no model run on a cache hit
+    return (_analyse_long if long else _analyse)(model_name, version, alpha, texts_hash, _texts)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _analyse(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...]) -> an.Analysis:
+    return an.analyse(extraction(model_name, version, alpha, texts_hash, _texts), _texts)
+
+
+@st.cache_data(show_spinner=False, max_entries=2)
+def _analyse_long(model_name: str, version: str, alpha: str, texts_hash: str,
+                  _texts: tuple[str, ...]) -> an.Analysis:
     return an.analyse(extraction(model_name, version, alpha, texts_hash, _texts), _texts)
 
 

@@ -116,11 +116,16 @@ LONG_INPUT_TOKENS = 1024
 HEAD_MAX_SIDE = 96
 
 
+def is_long_input(model, texts: Sequence[str]) -> bool:
+    """Whether a text of the batch has more than :data:`LONG_INPUT_TOKENS` tokens (after the model's truncation)."""
+    enc, _ = model.tokenize(list(texts))
+    return int(enc["attention_mask"].sum(1).max()) > LONG_INPUT_TOKENS
+
+
 def extract_for_view(model, texts: Sequence[str]):
     """``model.extract(texts)``, or above :data:`LONG_INPUT_TOKENS` tokens the gold-bits extraction with
     block summaries of at most :data:`HEAD_MAX_SIDE` blocks a side (memory ``H n² / 8`` bytes a layer)."""
-    enc, _ = model.tokenize(list(texts))
-    if int(enc["attention_mask"].sum(1).max()) <= LONG_INPUT_TOKENS:
+    if not is_long_input(model, texts):
         return model.extract(list(texts))
     return model.extract(list(texts), gold_bits=True, block_max_side=HEAD_MAX_SIDE)
 
