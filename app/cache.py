@@ -135,16 +135,25 @@ def model_comparison(a: tuple[str, str, float | None], b: tuple[str, str, float 
 
 
 # -- per-text results ------------------------------------------------------------------------
-@st.cache_resource(show_spinner=False, max_entries=2)
-def extraction(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...]) -> Extraction:
+def extraction(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...],
+               full: bool = False) -> Extraction:
     """One model run per text batch, shared by the analysis, the head heatmaps and the predictions.
 
     Holds dense probabilities of every head (above
     :data:`~sparsefinder.evaluation.analysis.LONG_INPUT_TOKENS` tokens, gold bits and block summaries
     instead: :func:`~sparsefinder.evaluation.analysis.extract_for_view`), so only the two latest batches
-    are kept; callers read it and never modify it (it is shared by sessions).
+    are kept; callers read it and never modify it (it is shared by sessions). ``full``: keep the
+    probabilities at any length (a method's prediction and its mass recall need them); a short batch has
+    them either way and is one cache entry for both.
     """
-    return an.extract_for_view(require_model(model_name), _texts)
+    bits = not full and an.is_long_input(require_model(model_name), _texts)
+    return _extraction(model_name, version, alpha, texts_hash, _texts, bits)
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _extraction(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...],
+                bits: bool) -> Extraction:
+    return an.extract_for_view(require_model(model_name), _texts, bits=bits)
 
 
 def analyse(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...]) -> an.Analysis:
@@ -198,7 +207,7 @@ def head_prediction(model_name: str, version: str, alpha: str, text_key: str, la
                     ) -> an.HeadPrediction:
     """Predicted vs gold graph of ``method`` ``params`` for one head on ``_text`` (hash ``text_key``);
     the cache is keyed by ``artifacts_key`` (:attr:`Result.key`), not by the unhashed ``_result``."""
-    ex = extraction(model_name, version, alpha, text_key, (_text,))
+    ex = extraction(model_name, version, alpha, text_key, (_text,), full=True)
     projections, fitted = artifacts(model_name, _result).for_method(method)
     return an.predict_head(ex, layer, head, method, params, projections, fitted)
 

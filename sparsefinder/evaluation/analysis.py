@@ -122,10 +122,11 @@ def is_long_input(model, texts: Sequence[str]) -> bool:
     return int(enc["attention_mask"].sum(1).max()) > LONG_INPUT_TOKENS
 
 
-def extract_for_view(model, texts: Sequence[str]):
+def extract_for_view(model, texts: Sequence[str], bits: bool | None = None):
     """``model.extract(texts)``, or above :data:`LONG_INPUT_TOKENS` tokens the gold-bits extraction with
-    block summaries of at most :data:`HEAD_MAX_SIDE` blocks a side (memory ``H n² / 8`` bytes a layer)."""
-    if not is_long_input(model, texts):
+    block summaries of at most :data:`HEAD_MAX_SIDE` blocks a side (memory ``H n² / 8`` bytes a layer).
+    ``bits`` decides instead of the length (:func:`is_long_input`)."""
+    if not (is_long_input(model, texts) if bits is None else bits):
         return model.extract(list(texts))
     return model.extract(list(texts), gold_bits=True, block_max_side=HEAD_MAX_SIDE)
 
