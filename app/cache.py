@@ -135,20 +135,46 @@ def model_comparison(a: tuple[str, str, float | None], b: tuple[str, str, float 
 
 
 # -- per-text results ------------------------------------------------------------------------
-@st.cache_resource(show_spinner=False, max_entries=2)
-def extraction(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...]) -> Extraction:
+def extraction(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...],
+               full: bool = False) -> Extraction:
     """One model run per text batch, shared by the analysis, the head heatmaps and the predictions.
 
-    Holds dense probabilities of every head, so only the two latest batches
-    are kept; callers read it and never modify it (it is shared by sessions).
+    Holds dense probabilities of every head (above
+    :data:`~sparsefinder.evaluation.analysis.LONG_INPUT_TOKENS` tokens, gold bits and block summaries
+    instead: :func:`~sparsefinder.evaluation.analysis.extract_for_view`), so only the two latest batches
+    are kept; callers read it and never modify it (it is shared by sessions). ``full``: keep the
+    probabilities at any length (a method's prediction and its mass recall need them); a short batch has
+    them either way and is one cache entry for both.
     """
-    return require_model(model_name).extract(list(_texts))
+    bits = not full and an.is_long_input(require_model(model_name), _texts)
+    return _extraction(model_name, version, alpha, texts_hash, _texts, bits)
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _extraction(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...],
+                bits: bool) -> Extraction:
+    return an.extract_for_view(require_model(model_name), _texts, bits=bits)
+
+
+def analyse(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...]) -> an.Analysis:
+    """:func:`~sparsefinder.evaluation.analysis.analyse` of ``_texts``; ``_texts`` is not hashed by
+    Streamlit (its hash is ``texts_hash``).
+
+    An analysis holds the packed gold graphs (``H n² / 8`` bytes a layer: 256 MiB for 4 layers of 8 heads
+    at 8,192 tokens), so a long text's (a gold-bits extraction) goes to a cache of two entries, not 64.
+    """
+    long = an.is_long_input(require_model(model_name), _texts)  # tokenizing only: no model run on a cache hit
+    return (_analyse_long if long else _analyse)(model_name, version, alpha, texts_hash, _texts)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def analyse(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...]) -> an.Analysis:
-    """:func:`~sparsefinder.evaluation.analysis.analyse` of ``_texts``; ``_texts`` is not hashed by
-    Streamlit (its hash is ``texts_hash``)."""
+def _analyse(model_name: str, version: str, alpha: str, texts_hash: str, _texts: tuple[str, ...]) -> an.Analysis:
+    return an.analyse(extraction(model_name, version, alpha, texts_hash, _texts), _texts)
+
+
+@st.cache_data(show_spinner=False, max_entries=2)
+def _analyse_long(model_name: str, version: str, alpha: str, texts_hash: str,
+                  _texts: tuple[str, ...]) -> an.Analysis:
     return an.analyse(extraction(model_name, version, alpha, texts_hash, _texts), _texts)
 
 
@@ -159,6 +185,14 @@ def head_probabilities(model_name: str, version: str, alpha: str, texts_hash: st
     gold graph's non-edges there); only this head's matrix is kept."""
     ex = extraction(model_name, version, alpha, texts_hash, _texts)
     return an.head_probabilities(ex, sentence, layer, head)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def head_view(model_name: str, version: str, alpha: str, texts_hash: str, sentence: int, layer: int, head: int,
+              _texts: tuple[str, ...]) -> an.HeadView:
+    """One head as it is drawn (:func:`~sparsefinder.evaluation.analysis.head_view`): every pair of a short
+    text, at most 96 × 96 blocks of a long one, so an entry is small whatever the length."""
+    return an.head_view(extraction(model_name, version, alpha, texts_hash, _texts), sentence, layer, head)
 
 
 def allowed_pairs(model_name: str, version: str, alpha: str, texts_hash: str, sentence: int, layer: int,
@@ -173,7 +207,7 @@ def head_prediction(model_name: str, version: str, alpha: str, text_key: str, la
                     ) -> an.HeadPrediction:
     """Predicted vs gold graph of ``method`` ``params`` for one head on ``_text`` (hash ``text_key``);
     the cache is keyed by ``artifacts_key`` (:attr:`Result.key`), not by the unhashed ``_result``."""
-    ex = extraction(model_name, version, alpha, text_key, (_text,))
+    ex = extraction(model_name, version, alpha, text_key, (_text,), full=True)
     projections, fitted = artifacts(model_name, _result).for_method(method)
     return an.predict_head(ex, layer, head, method, params, projections, fitted)
 

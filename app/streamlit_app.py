@@ -7,10 +7,19 @@ runs the selected page, and mirrors the view back into the URL.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import streamlit as st
+# Before torch is first imported (by app.state below): torch's OpenMP threads then sleep at once when they
+# wait, instead of spinning. A server on a few cores shares them with other sessions' runs, Chromium and
+# other processes; a spinning thread keeps a core from the very thread it waits for, and a 40-token forward
+# of the default model took 360-600 ms instead of 16-19 ms (bench/ui_latency.py, 2 busy cores). Only the
+# waiting changes, not the work split between threads, so the numbers are the same. `sparsefinder serve`
+# sets it too; a value already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import streamlit as st  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `from app import state` in the pages

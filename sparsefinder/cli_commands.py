@@ -110,6 +110,10 @@ def cmd_gold(args) -> int:
     return 0
 
 
+#: OpenMP's wait policy for the dashboard's server (app/streamlit_app.py says why).
+PASSIVE_OMP = "PASSIVE"
+
+
 def cmd_serve(args) -> int:
     """The dashboard: ``streamlit run app/streamlit_app.py`` from the source checkout, offline, headless.
 
@@ -123,6 +127,7 @@ def cmd_serve(args) -> int:
     if not app.is_file():
         raise ValueError(f"the dashboard needs the source checkout ({app} is missing): run it from a clone")
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    os.environ.setdefault("OMP_WAIT_POLICY", PASSIVE_OMP)  # see app/streamlit_app.py
     os.chdir(root)  # .streamlit/config.toml (upload cap, error details hidden) is read from here
     cmd = [sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.address", args.host,
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]

@@ -44,6 +44,7 @@ def _save_tiny(tmp: Path, family: str, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(_minilm_dir(), local_files_only=True)
+    max_positions = 2048 if family == "llama-long" else 64
     vocab = tokenizer.vocab_size
     # A large init range makes attention peaked, so entmax graphs are sparse.
     common = dict(vocab_size=vocab, max_position_embeddings=64, initializer_range=0.5)
@@ -63,14 +64,15 @@ def _save_tiny(tmp: Path, family: str, seed: int = 0) -> Path:
         model = GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab, n_positions=64,
                                       initializer_range=0.5, bos_token_id=tokenizer.cls_token_id,
                                       eos_token_id=tokenizer.sep_token_id))
-    elif family in ("llama", "mistral", "qwen2"):
-        # Grouped-query decoders: 4 query heads share 2 key/value heads; rotary positions.
+    elif family in ("llama", "mistral", "qwen2", "llama-long"):
+        # Grouped-query decoders: 4 query heads share 2 key/value heads; rotary positions. "llama-long" takes
+        # 2,048 tokens, above sparsefinder.evaluation.analysis.LONG_INPUT_TOKENS (a long text's drawing).
         import transformers
 
-        names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+        names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "llama-long": "Llama"}[family]
         config = getattr(transformers, f"{names}Config")(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=64, vocab_size=vocab, max_position_embeddings=64, initializer_range=0.5,
+            intermediate_size=64, vocab_size=vocab, max_position_embeddings=max_positions, initializer_range=0.5,
             bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
             pad_token_id=tokenizer.pad_token_id)
         model = getattr(transformers, f"{names}Model")(config)
@@ -100,7 +102,7 @@ def _save_tiny(tmp: Path, family: str, seed: int = 0) -> Path:
         raise ValueError(family)
     out = tmp / family
     model.save_pretrained(out)
-    tokenizer.model_max_length = 64
+    tokenizer.model_max_length = max_positions
     tokenizer.save_pretrained(out)
     return out
 

@@ -8,9 +8,9 @@ import streamlit as st
 
 from app import cache, state
 from sparsefinder.corpora.corpus import CorpusError
-from sparsefinder.evaluation.analysis import MAX_TEXT_CHARS, SPLIT_MODES, split_texts, text_hash
+from sparsefinder.evaluation.analysis import LONG_INPUT_TOKENS, MAX_TEXT_CHARS, SPLIT_MODES, split_texts, text_hash
 from sparsefinder.metrics import HEAD_METRICS
-from sparsefinder.plots.heatmaps import attention_heatmap, block_size, sparsity_heatmap
+from sparsefinder.plots.heatmaps import attention_heatmap, block_attention_heatmap, block_size, sparsity_heatmap
 
 ss = st.session_state
 GOLD, RECALL = "gold sparsity", "method recall"
@@ -138,6 +138,10 @@ def main() -> None:
         method = params = None
     artifacts = state.active_result(name)
     prediction = None
+    if method is not None and not result.probabilities:
+        st.info(f"The {method} overlay is drawn on texts of up to {LONG_INPUT_TOKENS:,} tokens: a longer text is "
+                "analysed without keeping every head's probabilities (its gold graphs only), to fit in memory.")
+        method = params = None
     if method is not None:
         try:
             with st.spinner(f"Predicting {method} on every layer…"):
@@ -148,6 +152,20 @@ def main() -> None:
 
     grid = result.sparsity[b]
     tokens = result.tokens[b]
+    # The head's section is laid out below the overview but filled first: a visitor who types a text looks
+    # at the head view they were on, and its heatmap is sent (and drawn by the browser) before the overview's
+    # figure and tables, not after them (bench/ui_latency.py "new text"). The page's layout is unchanged.
+    overview, below = st.container(), st.container()
+    with below:
+        st.subheader("One head")
+        head_section(name, version, alpha, key, texts, b, grid, tokens, result.num_layers, result.num_heads,
+                     prediction, method, params)
+    with overview:
+        draw_overview(name, result, b, grid, tokens, prediction, method, params)
+
+
+def draw_overview(name, result, b, grid, tokens, prediction, method, params) -> None:
+    """The sentence's metrics, the layers × heads overview (gold sparsity or a method's recall) and its tables."""
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("Mean gold sparsity", f"{grid.mean():.4f}", help="Mean over all layers and heads of this sentence.")
     c2.metric("Tokens", len(tokens))
@@ -186,9 +204,6 @@ def main() -> None:
         with st.container(key="gold_table"):
             st.table(frame.map(lambda v: f"{v:.4f}"), hide_index=False)
 
-    st.subheader("One head")
-    head_section(name, version, alpha, key, texts, b, grid, tokens, result.num_layers, result.num_heads,
-                 prediction, method, params)
 
 
 @st.fragment
@@ -202,33 +217,39 @@ def head_section(name, version, alpha, key, texts, b, grid, tokens, num_layers, 
     with col_head:
         head = state.persistent_widget(st.selectbox, state.HEAD, "Head", options=range(num_heads))
 
+    title = f"Layer {layer}, head {head}: entmax probabilities (gold sparsity {grid[layer, head]:.4f})"
     try:
         with st.spinner(f"Computing layer {layer}, head {head}…"):
-            probs = cache.head_probabilities(name, version, alpha, key, b, layer, head, texts)
-            allowed = cache.allowed_pairs(name, version, alpha, key, b, layer, texts)
+            if prediction is None:  # gold only: the head's drawing, small at any length
+                view = cache.head_view(name, version, alpha, key, b, layer, head, texts)
+            else:  # the overlay compares every pair (texts of up to LONG_INPUT_TOKENS tokens)
+                probs = cache.head_probabilities(name, version, alpha, key, b, layer, head, texts)
+                allowed = cache.allowed_pairs(name, version, alpha, key, b, layer, texts)
     except Exception as e:
         st.error(f"Could not compute the probabilities: {type(e).__name__}: {e}")
         return
-    title = f"Layer {layer}, head {head}: entmax probabilities (gold sparsity {grid[layer, head]:.4f})"
     pred = None
-    if prediction is not None:
+    if prediction is None:
+        fig = block_attention_heatmap(view.top, view.edges, view.allowed, list(tokens), view.size, title=title)
+        zeros, forbidden, size, allowed_count = view.zeros, view.forbidden, view.size, int(view.allowed.sum())
+    else:
         pred = prediction.edges(b, layer, len(tokens))[head]
         title = f"Layer {layer}, head {head}: entmax probabilities and {method} {params}"
         with st.container(key="head_metrics"):
             state.head_metrics({m: prediction.metrics[m][b, layer, head] for m in HEAD_METRICS})
-    fig = attention_heatmap(probs, list(tokens), title=title, pred=pred, allowed=allowed)
+        fig = attention_heatmap(probs, list(tokens), title=title, pred=pred, allowed=allowed)
+        zeros, forbidden = int(((probs == 0) & allowed).sum()), int((~allowed).sum())
+        size, allowed_count = block_size(len(tokens)), int(allowed.sum())
     st.plotly_chart(fig, key="head_heatmap")
     state.download_figure(fig, f"head-{name}-L{layer}H{head}", key="head_html")
-    zeros = int(((probs == 0) & allowed).sum())
-    forbidden = int((~allowed).sum())
-    size = block_size(len(tokens))
     st.caption(
         f"Rows are queries, columns keys. Grey cells are exact zeros (no edge): "
-        f"{zeros} of {int(allowed.sum())} allowed pairs. Repeated tokens carry their position, e.g. `the·7`."
+        f"{zeros} of {allowed_count} allowed pairs. Repeated tokens carry their position, e.g. `the·7`."
         + (f" White cells ({forbidden}) are pairs this layer's mask forbids (future keys, or outside its "
            "sliding window): not part of any graph." if forbidden else "")
         + (" Marks: blue TP, orange FP, pink FN." if pred is not None else "")
-        + (f" {len(tokens)} tokens are drawn as blocks of {size} so the page stays responsive."
+        + (f" {len(tokens)} tokens are drawn as blocks of {size} so the page stays responsive: a block's colour "
+           "is its largest probability, grey when none of its pairs is a gold edge, white when none is allowed."
            if size > 1 else "")
     )
     # A fragment rerun skips the entrypoint, which otherwise mirrors the view into the URL.

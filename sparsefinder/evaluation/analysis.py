@@ -80,6 +80,8 @@ class Analysis:
     truncated: tuple[bool, ...]
     num_layers: int
     num_heads: int
+    # False for a long text's gold-bits extraction (extract_for_view): no method overlay or mass recall.
+    probabilities: bool = True
 
     def gold_edges(self, b: int, layer: int) -> np.ndarray:
         """``(H, n, n)`` bool gold edges of sentence ``b`` in ``layer``."""
@@ -96,11 +98,90 @@ def analyse(extraction, texts: Sequence[str]) -> Analysis:
         texts=tuple(texts),
         tokens=tuple(tuple(t) for t in ex.tokens),
         sparsity=sparsity,
-        packed=tuple(tuple(g.pack(b) for g in grids) for b in range(len(texts))),
+        # A gold-bits extraction already holds the packed bits (repacking 8,192 tokens takes seconds).
+        packed=tuple(tuple(g.pack(b) if ex.gold_packed is None else ex.gold_packed[layer][b]
+                           for layer, g in enumerate(grids)) for b in range(len(texts))),
         truncated=tuple(bool(t) for t in ex.truncated),
         num_layers=ex.num_layers,
         num_heads=ex.num_heads,
+        probabilities=has_probabilities(ex),
     )
+
+
+#: Longest text (in tokens) analysed with every layer's float32 probabilities kept (``4 H n²`` bytes a layer:
+#: 8 GiB for 4 layers of 8 heads at 8,192 tokens). Longer texts get a gold-bits extraction that keeps each
+#: head's block summary instead (:func:`extract_for_view`); the methods' overlay needs the probabilities.
+LONG_INPUT_TOKENS = 1024
+#: Most blocks a side of a head's drawing (as :data:`sparsefinder.plots.heatmaps.MAX_SIDE`).
+HEAD_MAX_SIDE = 96
+
+
+def is_long_input(model, texts: Sequence[str]) -> bool:
+    """Whether a text of the batch has more than :data:`LONG_INPUT_TOKENS` tokens (after the model's truncation)."""
+    enc, _ = model.tokenize(list(texts))
+    return int(enc["attention_mask"].sum(1).max()) > LONG_INPUT_TOKENS
+
+
+def extract_for_view(model, texts: Sequence[str], bits: bool | None = None):
+    """``model.extract(texts)``, or above :data:`LONG_INPUT_TOKENS` tokens the gold-bits extraction with
+    block summaries of at most :data:`HEAD_MAX_SIDE` blocks a side (memory ``H n² / 8`` bytes a layer).
+    ``bits`` decides instead of the length (:func:`is_long_input`)."""
+    if not (is_long_input(model, texts) if bits is None else bits):
+        return model.extract(list(texts))
+    return model.extract(list(texts), gold_bits=True, block_max_side=HEAD_MAX_SIDE)
+
+
+def has_probabilities(extraction) -> bool:
+    """Whether the extraction kept the float probabilities (a method's overlay and mass recall need them)."""
+    return all(p.numel() for p in extraction.probs)
+
+
+@dataclass(frozen=True)
+class HeadView:
+    """One head of one sentence as it is drawn: every pair up to ``max_side`` tokens, else blocks.
+
+    ``size`` tokens per block a side (1: every pair; the last block of a side may be smaller). Per block:
+    ``top`` the largest probability (float32; the probability itself when ``size`` is 1), ``edges`` the gold
+    edges (``p > 0``), ``allowed`` the pairs the layer's mask allows (0: the block is all future keys or
+    outside the sliding window).
+    """
+
+    n: int
+    size: int
+    top: np.ndarray
+    edges: np.ndarray
+    allowed: np.ndarray
+
+    @property
+    def zeros(self) -> int:
+        """Allowed pairs with probability exactly 0 (not gold edges)."""
+        return int(self.allowed.sum()) - int(self.edges.sum())
+
+    @property
+    def forbidden(self) -> int:
+        """Pairs the layer's mask forbids."""
+        return self.n * self.n - int(self.allowed.sum())
+
+
+def head_view(extraction, sentence: int, layer: int, head: int, max_side: int = HEAD_MAX_SIDE) -> HeadView:
+    """:class:`HeadView` of one head: from the extraction's block summaries when it kept them at this
+    ``max_side`` (a long text's gold-bits extraction), else from its probabilities."""
+    from sparsefinder.model.blocks import allowed_block_counts, block_side, head_blocks
+
+    ex = extraction
+    n = int(ex.lengths[sentence])
+    size = block_side(n, max_side)
+    if ex.blocks is not None and ex.block_max_side == max_side:
+        top, edges = (a[head] for a in ex.blocks[layer][sentence])
+    elif has_probabilities(ex):
+        t, e = head_blocks(ex.probs[layer][sentence, head : head + 1, :n, :n], size)
+        top, edges = t[0].numpy(), e[0].numpy()
+    else:
+        raise ValueError("this extraction kept neither the probabilities nor block summaries at "
+                         f"{max_side} blocks a side")
+    allowed = allowed_block_counts(n, size, ex.causal, ex.window(layer)).numpy()
+    return HeadView(n=n, size=size, top=np.asarray(top, dtype=np.float32), edges=np.asarray(edges, dtype=np.int32),
+                    allowed=allowed.astype(np.int32))
 
 
 def head_probabilities(extraction, sentence: int, layer: int, head: int) -> np.ndarray:

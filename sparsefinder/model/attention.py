@@ -22,6 +22,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 
 from sparsefinder.kernels.entmax import Alpha, entmax
+from sparsefinder.model.blocks import block_side, head_blocks
 from sparsefinder.model.gold_bits import sentence_bits
 
 ATTN_IMPLEMENTATION = "entmax"
@@ -57,6 +58,9 @@ class AttentionRecord:
     # Gold-bits capture (Capture.gold_bits): per sentence, the packed support of the probabilities over its
     # valid pairs (sparsefinder.model.gold_bits), on the CPU; ``probs`` is then empty.
     gold_bits: list[torch.Tensor] | None = None
+    # Block capture (Capture.blocks_max_side): per sentence, the (H, m, m) largest probability and gold-edge
+    # count per block of tokens (sparsefinder.model.blocks), on the CPU.
+    blocks: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def expand_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -80,6 +84,8 @@ class Capture:
     lengths: list[int] | None = None
     causal: bool = False
     windows: list[int | None] | None = None
+    # Block summaries (long inputs drawn as blocks, sparsefinder.model.blocks): at most this many blocks a side.
+    blocks_max_side: int | None = None
 
     def window(self, layer: int) -> int | None:
         return None if self.windows is None or not 0 <= layer < len(self.windows) else self.windows[layer]
@@ -98,16 +104,19 @@ def capture(
     lengths: list[int] | None = None,
     causal: bool = False,
     windows: list[int | None] | None = None,
+    blocks_max_side: int | None = None,
 ) -> Iterator[Capture]:
     """Record q, k and entmax probabilities of every attention call in this context.
 
     ``gold_bits=True`` records, instead of the probabilities, each sentence's packed gold support
     (``lengths``: real tokens per text of the right-padded batch; ``causal``/``windows``: the valid pairs).
+    ``blocks_max_side`` also records each sentence's block summary (:mod:`sparsefinder.model.blocks`).
     """
-    if gold_bits and lengths is None:
-        raise ValueError("a gold-bits capture needs the lengths of the batch")
+    if (gold_bits or blocks_max_side) and lengths is None:
+        raise ValueError("a gold-bits or block capture needs the lengths of the batch")
     sink = Capture(keep_probs=keep_probs and not gold_bits, detach=detach, gold_bits=gold_bits,
-                   lengths=None if lengths is None else [int(n) for n in lengths], causal=causal, windows=windows)
+                   lengths=None if lengths is None else [int(n) for n in lengths], causal=causal, windows=windows,
+                   blocks_max_side=blocks_max_side)
     token = _capture.set(sink)
     try:
         yield sink
@@ -227,11 +236,15 @@ def _record(sink: Capture, module, query, key, value, probs, attention_mask, gro
         window = sink.window(layer)
         # Packed on the probabilities' device; only H n² / 8 bytes per sentence move to the host.
         bits = [sentence_bits(probs[b], n, sink.causal, window).cpu() for b, n in enumerate(sink.lengths)]
+    blocks = None
+    if sink.blocks_max_side:
+        blocks = [head_blocks(probs[b, :, :n, :n], block_side(n, sink.blocks_max_side))
+                  for b, n in enumerate(sink.lengths)]
     # Not probs[:0]: a view, even an empty one, keeps the whole (B, H, N, N) storage alive.
     kept = probs if sink.keep_probs else probs.new_empty((0, *probs.shape[1:]))
     mask = None if attention_mask is None else attention_mask.detach()
     settings = dict(scaling=float(scaling), softcap=float(softcap) if softcap else None, alpha=module_alpha(module),
-                    gold_bits=bits)
+                    gold_bits=bits, blocks=blocks)
     if sink.detach:
         keep_values = sink.keep_probs or sink.gold_bits
         sink.records.append(AttentionRecord(query.detach(), key.detach(), kept.detach(), groups, mask,

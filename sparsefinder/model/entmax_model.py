@@ -92,6 +92,10 @@ class Extraction:
     alphas: list | None = None
     # Per layer, per sentence: the packed gold support (uint8, AttentionGraph.pack layout); gold-bits mode only.
     gold_packed: list[list[np.ndarray]] | None = None
+    # Per layer, per sentence: (H, m, m) float32 largest probability and int32 gold edges per block of tokens,
+    # at most ``block_max_side`` blocks a side (sparsefinder.model.blocks); only when extract() was asked to.
+    blocks: list[list[tuple[np.ndarray, np.ndarray]]] | None = None
+    block_max_side: int | None = None
 
     @property
     def num_layers(self) -> int:
@@ -267,19 +271,21 @@ class EntmaxModel:
         return enc, truncated
 
     # -- forward -------------------------------------------------------------
-    def extract(self, texts: list[str], keep_probs: bool = True, gold_bits: bool = False) -> Extraction:
+    def extract(self, texts: list[str], keep_probs: bool = True, gold_bits: bool = False,
+                block_max_side: int | None = None) -> Extraction:
         """Run the model on ``texts`` and capture every layer's q, k and entmax probs.
 
         ``gold_bits=True`` (long inputs, corpus stores): each layer's gold support is packed into bits
         inside the attention call and no float probabilities are kept, so memory is ``H N² / 8`` bytes
         per layer instead of ``4 H N²`` (the extraction has no ``probs``; :meth:`Extraction.gold` works).
+        ``block_max_side`` also keeps each head's block summary for drawing it (:attr:`Extraction.blocks`).
         """
         enc, truncated = self.tokenize(texts)
         inputs = _model_inputs(enc.to(self.device))
         lengths = enc["attention_mask"].sum(1).cpu()
         with torch.inference_mode(), attention.capture(
             keep_probs=keep_probs, gold_bits=gold_bits, lengths=lengths.tolist(), causal=self.causal,
-            windows=list(self.windows),
+            windows=list(self.windows), blocks_max_side=block_max_side,
         ) as sink:
             out = self.model(**inputs)
         hidden = _last_hidden(out)
@@ -312,6 +318,9 @@ class EntmaxModel:
             softcaps=[r.softcap for r in records],
             alphas=[_layer_alpha_value(r.alpha) for r in records],
             gold_packed=[[bits.numpy() for bits in r.gold_bits] for r in records] if gold_bits else None,
+            blocks=[[(top.numpy(), edges.numpy()) for top, edges in r.blocks] for r in records]
+            if block_max_side else None,
+            block_max_side=block_max_side,
         )
 
     def embed(self, texts: list[str]) -> torch.Tensor:

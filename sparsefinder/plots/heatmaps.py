@@ -72,12 +72,13 @@ def sparsity_heatmap(
             ygap=1,
         )
     )
-    fig.update_layout(
+    y_labels = [f"layer {layer}" for layer in range(layers)]
+    fig.update_layout(  # margins from the labels, not automargin (see label_extent)
         title=dict(text=title),
-        yaxis=dict(autorange="reversed"),
-        xaxis=dict(side="top"),
+        yaxis=dict(autorange="reversed", automargin=False),
+        xaxis=dict(side="top", automargin=False),
         height=120 + 48 * layers,
-        margin=dict(l=10, r=10, t=100, b=10),
+        margin=dict(l=round(label_extent(y_labels) + 16), r=10, t=100, b=10),
     )
     return fig
 
@@ -88,6 +89,23 @@ MAX_SIDE = 96
 #: false positive, false negative; light grey for neither.
 OUTCOME_COLORS = {"TN": "#f0f0f0", "TP": "#0072B2", "FP": "#E69F00", "FN": "#CC79A7"}
 OUTCOMES = ("TN", "TP", "FP", "FN")
+
+
+# Plotly's automargin (on in its default template) measures every tick label in the browser and then
+# draws the whole figure a second time with the margins it found: about half of a head heatmap's drawing
+# time (bench/ui_latency.py). The heatmaps turn it off and reserve margins from the labels' lengths instead.
+#: Width in pixels of one tick-label character (Plotly's 12 px default font, a little over its average).
+LABEL_CHAR_PX = 6.5
+#: Longest tick label the margins make room for, in characters (longer ones are cut by the margin).
+MAX_LABEL_CHARS = 40
+
+
+def label_extent(labels: Sequence[str], angle: float = 0.0, font_px: float = 12.0) -> float:
+    """Pixels a column of tick labels needs across its axis: their longest width, or, rotated by
+    ``angle`` degrees, the height of that width (plus the font's own)."""
+    longest = min(max((len(str(t)) for t in labels), default=0), MAX_LABEL_CHARS) * LABEL_CHAR_PX
+    a = np.deg2rad(abs(angle))
+    return float(longest * np.sin(a) + font_px * np.cos(a)) if angle else float(longest)
 
 
 def block_size(n: int, max_side: int = MAX_SIDE) -> int:
@@ -169,48 +187,95 @@ def attention_heatmap(
     gold = p > 0
     if size == 1:
         y, x = token_labels(query_tokens), token_labels(key_tokens)
-        z = p.astype(float)
-        hover_zero = "query %{y}<br>key %{x}<br>p = 0 (no edge)"
-        hover_pos = "query %{y} → key %{x}<br>p = %{z:.4g}"
+        z, edges = p.astype(float), None
     else:
         y, x = block_labels(list(query_tokens), size), block_labels(list(key_tokens), size)
         z = block_reduce(p, size, "max")
         edges = block_reduce(gold, size, "sum")
-        hover_zero = f"queries %{{y}}<br>keys %{{x}}<br>no edge in this {size}×{size} block"
-        hover_pos = "queries %{y}<br>keys %{x}<br>max p = %{z:.4g}<br>gold edges %{customdata}"
-    zero = z == 0
-    fig = go.Figure()
-    forbidden = _forbidden(allowed, p.shape, size)
-    if forbidden is not None:
-        zero = zero & ~forbidden
-        fig.add_trace(_forbidden_trace(forbidden, x, y))
-    fig.add_trace(go.Heatmap(
-        z=np.where(zero, 0.0, np.nan), x=x, y=y, zmin=0.0, zmax=1.0,
-        colorscale=[[0.0, ZERO_COLOR], [1.0, ZERO_COLOR]], showscale=False, name="zero",
-        hovertemplate=hover_zero + "<extra></extra>", xgap=1, ygap=1,
-    ))
-    positive = np.where(zero | (forbidden if forbidden is not None else False), np.nan, z)
-    fig.add_trace(go.Heatmap(
-        z=positive, x=x, y=y, zmin=0.0,
-        zmax=max(float(np.nanmax(positive)) if np.any(~zero) else 1.0, 1e-9),
-        colorscale=PROB_COLORSCALE, colorbar=dict(title="p" if size == 1 else "max p"), name="p",
-        customdata=None if size == 1 else edges.astype(int),
-        hovertemplate=hover_pos + "<extra></extra>", xgap=1, ygap=1,
-    ))
-    side = max(len(y), len(x), 1)
-    height = min(260 + 22 * side, 1400)
+    fig, height, side = _probability_figure(z, edges, _forbidden(allowed, p.shape, size), x, y, size)
     notes = []
     if size > 1:
         notes.append(f"{p.shape[0]} tokens drawn as blocks of {size} (colour: largest p in the block)")
     if pred is not None:
         notes.append(_add_overlay(fig, gold, np.asarray(pred, dtype=bool), z, x, y, size, height, side))
+    return _probability_layout(fig, title, notes, x, y, height)
+
+
+def block_attention_heatmap(
+    top: np.ndarray,
+    edges: np.ndarray,
+    allowed: np.ndarray,
+    tokens: Sequence[str],
+    size: int,
+    title: str = "Entmax attention probabilities",
+) -> go.Figure:
+    """:func:`attention_heatmap` of one head from its block summary (no ``(n, n)`` matrix needed).
+
+    ``size`` tokens per block a side; per block ``top`` is the largest probability, ``edges`` the
+    number of gold edges (``p > 0``) and ``allowed`` the number of pairs the layer's mask allows
+    (:class:`sparsefinder.evaluation.analysis.HeadView`). A block's colour is its largest p; grey: no
+    gold edge in it; white: none of its pairs is allowed (future keys, outside the window). With
+    ``size`` 1 the blocks are the pairs and the figure is :func:`attention_heatmap`'s.
+    """
+    top, edges, allowed = np.asarray(top), np.asarray(edges), np.asarray(allowed)
+    m = -(-len(tokens) // size)
+    if top.shape != (m, m) or edges.shape != (m, m) or allowed.shape != (m, m):
+        raise ValueError(f"{len(tokens)} tokens in blocks of {size} are {m} × {m} blocks, got {top.shape}, "
+                         f"{edges.shape}, {allowed.shape}")
+    if size == 1:
+        return attention_heatmap(top, tokens, title=title, allowed=allowed > 0)
+    labels = block_labels(list(tokens), size)
+    forbidden = None if int(allowed.sum()) == len(tokens) ** 2 else allowed == 0
+    fig, height, _ = _probability_figure(top.astype(float), edges, forbidden, labels, labels, size)
+    notes = [f"{len(tokens)} tokens drawn as blocks of {size} (colour: largest p in the block)"]
+    return _probability_layout(fig, title, notes, labels, labels, height)
+
+
+def _probability_figure(z: np.ndarray, edges: np.ndarray | None, forbidden: np.ndarray | None, x, y,
+                        size: int) -> tuple[go.Figure, int, int]:
+    """The not-allowed, zero and probability traces of a head (cells, or blocks with their edge counts)."""
+    if size == 1:
+        hover_zero = "query %{y}<br>key %{x}<br>p = 0 (no edge)"
+        hover_pos = "query %{y} → key %{x}<br>p = %{z:.4g}"
+    else:
+        hover_zero = f"queries %{{y}}<br>keys %{{x}}<br>no edge in this {size}×{size} block"
+        hover_pos = "queries %{y}<br>keys %{x}<br>max p = %{z:.4g}<br>gold edges %{customdata}"
+    zero = z == 0
+    fig = go.Figure()
+    if forbidden is not None:
+        zero = zero & ~forbidden
+        fig.add_trace(_forbidden_trace(forbidden, x, y, gap=0))
+    # The cells have no gaps: with xgap/ygap Plotly paints every cell as its own rectangle instead of one
+    # image of the whole matrix, which took most of a head switch's drawing in the browser. z is float32:
+    # half the bytes to send, and exact for the probabilities (float32 already).
+    fig.add_trace(go.Heatmap(
+        z=np.where(zero, 0.0, np.nan).astype(np.float32), x=x, y=y, zmin=0.0, zmax=1.0,
+        colorscale=[[0.0, ZERO_COLOR], [1.0, ZERO_COLOR]], showscale=False, name="zero",
+        hovertemplate=hover_zero + "<extra></extra>",
+    ))
+    positive = np.where(zero | (forbidden if forbidden is not None else False), np.nan, z)
+    fig.add_trace(go.Heatmap(
+        z=positive.astype(np.float32), x=x, y=y, zmin=0.0,
+        zmax=max(float(np.nanmax(positive)) if np.any(~np.isnan(positive)) else 1.0, 1e-9),
+        colorscale=PROB_COLORSCALE, colorbar=dict(title="p" if size == 1 else "max p"), name="p",
+        customdata=None if edges is None else np.asarray(edges).astype(np.uint16 if size * size < 2**16 else np.uint32),
+        hovertemplate=hover_pos + "<extra></extra>",
+    ))
+    side = max(len(y), len(x), 1)
+    return fig, min(260 + 22 * side, 1400), side
+
+
+def _probability_layout(fig: go.Figure, title: str, notes: list[str], x, y, height: int) -> go.Figure:
+    top = 60 + 18 * len(notes) + label_extent(x, -60) + 24  # title, its notes, the key labels, "key"
     fig.update_layout(
-        title=dict(text=title + "".join(f"<br><sup>{n}</sup>" for n in notes)),
-        xaxis=dict(title="key", side="top", tickangle=-60, type="category"),
-        yaxis=dict(title="query", autorange="reversed", type="category"),
-        height=height,
+        title=dict(text=title + "".join(f"<br><sup>{n}</sup>" for n in notes), y=1.0, yanchor="top",
+                   yref="container", pad=dict(t=14)),
+        xaxis=dict(title=dict(text="key", standoff=4), side="top", tickangle=-60, type="category",
+                   automargin=False),
+        yaxis=dict(title=dict(text="query", standoff=4), autorange="reversed", type="category", automargin=False),
+        height=min(height + max(0, top - 130 - 18 * len(notes)), 1600),
         plot_bgcolor="white",
-        margin=dict(l=10, r=10, t=130 + 18 * len(notes), b=10),
+        margin=dict(l=round(label_extent(y) + 40), r=10, t=round(top), b=10),
     )
     return fig
 
@@ -227,10 +292,10 @@ def _forbidden(allowed: np.ndarray | None, shape: tuple[int, ...], size: int) ->
     return ~(allowed if size == 1 else block_reduce(allowed, size, "max").astype(bool))
 
 
-def _forbidden_trace(forbidden: np.ndarray, x, y) -> go.Heatmap:
+def _forbidden_trace(forbidden: np.ndarray, x, y, gap: int = 1) -> go.Heatmap:
     return go.Heatmap(
-        z=np.where(forbidden, 0.0, np.nan), x=x, y=y, zmin=0.0, zmax=1.0, showscale=False, name="not allowed",
-        colorscale=[[0.0, NOT_ALLOWED_COLOR], [1.0, NOT_ALLOWED_COLOR]], xgap=1, ygap=1,
+        z=np.where(forbidden, 0.0, np.nan).astype(np.float32), x=x, y=y, zmin=0.0, zmax=1.0, showscale=False,
+        name="not allowed", colorscale=[[0.0, NOT_ALLOWED_COLOR], [1.0, NOT_ALLOWED_COLOR]], xgap=gap, ygap=gap,
         hovertemplate=f"query %{{y}}<br>key %{{x}}<br>{NOT_ALLOWED_HOVER}<extra></extra>",
     )
 

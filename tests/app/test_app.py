@@ -783,3 +783,33 @@ def test_corpus_train_and_sweep_from_ui(lib, monkeypatch, tmp_path):
     saved = next(d.value for d in at.dataframe if "projections" in d.value.columns)
     row = saved.iloc[0]
     assert row["name"] == "tiny" and bool(row["projections"]) and bool(row["sweep"])
+
+
+def test_a_long_text_is_drawn_in_blocks_from_its_gold_bits(tiny_model_dir, tmp_path, monkeypatch):
+    """#13 item 6: a text above LONG_INPUT_TOKENS (a registered tiny Llama of 2,048 positions) is analysed
+    without keeping the probabilities, and its head is drawn as blocks equal to the library's HeadView."""
+    from sparsefinder.evaluation import analysis as an
+    from sparsefinder.model.user_catalogue import add_model
+
+    monkeypatch.setenv("SPARSEFINDER_CATALOGUE", str(tmp_path / "user.json"))
+    add_model("tiny-llama-long", tiny_model_dir("llama-long"))
+    tokenizer = load_model("tiny-llama-long").tokenizer
+    from tests.helpers import LONG_TEXT as text
+
+    n = len(tokenizer(text)["input_ids"])
+    assert an.LONG_INPUT_TOKENS < n <= 2048
+
+    at = analyse(make_app("tiny-llama-long", layer=1, head=3), text, split="lines")
+    assert not at.exception and not at.error
+    fig = head_figure(at)
+    assert [t["name"] for t in fig["data"]] == ["not allowed", "zero", "p"]
+    ex = an.extract_for_view(load_model("tiny-llama-long"), [text])
+    assert not an.has_probabilities(ex)
+    view = an.head_view(ex, 0, 1, 3)
+    assert view.size == -(-n // an.HEAD_MAX_SIDE) > 1
+    forbidden, zeros, probs = (decode(t["z"]).astype(float) for t in fig["data"])
+    np.testing.assert_array_equal(~np.isnan(forbidden), view.allowed == 0)
+    np.testing.assert_array_equal(~np.isnan(zeros), (view.edges == 0) & (view.allowed > 0))
+    np.testing.assert_array_equal(np.nan_to_num(probs), np.where(view.edges > 0, view.top, 0))
+    np.testing.assert_array_equal(decode(fig["data"][2]["customdata"]), view.edges)
+    assert f"{n} tokens are drawn as blocks of {view.size}" in texts_of(at.caption)

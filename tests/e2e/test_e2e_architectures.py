@@ -30,6 +30,8 @@ def served(tiny_model_dir, tmp_path_factory):
     add_model("tiny-llama", tiny_model_dir("llama"), description="tiny random Llama (GQA)", catalogue=catalogue)
     add_model("tiny-modernbert", tiny_model_dir("modernbert"), description="tiny random ModernBERT",
               catalogue=catalogue)
+    add_model("tiny-llama-long", tiny_model_dir("llama-long"), description="tiny random Llama, 2,048 positions",
+              catalogue=catalogue)
     old = os.environ.get("SPARSEFINDER_CATALOGUE")
     os.environ["SPARSEFINDER_CATALOGUE"] = str(catalogue)  # the server reads the user's catalogue from it
     try:
@@ -85,6 +87,38 @@ def test_explore_draws_the_pairs_a_layer_forbids(served, browser, tiny_model_dir
     shown_p = _matrix(spec["data"][2]["z"])
     np.testing.assert_allclose(np.nan_to_num(shown_p), want, rtol=1e-5, atol=1e-6)
     screenshot(page, f"explore-{model}.png", height=2200, doc=f"dashboard-explore-{model}.png")
+    page.context.close()
+    log = LOG.read_text(encoding="utf-8", errors="replace")
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+
+
+def test_explore_draws_a_long_text_in_blocks(served, browser, tiny_model_dir):
+    """#13 item 6: a text above LONG_INPUT_TOKENS, typed in the page, is analysed from its gold bits and its
+    head drawn in the browser as blocks: the library's HeadView, the decoder's future blocks white."""
+    from sparsefinder.evaluation import analysis as an
+    from tests.e2e.test_e2e import analyse
+    from tests.helpers import LONG_TEXT
+
+    url, _ = served
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    page.set_default_timeout(240_000)
+    page.goto(f"{url}/?model=tiny-llama-long&layer=1&head=2")
+    page.get_by_text("Layer 1, head 2: entmax probabilities").wait_for()
+    wait_idle(page)
+    page.get_by_text("lines", exact=True).click()
+    wait_idle(page)
+    analyse(page, LONG_TEXT)
+    page.locator(".gtitle").filter(has_text="drawn as blocks of").wait_for()
+    wait_idle(page)
+    spec = _head_spec(page)
+    assert [t["name"] for t in spec["data"]] == ["not allowed", "zero", "p"]
+    ex = an.extract_for_view(load_model(str(tiny_model_dir("llama-long"))), [LONG_TEXT])
+    view = an.head_view(ex, 0, 1, 2)
+    assert view.size > 1 and f"{view.n} tokens drawn as blocks of {view.size}" in spec["title"]
+    np.testing.assert_array_equal(~np.isnan(_matrix(spec["data"][0]["z"])), view.allowed == 0)
+    np.testing.assert_array_equal(np.nan_to_num(_matrix(spec["data"][2]["z"])),
+                                  np.where(view.edges > 0, view.top, 0).astype(float))
+    assert page.get_by_text(f"{view.n} tokens are drawn as blocks of {view.size}").count() == 1
     page.context.close()
     log = LOG.read_text(encoding="utf-8", errors="replace")
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
