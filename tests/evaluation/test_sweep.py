@@ -420,7 +420,8 @@ def test_fast_paths_are_registered_by_class_and_planned():
 
     nested = {m for m, cls in REGISTRY.items() if cls in NESTED}
     shared = {m for m, cls in REGISTRY.items() if cls in SHARED_DENSE}
-    assert nested == {"distance", "window", "position", "longformer", "bigbird", "random", "blocks"}
+    learned = {"distance_budget", "topk", "stacked", "priors", "cascade", "global_band", "stacked_mlp"}
+    assert nested == {"distance", "window", "position", "longformer", "bigbird", "random", "blocks"} | learned
     assert shared == {"bucketing", "kmeans", "reformer", "routing"}
     configs = [_Config(i, "window", {"window": w}, f"w{w}", get_predictor("window", window=w))
                for i, w in enumerate((1, 3, 5))]

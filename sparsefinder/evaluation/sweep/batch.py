@@ -178,11 +178,14 @@ def _never(mask: torch.Tensor, n_levels: int, dtype: torch.dtype) -> torch.Tenso
 class _Levels:
     """A nested family on one batch: ``core`` ``(B, H|1, N, N)`` levels (C = never, :func:`_level_dtype`)
     of the method's own edges, ``extra`` ``(B, 1, N, N)`` window/global edges present at every level, and
-    the core cost ``(B, H)`` when it is not the edge count (distance)."""
+    the core cost ``(B, H)`` when it is not the edge count (distance). ``position`` ``(H, C)``: when
+    the nesting order differs per head (per-head thresholds), the level at which head ``h`` has grid
+    point ``c``; ``None``: level ``c`` is grid point ``c`` in every head."""
 
     core: torch.Tensor
     extra: torch.Tensor | None = None
     core_cost: torch.Tensor | None = None
+    position: torch.Tensor | None = None
 
 
 def _nested_counts(lv: _Levels, n_levels: int, batch: _Batch) -> Counts:
@@ -223,8 +226,11 @@ def _nested_counts(lv: _Levels, n_levels: int, batch: _Batch) -> Counts:
             inside = _cumulative_hist(core_in.reshape(b * hc, n * n), c).reshape(b, hc, c)
             added = (_count(ev)[..., None] - inside).double().expand(b, h, c)
         cost = lv.core_cost.double()[..., None] + added
-    return {k: v.permute(2, 0, 1) for k, v in
-            {"pred_edges": pred, "hits": hits, "covered_queries": covered, "cost": cost, "mass_hits": mass}.items()}
+    out = {"pred_edges": pred, "hits": hits, "covered_queries": covered, "cost": cost, "mass_hits": mass}
+    if lv.position is not None:  # each head's levels back to grid order
+        index = lv.position.to(hits.device)[None].expand(b, h, c)
+        out = {k: v.gather(-1, index) for k, v in out.items()}
+    return {k: v.permute(2, 0, 1) for k, v in out.items()}
 
 
 def _generic_counts(batch: _Batch, pred: Predictor) -> Counts:
@@ -243,6 +249,8 @@ class _Nested:
     levels: Callable[[_Batch, Predictor, list[Any]], _Levels]
     descending: bool = False  # grid order in which the graphs grow
     usable: Callable[[_Batch], bool] = lambda batch: True
+    # What ``levels`` gets of each configuration (its layer's predictor); default: the value of ``param``.
+    value: Callable[[Predictor], Any] | None = None
 
 
 # Fast paths, keyed by the predictor *class*: a method re-registered under the same name with

@@ -37,7 +37,8 @@ class _Unit:
         if self.kind == "nested":
             spec = NESTED[type(pred)]
             if spec.usable(batch):
-                values = [getattr(c.predictor, spec.param) for c in self.configs]
+                values = [getattr(c.predictor, spec.param) if spec.value is None else
+                          spec.value(c.for_layer(batch.layer)) for c in self.configs]
                 return _nested_counts(spec.levels(batch, pred, values), len(values), batch)
             parts = [_generic_counts(batch, c.for_layer(batch.layer)) for c in self.configs]
             return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}

@@ -12,8 +12,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-# Imported for what they register: the nested and shared dense fast paths (batch.NESTED, batch.SHARED_DENSE).
+# Imported for what they register: the nested, learned and shared dense fast paths (batch.NESTED, batch.SHARED_DENSE).
 import sparsefinder.evaluation.sweep.dense  # noqa: F401
+import sparsefinder.evaluation.sweep.learned  # noqa: F401
 import sparsefinder.evaluation.sweep.nested  # noqa: F401
 from sparsefinder import __version__
 from sparsefinder.corpora.context import ContextProvider
