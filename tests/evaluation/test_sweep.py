@@ -414,7 +414,7 @@ def test_best_recall_at_against_manual():
 def test_fast_paths_are_registered_by_class_and_planned():
     """Importing the sweep registers the nested and shared dense kernels; a method re-registered with
     another class under the same name would not inherit them (they are keyed by class)."""
-    from sparsefinder.evaluation.sweep.batch import NESTED, SHARED_DENSE
+    from sparsefinder.evaluation.sweep.batch import GROUPED, NESTED, SHARED_DENSE
     from sparsefinder.evaluation.sweep.configs import _Config
     from sparsefinder.evaluation.sweep.plan import _plan
 
@@ -423,6 +423,7 @@ def test_fast_paths_are_registered_by_class_and_planned():
     learned = {"distance_budget", "topk", "stacked", "priors", "cascade", "global_band", "stacked_mlp"}
     assert nested == {"distance", "window", "position", "longformer", "bigbird", "random", "blocks"} | learned
     assert shared == {"bucketing", "kmeans", "reformer", "routing"}
+    assert {m for m, cls in REGISTRY.items() if cls in GROUPED} == {"pages"}
     configs = [_Config(i, "window", {"window": w}, f"w{w}", get_predictor("window", window=w))
                for i, w in enumerate((1, 3, 5))]
     configs.append(_Config(3, "strided", {}, "s", get_predictor("strided")))

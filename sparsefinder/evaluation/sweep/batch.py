@@ -131,6 +131,26 @@ def _dense_counts(edges: torch.Tensor, cost: torch.Tensor, batch: _Batch) -> Cou
             "cost": torch.broadcast_to(cost.double(), (b, h))[None], "mass_hits": _mass_hits(edges, batch)[None]}
 
 
+def _dense_counts_many(edges: torch.Tensor, cost: torch.Tensor, batch: _Batch) -> Counts:
+    """:func:`_dense_counts` of ``C`` graphs at once: ``edges`` ``(C, B, H, N, N)`` bool (valid pairs only),
+    ``cost`` ``(C, B, H)``. The same sums in the same order as one graph at a time (the mass bincount takes
+    each configuration's gold edges in row-major order), in a fifth of the tensor calls."""
+    c = edges.shape[0]
+    b, h, _ = batch.shape
+    row_hits = (batch.gold[None] & edges).view(torch.uint8).sum(dim=-1, dtype=torch.int32)  # (C, B, H, N)
+    hits = row_hits.sum(dim=-1).long()
+    covered = ((row_hits == batch.row_gold[None]) & batch.real[None, :, None, :]).sum(dim=-1)
+    pred = edges.view(torch.uint8).sum(dim=(-1, -2), dtype=torch.int32).long()
+    if batch.probs is None:
+        mass = torch.full((c, b, h), float("nan"), dtype=torch.float64, device=hits.device)
+    else:
+        at = edges.reshape(c, -1)[:, batch.gold_index]  # (C, gold edges)
+        key = batch.gold_segment[None] + torch.arange(c, device=at.device)[:, None] * (b * h)
+        mass = torch.bincount(key.reshape(-1), weights=(batch.gold_p[None] * at).reshape(-1),
+                              minlength=c * b * h).reshape(c, b, h)
+    return {"pred_edges": pred, "hits": hits, "covered_queries": covered, "cost": cost.double(), "mass_hits": mass}
+
+
 def _finish(core: torch.Tensor, core_cost: torch.Tensor | None, batch: _Batch, window: int, global_tokens: bool
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The predictor's own tail (:meth:`Predictor._run`): mask, OR window/global, cost = core cost + added edges.
@@ -255,6 +275,9 @@ class _Nested:
 
 # Fast paths, keyed by the predictor *class*: a method re-registered under the same name with
 # another class runs the generic path, never a kernel written for the old one. Filled by
-# nested.py and dense.py, beside the kernels themselves.
+# nested.py, learned.py, dense.py and pages.py, beside the kernels themselves.
 NESTED: dict[type[Predictor], _Nested] = {}
 SHARED_DENSE: dict[type[Predictor], Callable[[_Batch, Predictor], Counts]] = {}
+# Kernels that score every configuration of a method together: they get each configuration's
+# predictor of the layer, in grid order, and return the counts in that order.
+GROUPED: dict[type[Predictor], Callable[[_Batch, list[Predictor]], Counts]] = {}
