@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,16 +132,27 @@ def _dense_counts(edges: torch.Tensor, cost: torch.Tensor, batch: _Batch) -> Cou
             "cost": torch.broadcast_to(cost.double(), (b, h))[None], "mass_hits": _mass_hits(edges, batch)[None]}
 
 
+def _last_sum(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """int32 count of True over the last ``dims`` dims of a bool tensor.
+
+    Through a uint8 view of rows of a 2-D reshape: on CPU several times faster than a bool sum,
+    and than the same sum over the dims of a 5-D tensor; exact (integers, far below 2³¹).
+    """
+    shape = x.shape[: x.dim() - dims]
+    return x.view(torch.uint8).reshape(-1, math.prod(x.shape[x.dim() - dims:])).sum(dim=-1, dtype=torch.int32
+                                                                                    ).reshape(shape)
+
+
 def _dense_counts_many(edges: torch.Tensor, cost: torch.Tensor, batch: _Batch) -> Counts:
     """:func:`_dense_counts` of ``C`` graphs at once: ``edges`` ``(C, B, H, N, N)`` bool (valid pairs only),
     ``cost`` ``(C, B, H)``. The same sums in the same order as one graph at a time (the mass bincount takes
     each configuration's gold edges in row-major order), in a fifth of the tensor calls."""
     c = edges.shape[0]
-    b, h, _ = batch.shape
-    row_hits = (batch.gold[None] & edges).view(torch.uint8).sum(dim=-1, dtype=torch.int32)  # (C, B, H, N)
+    b, h, n = batch.shape
+    row_hits = _last_sum(batch.gold[None] & edges, 1)  # (C, B, H, N)
     hits = row_hits.sum(dim=-1).long()
-    covered = ((row_hits == batch.row_gold[None]) & batch.real[None, :, None, :]).sum(dim=-1)
-    pred = edges.view(torch.uint8).sum(dim=(-1, -2), dtype=torch.int32).long()
+    covered = _last_sum((row_hits == batch.row_gold[None]) & batch.real[None, :, None, :], 1).long()
+    pred = _last_sum(edges, 2).long()
     if batch.probs is None:
         mass = torch.full((c, b, h), float("nan"), dtype=torch.float64, device=hits.device)
     else:

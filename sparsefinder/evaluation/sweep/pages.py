@@ -1,26 +1,28 @@
-r"""Fast path for ``pages``: every grid point of a sentence from one set of page statistics.
+r"""Fast path for ``pages``: every grid point of a batch from one set of page statistics per page size.
 
 :class:`~sparsefinder.predictors.pages.PagesPredictor` works per sentence on the sentence's own
-float64 tensors (its graph must not depend on the batch), one grid point at a time. This kernel keeps
-that loop and those exact operations (the same matmuls and sorts on the same shapes, so the same
-bits), and computes once what the grid points share:
+float64 tensors (its graph must not depend on the batch), one grid point at a time. This kernel
+computes once what the grid points share, and only the parts whose rounding could depend on the
+tensor layout per sentence, exactly as the predictor does:
 
-- per sentence: the float64 copies of :math:`q`, :math:`k` and :math:`q k^\top`;
-- per page size :math:`p` (and :math:`\alpha`, :math:`\gamma`): the page statistics, the box bounds
-  :math:`U`, the page means :math:`M`, and for the superset variant the seed sets :math:`S_i`, their
-  entmax thresholds :math:`\tau_{S_i}` (a sort per row: the costly part) and the margins :math:`m_i`;
-- per slack :math:`\sigma`: the estimate :math:`E = (1 - \sigma) U + \sigma M`, and for the budgeted
-  variant the sort of each row's pages by :math:`E`, shared by every sparsity.
+- per sentence (the predictor's own calls on the same shapes, hence the same bits): the float64
+  copies of :math:`q` and :math:`k`, :math:`q k^\top`, the norms; per page size :math:`p` the page
+  statistics and the dot products of the box bound :math:`U` and of the page mean :math:`M`; and
+  one call of the entmax threshold :math:`\tau_{S_i}` of the seed sets of every page size (the
+  rows are independent, so stacking them changes no bit);
+- over the padded batch, for all sentences at once: everything elementwise (the estimate
+  :math:`E = (1 - \sigma) U + \sigma M` per slack :math:`\sigma`, the seed sets, the margins, the
+  comparisons :math:`E > \tau_{S_i} - m_i` for every slack at once) and the budgeted variant's sort
+  of each row's pages by :math:`E` (padding pages are :math:`-\infty` and sort last, stably, so the
+  real pages keep their order), shared by every sparsity, whose budgets are one broadcast.
 
-What remains per grid point (:math:`E > \tau_{S_i} - m_i` for each slack; the budget prefix for each
-sparsity) is one broadcast over the slacks or sparsities of a page size. The edges of a page size's
-configurations land in one ``(C, B, H, N, N)`` tensor, scored by :func:`_dense_counts_many`.
+Elementwise IEEE operations round the same whatever the shape, so the padded batch gives the
+predictor's values wherever a sentence's tensors have them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
@@ -32,76 +34,107 @@ from sparsefinder.evaluation.sweep.batch import (
     _Batch,
     _dense_counts_many,
     _finish,
+    _last_sum,
 )
 from sparsefinder.kernels.exact_bounds import _lower, entmax_threshold
 from sparsefinder.predictors.base import Predictor, check_inputs
 from sparsefinder.predictors.pages import BOUND_DOTS, PagesPredictor, PageStats
 
 
-def _sentence(q: torch.Tensor, k: torch.Tensor, qk: torch.Tensor, preds: Sequence[PagesPredictor], size: int,
-              alpha: float, gamma: float, eps: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(C, H, m, m)`` edges and ``(C, H)`` costs of one sentence for ``preds``, all of page size ``size``.
+def _count(x: torch.Tensor) -> torch.Tensor:
+    """Pairs of a bool ``(…, N, N)`` tensor, as float64 (exact)."""
+    return _last_sum(x, 2).double()
 
-    ``q``, ``k``: the sentence's float64 ``(H, m, d)``; ``qk`` = ``q @ k^T``. The arithmetic of
-    :meth:`PagesPredictor._sentence`, line for line, with the shared parts computed once.
-    """
-    heads, m, d = q.shape
-    gain = (alpha - 1.0) * gamma
-    pages = PageStats(k, size)
-    page_of = torch.arange(m, device=q.device) // size
-    allowed = pages.allowed_keys(m, causal)  # (m, P)
+
+def _allowed(lengths: torch.Tensor, n: int, size: int, causal: bool) -> torch.Tensor:
+    """``(B, N, P)`` :meth:`PageStats.allowed_keys` of every sentence, 0 on padding pages."""
+    n_pages = -(-n // size)
+    start = torch.arange(n_pages, device=lengths.device) * size
+    count = (lengths[:, None] - start[None, :]).clamp(min=0, max=size)  # (B, P) keys per page
+    if not causal:
+        return count[:, None, :].expand(-1, n, -1)
+    i = torch.arange(n, device=lengths.device)[:, None]
+    return (i + 1 - start[None, :]).clamp(min=0)[None].minimum(count[:, None, :])
+
+
+class _PageSize:
+    """Per-sentence dot products of one page size (and gain), gathered into padded batch tensors."""
+
+    def __init__(self, b: int, h: int, n: int, size: int, alpha: float, gamma: float, device: torch.device) -> None:
+        self.size, self.alpha, self.gain = size, alpha, (alpha - 1.0) * gamma
+        n_pages = -(-n // size)
+        self.box = torch.zeros(b, h, n, n_pages, dtype=torch.float64, device=device)
+        self.mean = torch.zeros(b, h, n, n_pages, dtype=torch.float64, device=device)
+        self.tau = torch.zeros(b, h, n, dtype=torch.float64, device=device)
+
+
+def _group_edges(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, qk: torch.Tensor, qn: torch.Tensor,
+                 kmax: torch.Tensor, d: int, eps: float, seed: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C, B, H, N, N)`` edges and ``(C, B, H)`` costs of ``preds`` (one page size) over the padded batch."""
+    b, h, n = batch.shape
+    dev = qk.device
+    causal = batch.causal
+    valid = batch.valid  # (B, 1, N, N): real pairs, and j <= i when causal (the predictor's own mask)
+    allowed = _allowed(batch.lengths, n, g.size, causal)[:, None]  # (B, 1, N, P)
     has_key = allowed > 0
-    upper = gain * pages.box_dots(q)  # (H, m, P)
+    page_of = torch.arange(n, device=dev) // g.size
+    gain = g.gain
+    upper = gain * g.box
     slacks = sorted({float(p.slack) for p in preds})
-    mean = pages.mean_dots(q) if any(s != 0 for s in slacks) else None
     estimate = {}
     for s in slacks:
-        e = upper if s == 0 else (1 - s) * upper + s * gain * mean
+        e = upper if s == 0 else (1 - s) * upper + s * gain * g.mean
         estimate[s] = e.masked_fill(~has_key, -math.inf)
-    keys_with_page = has_key.sum(-1).double().sum()
-    valid = torch.ones(m, m, dtype=torch.bool, device=q.device)
-    if causal:
-        valid = valid.tril()
-    edges = torch.empty(len(preds), heads, m, m, dtype=torch.bool, device=q.device)
-    cost = torch.empty(len(preds), heads, dtype=torch.float64, device=q.device)
+    # Bound cost per sentence: (query, page) pairs with an allowed key, over the real queries.
+    keys_with_page = (has_key & batch.real[:, None, :, None]).view(torch.uint8).sum(dim=(-1, -2), dtype=torch.int32)
+    keys_with_page = keys_with_page.double()  # (B, 1)
+    edges = torch.empty(len(preds), b, h, n, n, dtype=torch.bool, device=dev)
+    cost = torch.empty(len(preds), b, h, dtype=torch.float64, device=dev)
 
     superset = [i for i, p in enumerate(preds) if p.sparsity is None]
     if superset:
-        best = upper.masked_fill(~has_key, -math.inf).argmax(-1)  # (H, m)
-        seed = (page_of[None, None, :] == page_of[None, :, None]) | (page_of[None, None, :] == best[..., None])
-        seed &= valid
+        assert seed is not None
         z = gain * qk
-        z_seed = z.masked_fill(~seed, -math.inf).reshape(heads * m, m)
-        tau = _lower(entmax_threshold(z_seed, alpha), z_seed).reshape(heads, m)
-        qn = q.norm(dim=-1)
-        margin = (d + 8) * eps * gain * qn * k.norm(dim=-1).amax(-1, keepdim=True)  # (H, m)
-        thr = (tau - margin)[..., None]
+        margin = (d + 8) * eps * gain * qn * kmax  # (B, H, N)
+        thr = (g.tau - margin)[..., None]
         sl = [float(preds[i].slack) for i in superset]
-        keep_page = torch.stack([estimate[s] for s in sl]) > thr  # (S, H, m, P)
-        inside = keep_page.gather(-1, page_of.expand(len(sl), heads, m, m))
+        keep_page = torch.stack([estimate[s] for s in sl]) > thr  # (S, B, H, N, P)
+        inside = keep_page.gather(-1, page_of.expand(len(sl), b, h, n, n))
         kept = torch.where(seed, z > thr, inside) & valid
-        pairs = seed.sum((-1, -2)).double() + (kept & ~seed).sum((-1, -2)).double()
-        dots = torch.tensor([BOUND_DOTS + (s > 0) for s in sl], dtype=torch.float64, device=q.device)
+        pairs = _count(seed) + _count(kept & ~seed)  # (S, B, H)
+        dots = torch.tensor([BOUND_DOTS + (s > 0) for s in sl], dtype=torch.float64, device=dev)
         edges[superset] = kept
-        cost[superset] = pairs + (dots * keys_with_page)[:, None]
+        cost[superset] = pairs + dots[:, None, None] * keys_with_page
 
-    row_keys = allowed.sum(-1).double()  # (m,)
+    row_keys = allowed.sum(-1).double()  # (B, 1, N)
     for s in slacks:  # the budgeted variant: one sort per slack, every sparsity from it
         budgeted = [i for i, p in enumerate(preds) if p.sparsity is not None and float(p.slack) == s]
         if not budgeted:
             continue
-        order = torch.sort(estimate[s], dim=-1, descending=True, stable=True).indices  # (H, m, P)
-        counts = allowed.expand(heads, m, -1).gather(-1, order).double()
+        order = torch.sort(estimate[s], dim=-1, descending=True, stable=True).indices  # (B, H, N, P)
+        counts = allowed.expand(b, h, n, -1).gather(-1, order).double()
         before = counts.cumsum(-1) - counts
-        # Rounded first, as the predictor does (its comment: 0.3 * 10 must ask for 3 keys).
+        # Rounded first, as the predictor does (so that 0.3 * 10 asks for 3 keys, not 4).
         budget = torch.stack([torch.ceil(torch.round((1.0 - float(preds[i].sparsity)) * row_keys, decimals=9))
-                              for i in budgeted])  # (T, m)
-        take_sorted = (before[None] < budget[:, None, :, None]) & (counts > 0)[None]  # (T, H, m, P)
+                              for i in budgeted])  # (T, B, 1, N)
+        take_sorted = (before[None] < budget[..., None]) & (counts > 0)[None]  # (T, B, H, N, P)
         take = torch.zeros_like(take_sorted).scatter_(-1, order.expand_as(take_sorted), take_sorted)
-        kept = take.gather(-1, page_of.expand(len(budgeted), heads, m, m)) & valid
+        kept = take.gather(-1, page_of.expand(len(budgeted), b, h, n, n)) & valid
         edges[budgeted] = kept
-        cost[budgeted] = kept.sum((-1, -2)).double() + (BOUND_DOTS + (s > 0)) * keys_with_page
+        cost[budgeted] = _count(kept) + (BOUND_DOTS + (s > 0)) * keys_with_page
     return edges, cost
+
+
+def _seeds(batch: _Batch, g: _PageSize) -> torch.Tensor:
+    """``(B, H, N, N)`` seed sets: the query's own page and the page of largest box bound (first on ties)."""
+    n = batch.shape[2]
+    has_key = _allowed(batch.lengths, n, g.size, batch.causal)[:, None] > 0
+    best = (g.gain * g.box).masked_fill(~has_key, -math.inf).argmax(-1)  # (B, H, N)
+    page_of = torch.arange(n, device=best.device) // g.size
+    seed = (page_of[None, None, None, :] == page_of[None, None, :, None]) | (page_of[None, None, None, :] ==
+                                                                              best[..., None])
+    return seed & batch.valid
 
 
 def _pages_counts(batch: _Batch, preds: list[Predictor]) -> Counts:
@@ -111,35 +144,59 @@ def _pages_counts(batch: _Batch, preds: list[Predictor]) -> Counts:
     q, k, lengths = check_inputs(q, k, batch.lengths)
     d = q.shape[-1]
     eps = torch.finfo(q.dtype).eps
+    dev = q.device
     groups: dict[tuple[int, float, float], list[int]] = {}
     for i, p in enumerate(preds):
         assert isinstance(p, PagesPredictor)
         p._check_params()
         gamma = d**-0.5 if p.scaling is None else float(p.scaling)
         groups.setdefault((int(p.page_size), float(p.alpha), gamma), []).append(i)
-    # The predictor's per-sentence inputs: contiguous float64 copies of the sentence alone.
-    sentences = []
-    for i, m in enumerate(lengths.tolist()):
-        if m:
-            qb = q[i, :, :m].to(torch.float64).contiguous()
-            kb = k[i, :, :m].to(torch.float64).contiguous()
-            sentences.append((i, m, qb, kb, qb @ kb.transpose(1, 2)))
+    sizes = {key: _PageSize(b, h, n, key[0], key[1], key[2], dev) for key in groups}
+    qk = torch.zeros(b, h, n, n, dtype=torch.float64, device=dev)
+    qn = torch.zeros(b, h, n, dtype=torch.float64, device=dev)
+    kmax = torch.zeros(b, h, 1, dtype=torch.float64, device=dev)
+    sentences = [(i, m) for i, m in enumerate(lengths.tolist()) if m]
+    for i, m in sentences:
+        # The predictor's inputs: contiguous float64 copies of the sentence alone.
+        qb = q[i, :, :m].to(torch.float64).contiguous()
+        kb = k[i, :, :m].to(torch.float64).contiguous()
+        qk[i, :, :m, :m] = qb @ kb.transpose(1, 2)
+        qn[i, :, :m] = qb.norm(dim=-1)
+        kmax[i] = kb.norm(dim=-1).amax(-1, keepdim=True)
+        stats: dict[int, PageStats] = {}
+        for g in sizes.values():
+            pages = stats.get(g.size)
+            if pages is None:  # one set of page statistics per page size, whatever the gain
+                pages = stats[g.size] = PageStats(kb, g.size)
+            g.box[i, :, :m, : pages.n_pages] = pages.box_dots(qb)
+            g.mean[i, :, :m, : pages.n_pages] = pages.mean_dots(qb)
+    need_seed = {key: any(preds[i].sparsity is None for i in idx) for key, idx in groups.items()}
+    seeds = {key: _seeds(batch, g) for key, g in sizes.items() if need_seed[key]}
+    if seeds:
+        z = {key: (sizes[key].gain * qk).masked_fill(~seed, -math.inf) for key, seed in seeds.items()}
+        by_alpha: dict[float, list[tuple[int, float, float]]] = {}
+        for key in seeds:
+            by_alpha.setdefault(key[1], []).append(key)
+        for i, m in sentences:
+            for alpha, keys in by_alpha.items():
+                # One threshold call per sentence for every page size: its rows are independent.
+                rows = torch.cat([z[key][i, :, :m, :m].reshape(h * m, m) for key in keys])
+                tau = _lower(entmax_threshold(rows, alpha), rows).reshape(len(keys), h, m)
+                for j, key in enumerate(keys):
+                    sizes[key].tau[i, :, :m] = tau[j]
     out = {key: torch.empty(len(preds), b, h, dtype=torch.float64 if key in _FLOAT_KEYS else torch.int64,
-                            device=q.device) for key in _COUNT_KEYS}
-    for (size, alpha, gamma), idx in groups.items():
+                            device=dev) for key in _COUNT_KEYS}
+    for key, idx in groups.items():
         members = [preds[i] for i in idx]
-        edges = torch.zeros(len(idx), b, h, n, n, dtype=torch.bool, device=q.device)
-        cost = torch.zeros(len(idx), b, h, dtype=torch.float64, device=q.device)
-        for i, m, qb, kb, qk in sentences:
-            edges[:, i, :, :m, :m], cost[:, i] = _sentence(qb, kb, qk, members, size, alpha, gamma, eps, batch.causal)
+        edges, cost = _group_edges(batch, members, sizes[key], qk, qn, kmax, d, eps, seeds.get(key))
         for j, p in enumerate(members):
             if p.window > 0 or p.global_tokens:  # the predictor's tail (Predictor._run): window/global edges
                 e, c = _finish(edges[j], cost[j], batch, p.window, p.global_tokens)
                 edges[j], cost[j] = e.expand(b, h, n, n), c
         counts = _dense_counts_many(edges, cost, batch)
-        rows = torch.tensor(idx, device=q.device)
-        for key in _COUNT_KEYS:
-            out[key][rows] = counts[key].to(out[key].dtype)
+        rows = torch.tensor(idx, device=dev)
+        for name in _COUNT_KEYS:
+            out[name][rows] = counts[name].to(out[name].dtype)
     return out
 
 
