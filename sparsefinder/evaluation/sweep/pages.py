@@ -32,18 +32,13 @@ from sparsefinder.evaluation.sweep.batch import (
     GROUPED,
     Counts,
     _Batch,
-    _dense_counts_many,
+    _dense_counts,
     _finish,
     _last_sum,
 )
 from sparsefinder.kernels.exact_bounds import _lower, entmax_threshold
 from sparsefinder.predictors.base import Predictor, check_inputs
 from sparsefinder.predictors.pages import BOUND_DOTS, PagesPredictor, PageStats
-
-
-def _count(x: torch.Tensor) -> torch.Tensor:
-    """Pairs of a bool ``(…, N, N)`` tensor, as float64 (exact)."""
-    return _last_sum(x, 2).double()
 
 
 def _allowed(lengths: torch.Tensor, n: int, size: int, causal: bool) -> torch.Tensor:
@@ -68,17 +63,63 @@ class _PageSize:
         self.tau = torch.zeros(b, h, n, dtype=torch.float64, device=device)
 
 
-def _group_edges(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, qk: torch.Tensor, qn: torch.Tensor,
-                 kmax: torch.Tensor, d: int, eps: float, seed: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(C, B, H, N, N)`` edges and ``(C, B, H)`` costs of ``preds`` (one page size) over the padded batch."""
+def _page_sums(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``(…, N, P)`` int32: True entries of a bool ``(…, N, N)`` tensor per page of ``size`` keys."""
+    n = x.shape[-1]
+    n_pages = -(-n // size)
+    u = torch.nn.functional.pad(x.view(torch.uint8), (0, n_pages * size - n))
+    return u.reshape(*x.shape[:-1], n_pages, size).sum(dim=-1, dtype=torch.int32)
+
+
+def _page_counts(batch: _Batch, keep: torch.Tensor, pairs: torch.Tensor | None, allowed: torch.Tensor,
+                 gold_pages: torch.Tensor, page_of: torch.Tensor) -> Counts:
+    """Counts of ``C`` graphs that keep the allowed keys of page ``P`` of query ``i`` where ``keep`` ``(C, B, H, N, P)``
+    (real queries only), plus the pairs ``pairs`` ``(B, H, N, N)`` (valid, none in a kept page) for every graph.
+
+    The edges are never built: edges, hits and covered queries are sums over pages (exact integers), and the
+    mass sums each graph's gold probabilities at its gold edges in row-major order, as :func:`_dense_counts`.
+    """
+    c = keep.shape[0]
+    b, h, n = batch.shape
+    p = keep.shape[-1]
+    k = keep.view(torch.uint8)
+    row_pred = (k * allowed.to(torch.int32)).sum(dim=-1, dtype=torch.int32)  # (C, B, H, N)
+    row_hits = (k * gold_pages).sum(dim=-1, dtype=torch.int32)
+    if pairs is not None:
+        row_pred = row_pred + _last_sum(pairs, 1)
+        row_hits = row_hits + _last_sum(pairs & batch.gold, 1)
+    hits = row_hits.sum(dim=-1).long()
+    covered = _last_sum((row_hits == batch.row_gold[None]) & batch.real[None, :, None, :], 1).long()
+    pred = row_pred.sum(dim=-1).long()
+    if batch.probs is None:
+        mass = torch.full((c, b, h), float("nan"), dtype=torch.float64, device=hits.device)
+    else:
+        query = batch.gold_index // n  # (sentence, head, query) of each gold edge
+        at = keep.reshape(c, -1)[:, query * p + page_of[batch.gold_index % n]]  # (C, gold edges)
+        if pairs is not None:
+            at = at | pairs.reshape(-1)[batch.gold_index][None]
+        key = batch.gold_segment[None] + torch.arange(c, device=at.device)[:, None] * (b * h)
+        mass = torch.bincount(key.reshape(-1), weights=(batch.gold_p[None] * at).reshape(-1),
+                              minlength=c * b * h).reshape(c, b, h)
+    return {"pred_edges": pred, "hits": hits, "covered_queries": covered, "mass_hits": mass}
+
+
+def _group_counts(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, qk: torch.Tensor, qn: torch.Tensor,
+                  kmax: torch.Tensor, d: int, eps: float, seed: tuple[torch.Tensor, torch.Tensor] | None) -> Counts:
+    """``(C, B, H)`` counts of ``preds`` (one page size and gain) over the padded batch.
+
+    Both variants keep whole pages outside the seed sets, so each graph is a ``(C, B, H, N, P)``
+    page mask (and, for the superset variant, the seed pairs that pass :math:`z > \tau_S - m`):
+    the counts come from page sums (:func:`_page_counts`); only a configuration with window or
+    global-token edges builds its dense graph (their union is not per page).
+    """
     b, h, n = batch.shape
     dev = qk.device
-    causal = batch.causal
-    valid = batch.valid  # (B, 1, N, N): real pairs, and j <= i when causal (the predictor's own mask)
-    allowed = _allowed(batch.lengths, n, g.size, causal)[:, None]  # (B, 1, N, P)
+    real = batch.real[:, None, :, None]  # (B, 1, N, 1) real queries
+    allowed = _allowed(batch.lengths, n, g.size, batch.causal)[:, None] * real  # (B, 1, N, P), 0 on padding
     has_key = allowed > 0
     page_of = torch.arange(n, device=dev) // g.size
+    gold_pages = _page_sums(batch.gold, g.size)  # (B, H, N, P) gold keys of each query in each page
     gain = g.gain
     upper = gain * g.box
     slacks = sorted({float(p.slack) for p in preds})
@@ -87,25 +128,45 @@ def _group_edges(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, qk: t
         e = upper if s == 0 else (1 - s) * upper + s * gain * g.mean
         estimate[s] = e.masked_fill(~has_key, -math.inf)
     # Bound cost per sentence: (query, page) pairs with an allowed key, over the real queries.
-    keys_with_page = (has_key & batch.real[:, None, :, None]).view(torch.uint8).sum(dim=(-1, -2), dtype=torch.int32)
-    keys_with_page = keys_with_page.double()  # (B, 1)
-    edges = torch.empty(len(preds), b, h, n, n, dtype=torch.bool, device=dev)
-    cost = torch.empty(len(preds), b, h, dtype=torch.float64, device=dev)
+    keys_with_page = _last_sum(has_key, 2).double()  # (B, 1)
+    n_pages = allowed.shape[-1]
+    out = {key: torch.empty(len(preds), b, h, dtype=torch.float64 if key in _FLOAT_KEYS else torch.int64,
+                            device=dev) for key in _COUNT_KEYS}
+
+    def emit(rows: list[int], keep: torch.Tensor, pairs: torch.Tensor | None, cost: torch.Tensor) -> None:
+        counts = _page_counts(batch, keep, pairs, allowed, gold_pages, page_of)
+        counts["cost"] = cost
+        for j, i in enumerate(rows):
+            p = preds[i]
+            if p.window > 0 or p.global_tokens:  # the predictor's tail (Predictor._run) on the dense graph
+                edges = keep[j].gather(-1, page_of.expand(b, h, n, n)) & batch.valid
+                if pairs is not None:
+                    edges = edges | pairs
+                e, c = _finish(edges, cost[j], batch, p.window, p.global_tokens)
+                one = _dense_counts(e, c, batch)
+                for key in _COUNT_KEYS:
+                    out[key][i] = one[key][0]
+            else:
+                for key in _COUNT_KEYS:
+                    out[key][i] = counts[key][j].to(out[key].dtype)
 
     superset = [i for i, p in enumerate(preds) if p.sparsity is None]
     if superset:
         assert seed is not None
-        z = gain * qk
+        seeds, best = seed
         margin = (d + 8) * eps * gain * qn * kmax  # (B, H, N)
         thr = (g.tau - margin)[..., None]
+        seed_pairs = seeds & (gain * qk > thr)  # the seed keys it keeps (seeds are valid pairs)
+        # Pages outside the seed sets (the query's own page and the page of largest bound).
+        pages = torch.arange(n_pages, device=dev)
+        outside = (pages != page_of[:, None]) & (pages != best[..., None])  # (B, H, N, P)
         sl = [float(preds[i].slack) for i in superset]
-        keep_page = torch.stack([estimate[s] for s in sl]) > thr  # (S, B, H, N, P)
-        inside = keep_page.gather(-1, page_of.expand(len(sl), b, h, n, n))
-        kept = torch.where(seed, z > thr, inside) & valid
-        pairs = _count(seed) + _count(kept & ~seed)  # (S, B, H)
+        keep = (torch.stack([estimate[s] for s in sl]) > thr) & outside  # (S, B, H, N, P)
         dots = torch.tensor([BOUND_DOTS + (s > 0) for s in sl], dtype=torch.float64, device=dev)
-        edges[superset] = kept
-        cost[superset] = pairs + dots[:, None, None] * keys_with_page
+        row_outside = (keep.view(torch.uint8) * allowed.to(torch.int32)).sum(dim=-1, dtype=torch.int32)
+        # The predictor's cost: every seed pair scored, the kept pairs outside the seeds, the bounds.
+        cost = (_last_sum(seeds, 2) + row_outside.sum(dim=-1)).double() + dots[:, None, None] * keys_with_page
+        emit(superset, keep, seed_pairs, cost)
 
     row_keys = allowed.sum(-1).double()  # (B, 1, N)
     for s in slacks:  # the budgeted variant: one sort per slack, every sparsity from it
@@ -120,21 +181,21 @@ def _group_edges(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, qk: t
                               for i in budgeted])  # (T, B, 1, N)
         take_sorted = (before[None] < budget[..., None]) & (counts > 0)[None]  # (T, B, H, N, P)
         take = torch.zeros_like(take_sorted).scatter_(-1, order.expand_as(take_sorted), take_sorted)
-        kept = take.gather(-1, page_of.expand(len(budgeted), b, h, n, n)) & valid
-        edges[budgeted] = kept
-        cost[budgeted] = _count(kept) + (BOUND_DOTS + (s > 0)) * keys_with_page
-    return edges, cost
+        kept = (take.view(torch.uint8) * allowed.to(torch.int32)).sum(dim=-1, dtype=torch.int32).sum(dim=-1)
+        emit(budgeted, take, None, kept.double() + (BOUND_DOTS + (s > 0)) * keys_with_page)
+    return out
 
 
-def _seeds(batch: _Batch, g: _PageSize) -> torch.Tensor:
-    """``(B, H, N, N)`` seed sets: the query's own page and the page of largest box bound (first on ties)."""
+def _seeds(batch: _Batch, g: _PageSize) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, H, N, N)`` seed sets: the query's own page and the page ``best`` ``(B, H, N)`` of largest box
+    bound (the first on ties)."""
     n = batch.shape[2]
     has_key = _allowed(batch.lengths, n, g.size, batch.causal)[:, None] > 0
     best = (g.gain * g.box).masked_fill(~has_key, -math.inf).argmax(-1)  # (B, H, N)
     page_of = torch.arange(n, device=best.device) // g.size
     seed = (page_of[None, None, None, :] == page_of[None, None, :, None]) | (page_of[None, None, None, :] ==
                                                                               best[..., None])
-    return seed & batch.valid
+    return seed & batch.valid, best
 
 
 def _pages_counts(batch: _Batch, preds: list[Predictor]) -> Counts:
@@ -173,7 +234,7 @@ def _pages_counts(batch: _Batch, preds: list[Predictor]) -> Counts:
     need_seed = {key: any(preds[i].sparsity is None for i in idx) for key, idx in groups.items()}
     seeds = {key: _seeds(batch, g) for key, g in sizes.items() if need_seed[key]}
     if seeds:
-        z = {key: (sizes[key].gain * qk).masked_fill(~seed, -math.inf) for key, seed in seeds.items()}
+        z = {key: (sizes[key].gain * qk).masked_fill(~seed[0], -math.inf) for key, seed in seeds.items()}
         by_alpha: dict[float, list[tuple[int, float, float]]] = {}
         for key in seeds:
             by_alpha.setdefault(key[1], []).append(key)
@@ -187,16 +248,10 @@ def _pages_counts(batch: _Batch, preds: list[Predictor]) -> Counts:
     out = {key: torch.empty(len(preds), b, h, dtype=torch.float64 if key in _FLOAT_KEYS else torch.int64,
                             device=dev) for key in _COUNT_KEYS}
     for key, idx in groups.items():
-        members = [preds[i] for i in idx]
-        edges, cost = _group_edges(batch, members, sizes[key], qk, qn, kmax, d, eps, seeds.get(key))
-        for j, p in enumerate(members):
-            if p.window > 0 or p.global_tokens:  # the predictor's tail (Predictor._run): window/global edges
-                e, c = _finish(edges[j], cost[j], batch, p.window, p.global_tokens)
-                edges[j], cost[j] = e.expand(b, h, n, n), c
-        counts = _dense_counts_many(edges, cost, batch)
+        counts = _group_counts(batch, [preds[i] for i in idx], sizes[key], qk, qn, kmax, d, eps, seeds.get(key))
         rows = torch.tensor(idx, device=dev)
         for name in _COUNT_KEYS:
-            out[name][rows] = counts[name].to(out[name].dtype)
+            out[name][rows] = counts[name]
     return out
 
 
