@@ -198,6 +198,64 @@ def _seeds(batch: _Batch, g: _PageSize) -> tuple[torch.Tensor, torch.Tensor]:
     return seed & batch.valid, best
 
 
+def _seed_rows(z: torch.Tensor, best: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, H, N, 2 size)`` the seed scores of each query (``z``: -inf outside its seed set): its own
+    page's keys, then the best page's (-inf past the sentence, or when the best page is its own)."""
+    n = z.shape[-1]
+    off = torch.arange(size, device=z.device)
+    own_page = torch.arange(n, device=z.device) // size
+    other = best[..., None] * size + off  # (B, H, N, size)
+    idx = torch.cat([(own_page[:, None] * size + off).expand_as(other), other], dim=-1)
+    keep = idx < n
+    keep[..., size:] &= (best != own_page)[..., None]
+    return z.gather(-1, idx.clamp(max=n - 1)).masked_fill(~keep, -math.inf)
+
+
+def _seed_thresholds(batch: _Batch, sizes: dict[tuple[int, float, float], _PageSize],
+                     seeds: dict[tuple[int, float, float], tuple[torch.Tensor, torch.Tensor]], qk: torch.Tensor,
+                     sentences: list[tuple[int, int]]) -> None:
+    r"""Fill each page size's ``tau``: the certified entmax threshold :math:`\tau_{S_i}` of every seed set.
+
+    The threshold works row by row, so rows of one width are stacked into one call: every page size
+    and every sentence of one length. For :math:`\alpha \in \{1.5, 2\}` it sorts each row and takes
+    prefix sums; scores at or below :math:`\max - 2` (the row's -inf slots among them) never enter
+    the support (for a prefix holding the maximum and such a score :math:`z_k`, the prefix formula's
+    :math:`\tau_k > z_k`), and the scores above sort first in any row holding them, so the seed
+    scores alone (:func:`_seed_rows`, width :math:`2p` instead of :math:`n`) give the same prefix
+    sums and the same bits. Other :math:`\alpha` bisect over sums of the whole row: full rows.
+    """
+    b, h, n = batch.shape
+    dev = qk.device
+    full: dict[int, list[tuple[int, float, float]]] = {}  # length -> page sizes scored on full rows
+    z = {key: (sizes[key].gain * qk).masked_fill(~seed, -math.inf) for key, (seed, _) in seeds.items()}
+    for key, (_, best) in seeds.items():
+        g = sizes[key]
+        width = 2 * g.size
+        short = g.alpha in (1.5, 2.0)
+        for _, m in sentences:
+            if not short or m <= width:
+                full.setdefault(m, [])
+                if key not in full[m]:
+                    full[m].append(key)
+        if short:
+            rows_of = (batch.lengths > width)[:, None, None] & batch.real[:, None, :]  # (B, 1, N)
+            rows_of = rows_of.expand(b, h, n)
+            if bool(rows_of.any()):
+                rows = _seed_rows(z[key], best, g.size)[rows_of]  # (R, 2p)
+                g.tau[rows_of] = _lower(entmax_threshold(rows, g.alpha), rows)
+    same_length: dict[int, list[int]] = {}
+    for i, m in sentences:
+        same_length.setdefault(m, []).append(i)
+    for m, keys in full.items():
+        ids = torch.tensor(same_length[m], device=dev)
+        for alpha in sorted({key[1] for key in keys}):
+            group = [key for key in keys if key[1] == alpha]
+            rows = torch.cat([z[key][ids, :, :m, :m].reshape(-1, m) for key in group])
+            tau = _lower(entmax_threshold(rows, alpha), rows).reshape(len(group), len(ids), h, m)
+            for j, key in enumerate(group):
+                sizes[key].tau[ids, :, :m] = tau[j]
+
+
 def _pages_counts(batch: _Batch, preds: list[Predictor]) -> Counts:
     """Counts of every ``pages`` configuration in ``preds`` on one batch (module docstring)."""
     b, h, n = batch.shape
@@ -234,17 +292,7 @@ def _pages_counts(batch: _Batch, preds: list[Predictor]) -> Counts:
     need_seed = {key: any(preds[i].sparsity is None for i in idx) for key, idx in groups.items()}
     seeds = {key: _seeds(batch, g) for key, g in sizes.items() if need_seed[key]}
     if seeds:
-        z = {key: (sizes[key].gain * qk).masked_fill(~seed[0], -math.inf) for key, seed in seeds.items()}
-        by_alpha: dict[float, list[tuple[int, float, float]]] = {}
-        for key in seeds:
-            by_alpha.setdefault(key[1], []).append(key)
-        for i, m in sentences:
-            for alpha, keys in by_alpha.items():
-                # One threshold call per sentence for every page size: its rows are independent.
-                rows = torch.cat([z[key][i, :, :m, :m].reshape(h * m, m) for key in keys])
-                tau = _lower(entmax_threshold(rows, alpha), rows).reshape(len(keys), h, m)
-                for j, key in enumerate(keys):
-                    sizes[key].tau[i, :, :m] = tau[j]
+        _seed_thresholds(batch, sizes, seeds, qk, sentences)
     out = {key: torch.empty(len(preds), b, h, dtype=torch.float64 if key in _FLOAT_KEYS else torch.int64,
                             device=dev) for key in _COUNT_KEYS}
     for key, idx in groups.items():
