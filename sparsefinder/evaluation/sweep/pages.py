@@ -72,18 +72,19 @@ def _page_sums(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _page_counts(batch: _Batch, keep: torch.Tensor, pairs: torch.Tensor | None, allowed: torch.Tensor,
-                 gold_pages: torch.Tensor, page_of: torch.Tensor) -> Counts:
+                 gold_pages: torch.Tensor, gold_at: torch.Tensor | None) -> Counts:
     """Counts of ``C`` graphs that keep the allowed keys of page ``P`` of query ``i`` where ``keep`` ``(C, B, H, N, P)``
     (real queries only), plus the pairs ``pairs`` ``(B, H, N, N)`` (valid, none in a kept page) for every graph.
+    ``allowed`` ``(B, 1, N, P)`` int32 and ``gold_pages`` ``(B, H, N, P)`` int32 count the allowed and the gold
+    keys of each (query, page); ``gold_at`` the flat (sentence, head, query, page) index of each gold edge.
 
     The edges are never built: edges, hits and covered queries are sums over pages (exact integers), and the
     mass sums each graph's gold probabilities at its gold edges in row-major order, as :func:`_dense_counts`.
     """
     c = keep.shape[0]
     b, h, n = batch.shape
-    p = keep.shape[-1]
     k = keep.view(torch.uint8)
-    row_pred = (k * allowed.to(torch.int32)).sum(dim=-1, dtype=torch.int32)  # (C, B, H, N)
+    row_pred = (k * allowed).sum(dim=-1, dtype=torch.int32)  # (C, B, H, N)
     row_hits = (k * gold_pages).sum(dim=-1, dtype=torch.int32)
     if pairs is not None:
         row_pred = row_pred + _last_sum(pairs, 1)
@@ -91,11 +92,10 @@ def _page_counts(batch: _Batch, keep: torch.Tensor, pairs: torch.Tensor | None, 
     hits = row_hits.sum(dim=-1).long()
     covered = _last_sum((row_hits == batch.row_gold[None]) & batch.real[None, :, None, :], 1).long()
     pred = row_pred.sum(dim=-1).long()
-    if batch.probs is None:
+    if gold_at is None:
         mass = torch.full((c, b, h), float("nan"), dtype=torch.float64, device=hits.device)
     else:
-        query = batch.gold_index // n  # (sentence, head, query) of each gold edge
-        at = keep.reshape(c, -1)[:, query * p + page_of[batch.gold_index % n]]  # (C, gold edges)
+        at = keep.reshape(c, -1)[:, gold_at]  # (C, gold edges)
         if pairs is not None:
             at = at | pairs.reshape(-1)[batch.gold_index][None]
         key = batch.gold_segment[None] + torch.arange(c, device=at.device)[:, None] * (b * h)
@@ -120,6 +120,10 @@ def _group_counts(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, qk: 
     has_key = allowed > 0
     page_of = torch.arange(n, device=dev) // g.size
     gold_pages = _page_sums(batch.gold, g.size)  # (B, H, N, P) gold keys of each query in each page
+    gold_at = None
+    if batch.probs is not None:  # (sentence, head, query, page) of each gold edge
+        gold_at = batch.gold_index // n * allowed.shape[-1] + page_of[batch.gold_index % n]
+    allowed32 = allowed.to(torch.int32)
     gain = g.gain
     upper = gain * g.box
     slacks = sorted({float(p.slack) for p in preds})
@@ -133,8 +137,13 @@ def _group_counts(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, qk: 
     out = {key: torch.empty(len(preds), b, h, dtype=torch.float64 if key in _FLOAT_KEYS else torch.int64,
                             device=dev) for key in _COUNT_KEYS}
 
-    def emit(rows: list[int], keep: torch.Tensor, pairs: torch.Tensor | None, cost: torch.Tensor) -> None:
-        counts = _page_counts(batch, keep, pairs, allowed, gold_pages, page_of)
+    def emit(rows: list[int], keep: torch.Tensor, pairs: torch.Tensor | None, scored: torch.Tensor,
+             bounds: torch.Tensor) -> None:
+        """Counts of ``rows``; cost = the predictor's pairs scored (``scored`` plus the kept pairs outside
+        ``pairs``, the pairs it scored anyway) plus ``bounds`` (C, 1, 1) bound dot products per (query, page)."""
+        counts = _page_counts(batch, keep, pairs, allowed32, gold_pages, gold_at)
+        outside = counts["pred_edges"] if pairs is None else counts["pred_edges"] - _last_sum(pairs, 2)
+        cost = (scored + outside).double() + bounds * keys_with_page
         counts["cost"] = cost
         for j, i in enumerate(rows):
             p = preds[i]
@@ -163,10 +172,8 @@ def _group_counts(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, qk: 
         sl = [float(preds[i].slack) for i in superset]
         keep = (torch.stack([estimate[s] for s in sl]) > thr) & outside  # (S, B, H, N, P)
         dots = torch.tensor([BOUND_DOTS + (s > 0) for s in sl], dtype=torch.float64, device=dev)
-        row_outside = (keep.view(torch.uint8) * allowed.to(torch.int32)).sum(dim=-1, dtype=torch.int32)
         # The predictor's cost: every seed pair scored, the kept pairs outside the seeds, the bounds.
-        cost = (_last_sum(seeds, 2) + row_outside.sum(dim=-1)).double() + dots[:, None, None] * keys_with_page
-        emit(superset, keep, seed_pairs, cost)
+        emit(superset, keep, seed_pairs, _last_sum(seeds, 2).long(), dots[:, None, None])
 
     row_keys = allowed.sum(-1).double()  # (B, 1, N)
     for s in slacks:  # the budgeted variant: one sort per slack, every sparsity from it
@@ -181,8 +188,8 @@ def _group_counts(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, qk: 
                               for i in budgeted])  # (T, B, 1, N)
         take_sorted = (before[None] < budget[..., None]) & (counts > 0)[None]  # (T, B, H, N, P)
         take = torch.zeros_like(take_sorted).scatter_(-1, order.expand_as(take_sorted), take_sorted)
-        kept = (take.view(torch.uint8) * allowed.to(torch.int32)).sum(dim=-1, dtype=torch.int32).sum(dim=-1)
-        emit(budgeted, take, None, kept.double() + (BOUND_DOTS + (s > 0)) * keys_with_page)
+        bounds = torch.full((len(budgeted), 1, 1), float(BOUND_DOTS + (s > 0)), dtype=torch.float64, device=dev)
+        emit(budgeted, take, None, torch.zeros((), dtype=torch.long, device=dev), bounds)
     return out
 
 
