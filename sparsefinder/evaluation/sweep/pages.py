@@ -256,11 +256,18 @@ def _seed_thresholds(batch: _Batch, sizes: dict[tuple[int, float, float], _PageS
     for m, keys in full.items():
         ids = torch.tensor(same_length[m], device=dev)
         for alpha in sorted({key[1] for key in keys}):
-            group = [key for key in keys if key[1] == alpha]
+            # A page of at least m keys holds the whole sentence: the seed set is every valid key, the
+            # same rows for every such page size of one gain, scored once.
+            same: dict[tuple[float, float] | tuple[int, float, float], list[tuple[int, float, float]]] = {}
+            for key in keys:
+                if key[1] == alpha:
+                    same.setdefault((key[1], key[2]) if m <= key[0] else key, []).append(key)
+            group = [members[0] for members in same.values()]
             rows = torch.cat([z[key][ids, :, :m, :m].reshape(-1, m) for key in group])
             tau = _lower(entmax_threshold(rows, alpha), rows).reshape(len(group), len(ids), h, m)
-            for j, key in enumerate(group):
-                sizes[key].tau[ids, :, :m] = tau[j]
+            for j, members in enumerate(same.values()):
+                for key in members:
+                    sizes[key].tau[ids, :, :m] = tau[j]
 
 
 def _pages_counts(batch: _Batch, preds: list[Predictor]) -> Counts:
