@@ -143,26 +143,6 @@ def _last_sum(x: torch.Tensor, dims: int) -> torch.Tensor:
                                                                                     ).reshape(shape)
 
 
-def _dense_counts_many(edges: torch.Tensor, cost: torch.Tensor, batch: _Batch) -> Counts:
-    """:func:`_dense_counts` of ``C`` graphs at once: ``edges`` ``(C, B, H, N, N)`` bool (valid pairs only),
-    ``cost`` ``(C, B, H)``. The same sums in the same order as one graph at a time (the mass bincount takes
-    each configuration's gold edges in row-major order), in a fifth of the tensor calls."""
-    c = edges.shape[0]
-    b, h, n = batch.shape
-    row_hits = _last_sum(batch.gold[None] & edges, 1)  # (C, B, H, N)
-    hits = row_hits.sum(dim=-1).long()
-    covered = _last_sum((row_hits == batch.row_gold[None]) & batch.real[None, :, None, :], 1).long()
-    pred = _last_sum(edges, 2).long()
-    if batch.probs is None:
-        mass = torch.full((c, b, h), float("nan"), dtype=torch.float64, device=hits.device)
-    else:
-        at = edges.reshape(c, -1)[:, batch.gold_index]  # (C, gold edges)
-        key = batch.gold_segment[None] + torch.arange(c, device=at.device)[:, None] * (b * h)
-        mass = torch.bincount(key.reshape(-1), weights=(batch.gold_p[None] * at).reshape(-1),
-                              minlength=c * b * h).reshape(c, b, h)
-    return {"pred_edges": pred, "hits": hits, "covered_queries": covered, "cost": cost.double(), "mass_hits": mass}
-
-
 def _finish(core: torch.Tensor, core_cost: torch.Tensor | None, batch: _Batch, window: int, global_tokens: bool
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The predictor's own tail (:meth:`Predictor._run`): mask, OR window/global, cost = core cost + added edges.

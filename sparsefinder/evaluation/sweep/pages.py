@@ -7,9 +7,9 @@ tensor layout per sentence, exactly as the predictor does:
 
 - per sentence (the predictor's own calls on the same shapes, hence the same bits): the float64
   copies of :math:`q` and :math:`k`, :math:`q k^\top`, the norms; per page size :math:`p` the page
-  statistics and the dot products of the box bound :math:`U` and of the page mean :math:`M`; and
-  one call of the entmax threshold :math:`\tau_{S_i}` of the seed sets of every page size (the
-  rows are independent, so stacking them changes no bit);
+  statistics and the dot products of the box bound :math:`U` and of the page mean :math:`M`;
+- the entmax thresholds :math:`\tau_{S_i}` of the seed sets, row by row, so rows of one width are
+  stacked into one call whatever their sentence and page size (:func:`_seed_thresholds`);
 - over the padded batch, for all sentences at once: everything elementwise (the estimate
   :math:`E = (1 - \sigma) U + \sigma M` per slack :math:`\sigma`, the seed sets, the margins, the
   comparisons :math:`E > \tau_{S_i} - m_i` for every slack at once) and the budgeted variant's sort
@@ -17,7 +17,10 @@ tensor layout per sentence, exactly as the predictor does:
   real pages keep their order), shared by every sparsity, whose budgets are one broadcast.
 
 Elementwise IEEE operations round the same whatever the shape, so the padded batch gives the
-predictor's values wherever a sentence's tensors have them.
+predictor's values wherever a sentence's tensors have them. Outside the seed sets both variants
+keep whole pages, so the graphs are never built: edges, hits and covered queries are sums over
+(query, page) pairs of the allowed and the gold keys per page, exact integers
+(:func:`_page_counts`), and the mass is summed at the gold edges as everywhere in the sweep.
 """
 
 from __future__ import annotations
