@@ -225,10 +225,11 @@ def test_fast_group_helpers_match_the_predictors(seed):
         mk = torch.rand(4, 3, groups, 9, generator=g) < 0.05
         want = torch.einsum("bhgi,bhgj->bhij", mq.float(), mk.float()) > 0
         assert torch.equal(_codes_share(_pack_members(mq), _pack_members(mk)), want)
-    ids_q = torch.randint(-1, 7, (4, 3, 6, 9), generator=g)  # 6 partitions of 7 ids, -1 = none
-    ids_k = torch.randint(-1, 7, (4, 3, 6, 9), generator=g)
-    want = ((ids_q[:, :, :, :, None] == ids_k[:, :, :, None, :]) & (ids_q[:, :, :, :, None] >= 0)).any(dim=2)
-    assert torch.equal(_codes_share(_pack_ids(ids_q, 7), _pack_ids(ids_k, 7)), want)
+    for parts in (6, 4):  # 6 partitions of 7 ids: two words; 4: one word (28 bits); -1 = none
+        ids_q = torch.randint(-1, 7, (4, 3, parts, 9), generator=g)
+        ids_k = torch.randint(-1, 7, (4, 3, parts, 9), generator=g)
+        want = ((ids_q[:, :, :, :, None] == ids_k[:, :, :, None, :]) & (ids_q[:, :, :, :, None] >= 0)).any(dim=2)
+        assert torch.equal(_codes_share(_pack_ids(ids_q, 7), _pack_ids(ids_k, 7)), want)
 
 
 class Halve:

@@ -25,12 +25,15 @@ def _pack_ids(ids: torch.Tensor, n_ids: int) -> torch.Tensor:
     ``g·n_ids .. g·n_ids + n_ids - 1``; id -1 = no group, no bit)."""
     b, h, g, n = ids.shape
     words = max(1, -(-g * n_ids // _WORD_BITS))
-    has = ids >= 0
-    bit = torch.arange(g, device=ids.device)[:, None] * n_ids + ids.clamp(min=0)
-    value = torch.where(has, torch.ones_like(bit, dtype=torch.int32) << (bit % _WORD_BITS).to(torch.int32), 0)
+    # int32 throughout: ids and bit positions are small, and the elementwise work moves half the bytes.
+    ids = ids.to(torch.int32)
+    bit = torch.arange(g, device=ids.device, dtype=torch.int32)[:, None] * n_ids + ids.clamp(min=0)
+    value = torch.where(ids >= 0, torch.ones_like(bit) << (bit % _WORD_BITS), 0)
+    # Bits of different partitions never collide, so adding them is OR-ing them (at most 2^31 - 1).
+    if words == 1:
+        return value.sum(dim=2, keepdim=True, dtype=torch.int32)
     out = torch.zeros(b, h, words, n, dtype=torch.int32, device=ids.device)
-    # Bits of different partitions never collide, so adding them is OR-ing them.
-    return out.scatter_add_(2, bit // _WORD_BITS, value)
+    return out.scatter_add_(2, (bit // _WORD_BITS).long(), value)
 
 
 def _pack_members(member: torch.Tensor) -> torch.Tensor:
@@ -56,17 +59,19 @@ def _codes_share(cq: torch.Tensor, ck: torch.Tensor) -> torch.Tensor:
     return core
 
 
-def _balanced_members(x: torch.Tensor, centroids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _balanced_members(x: torch.Tensor, centroids: torch.Tensor, lengths: torch.Tensor,
+                      unit: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`~sparsefinder.predictors.baselines.balanced_membership`, from a partial sort.
 
     Each centroid takes its ``s = ⌈n/C⌉`` most similar real tokens, ties to the
     earlier position: the tokens above the s-th largest similarity, then the
     first tokens equal to it. ``topk`` finds that value at half the cost of the
-    full stable argsort, and the result is the same set.
+    full stable argsort, and the result is the same set. ``unit``: ``normalise(x)`` when already computed.
     """
     b, h, n, _ = x.shape
     c = centroids.shape[1]
-    sim = torch.einsum("bhnd,hcd->bhcn", normalise(x), centroids.to(x.dtype))  # as the predictor computes it
+    unit = normalise(x) if unit is None else unit
+    sim = torch.einsum("bhnd,hcd->bhcn", unit, centroids.to(x.dtype))  # as the predictor computes it
     real = real_tokens(lengths, n)[:, None, None, :]
     sim = torch.where(real, sim, torch.tensor(float("-inf"), dtype=sim.dtype, device=x.device))
     size = (lengths + c - 1) // c
@@ -141,8 +146,12 @@ def _routing_counts(batch: _Batch, pred: Predictor) -> Counts:
     q, k = batch.inputs(type(pred))
     centroids = _fitted_centroids(pred, q)
     centroids = centroids.to(q.device)
-    mq = _balanced_members(q, centroids, batch.lengths)
-    mk = _balanced_members(k, centroids, batch.lengths)
+    key = ("unit", type(pred).reads_projections(batch.proj_q is not None))
+    if key not in batch.cache:  # the normalised vectors once per batch and layer, for every cluster count
+        batch.cache[key] = (normalise(q), normalise(k))
+    uq, uk = batch.cache[key]
+    mq = _balanced_members(q, centroids, batch.lengths, uq)
+    mk = _balanced_members(k, centroids, batch.lengths, uk)
     core = _codes_share(_pack_members(mq), _pack_members(mk))
     edges, cost = _finish(core, grouped_cost(mq, mk, batch.causal), batch, pred.window, pred.global_tokens)
     return _dense_counts(edges, cost, batch)
