@@ -423,10 +423,11 @@ def test_fast_paths_are_registered_by_class_and_planned():
     shared = {m for m, cls in REGISTRY.items() if cls in SHARED_DENSE}
     learned = {"distance_budget", "topk", "stacked", "priors", "cascade", "global_band", "stacked_mlp"}
     assert nested == {"distance", "window", "position", "longformer", "bigbird", "random", "blocks"} | learned
-    assert shared == {"bucketing", "kmeans", "reformer", "routing"}
+    assert shared == {"bucketing", "kmeans", "reformer", "routing", "strided"}
     assert {m for m, cls in REGISTRY.items() if cls in GROUPED} == {"pages"}
     configs = [_Config(i, "window", {"window": w}, f"w{w}", get_predictor("window", window=w))
                for i, w in enumerate((1, 3, 5))]
     configs.append(_Config(3, "strided", {}, "s", get_predictor("strided")))
+    configs.append(_Config(4, "syntax", {}, "y", get_predictor("syntax")))
     units = _plan(configs)
-    assert [u.kind for u in units] == ["nested", "generic"] and len(units[0].configs) == 3
+    assert [u.kind for u in units] == ["nested", "shared", "generic"] and len(units[0].configs) == 3

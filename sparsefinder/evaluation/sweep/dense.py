@@ -11,7 +11,7 @@ from sparsefinder.predictors.base import (
     Predictor,
     grouped_cost,
 )
-from sparsefinder.predictors.baselines import lsh_buckets
+from sparsefinder.predictors.baselines import lsh_buckets, strided_mask
 from sparsefinder.predictors.clustering import normalise, sq_dists
 from sparsefinder.predictors.paper import (
     equal_frequency_bins,
@@ -191,6 +191,13 @@ def _kmeans_counts(batch: _Batch, pred: Predictor) -> Counts:
     return _dense_counts(edges, total, batch)
 
 
+def _strided_counts(batch: _Batch, pred: Predictor) -> Counts:
+    """The fixed pattern scored as one head for all (the predictor expands it to every head first)."""
+    core = strided_mask(batch.shape[2], pred.stride, pred.expressivity, batch.lengths.device)[None, None]
+    edges, cost = _finish(core, None, batch, pred.window, pred.global_tokens)
+    return _dense_counts(edges, cost, batch)
+
+
 # Dense kernels of one configuration that share per-batch work and avoid the predictors' matmuls,
 # registered by class (see batch.SHARED_DENSE).
 for _name, _kernel in {
@@ -198,5 +205,6 @@ for _name, _kernel in {
     "kmeans": _kmeans_counts,
     "reformer": _reformer_counts,
     "routing": _routing_counts,
+    "strided": _strided_counts,
 }.items():
     SHARED_DENSE[REGISTRY[_name]] = _kernel
