@@ -107,9 +107,9 @@ def _page_counts(batch: _Batch, keep: torch.Tensor, pairs: torch.Tensor | None, 
     return {"pred_edges": pred, "hits": hits, "covered_queries": covered, "mass_hits": mass}
 
 
-def _group_counts(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, qk: torch.Tensor, qn: torch.Tensor,
+def _group_counts(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, z: torch.Tensor, qn: torch.Tensor,
                   kmax: torch.Tensor, d: int, eps: float, seed: tuple[torch.Tensor, torch.Tensor] | None) -> Counts:
-    """``(C, B, H)`` counts of ``preds`` (one page size and gain) over the padded batch.
+    """``(C, B, H)`` counts of ``preds`` (one page size and gain) over the padded batch; ``z`` = gain · q k^T.
 
     Both variants keep whole pages outside the seed sets, so each graph is a ``(C, B, H, N, P)``
     page mask (and, for the superset variant, the seed pairs that pass :math:`z > \tau_S - m`):
@@ -117,7 +117,7 @@ def _group_counts(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, qk: 
     global-token edges builds its dense graph (their union is not per page).
     """
     b, h, n = batch.shape
-    dev = qk.device
+    dev = z.device
     real = batch.real[:, None, :, None]  # (B, 1, N, 1) real queries
     allowed = _allowed(batch.lengths, n, g.size, batch.causal)[:, None] * real  # (B, 1, N, P), 0 on padding
     has_key = allowed > 0
@@ -168,7 +168,7 @@ def _group_counts(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, qk: 
         seeds, best = seed
         margin = (d + 8) * eps * gain * qn * kmax  # (B, H, N)
         thr = (g.tau - margin)[..., None]
-        seed_pairs = seeds & (gain * qk > thr)  # the seed keys it keeps (seeds are valid pairs)
+        seed_pairs = seeds & (z > thr)  # the seed keys it keeps (seeds are valid pairs)
         # Pages outside the seed sets (the query's own page and the page of largest bound).
         pages = torch.arange(n_pages, device=dev)
         outside = (pages != page_of[:, None]) & (pages != best[..., None])  # (B, H, N, P)
@@ -222,7 +222,8 @@ def _seed_rows(z: torch.Tensor, best: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _seed_thresholds(batch: _Batch, sizes: dict[tuple[int, float, float], _PageSize],
-                     seeds: dict[tuple[int, float, float], tuple[torch.Tensor, torch.Tensor]], qk: torch.Tensor,
+                     seeds: dict[tuple[int, float, float], tuple[torch.Tensor, torch.Tensor]],
+                     scaled: dict[float, torch.Tensor],
                      sentences: list[tuple[int, int]]) -> None:
     r"""Fill each page size's ``tau``: the certified entmax threshold :math:`\tau_{S_i}` of every seed set.
 
@@ -235,9 +236,9 @@ def _seed_thresholds(batch: _Batch, sizes: dict[tuple[int, float, float], _PageS
     sums and the same bits. Other :math:`\alpha` bisect over sums of the whole row: full rows.
     """
     b, h, n = batch.shape
-    dev = qk.device
+    dev = batch.lengths.device
     full: dict[int, list[tuple[int, float, float]]] = {}  # length -> page sizes scored on full rows
-    z = {key: (sizes[key].gain * qk).masked_fill(~seed, -math.inf) for key, (seed, _) in seeds.items()}
+    z = {key: scaled[sizes[key].gain].masked_fill(~seed, -math.inf) for key, (seed, _) in seeds.items()}
     for key, (_, best) in seeds.items():
         g = sizes[key]
         width = 2 * g.size
@@ -306,14 +307,17 @@ def _pages_counts(batch: _Batch, preds: list[Predictor]) -> Counts:
                 pages = stats[g.size] = PageStats(kb, g.size)
             g.box[i, :, :m, : pages.n_pages] = pages.box_dots(qb)
             g.mean[i, :, :m, : pages.n_pages] = pages.mean_dots(qb)
+    # The predictor's z = gain * (q k^T), once per distinct gain (elementwise: the same bits).
+    scaled = {g.gain: g.gain * qk for g in sizes.values()}
     need_seed = {key: any(preds[i].sparsity is None for i in idx) for key, idx in groups.items()}
     seeds = {key: _seeds(batch, g) for key, g in sizes.items() if need_seed[key]}
     if seeds:
-        _seed_thresholds(batch, sizes, seeds, qk, sentences)
+        _seed_thresholds(batch, sizes, seeds, scaled, sentences)
     out = {key: torch.empty(len(preds), b, h, dtype=torch.float64 if key in _FLOAT_KEYS else torch.int64,
                             device=dev) for key in _COUNT_KEYS}
     for key, idx in groups.items():
-        counts = _group_counts(batch, [preds[i] for i in idx], sizes[key], qk, qn, kmax, d, eps, seeds.get(key))
+        counts = _group_counts(batch, [preds[i] for i in idx], sizes[key], scaled[sizes[key].gain], qn, kmax, d, eps,
+                               seeds.get(key))
         rows = torch.tensor(idx, device=dev)
         for name in _COUNT_KEYS:
             out[name][rows] = counts[name]
