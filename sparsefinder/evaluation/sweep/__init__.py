@@ -56,7 +56,8 @@ metrics are batched tensor counts (``hits = (gold & pred).sum``):
   (:mod:`~sparsefinder.evaluation.sweep.pages`);
 - random draws (BigBird, random) and fixed patterns do not depend on the
   layer: batches hold every layer, and these are computed once per batch;
-- everything else (strided, syntax, lexical, …) calls the predictor's own
+- strided scores its fixed pattern once for all heads;
+- everything else (syntax, lexical, …) calls the predictor's own
   batched :meth:`~sparsefinder.predictors.base.Predictor.predict_with_cost`
   over the whole padded batch.
 
