@@ -27,11 +27,11 @@ from sparsefinder.evaluation.sweep import (
     run_sweep,
     save_sweep,
 )
-from sparsefinder.evaluation.sweep.dense import _balanced_members, _codes_share, _pack_ids, _pack_members
+from sparsefinder.evaluation.sweep.dense import _balanced_members, _codes_share, _lsh_buckets, _pack_ids, _pack_members
 from sparsefinder.metrics import COUNT_COLUMNS, RATIO_COLUMNS, aggregate, graph_metrics
 from sparsefinder.model.entmax_model import load_model
 from sparsefinder.predictors import REGISTRY, get_predictor
-from sparsefinder.predictors.baselines import balanced_membership
+from sparsefinder.predictors.baselines import balanced_membership, lsh_buckets
 from sparsefinder.predictors.clustering import sq_dists
 from sparsefinder.training.projections import Projections
 from tests.helpers import MASS_COLUMNS, MASS_TOLERANCE, assert_aggregates_match, grid_frame, stored_gold_probs
@@ -219,6 +219,9 @@ def test_fast_group_helpers_match_the_predictors(seed):
     x = torch.randint(-1, 2, (4, 3, 9, 2), generator=g).float()
     centroids = torch.nn.functional.normalize(torch.randn(3, 5, 2, generator=g), dim=-1)
     assert torch.equal(_balanced_members(x, centroids, lengths), balanced_membership(x, centroids, lengths))
+    # LSH buckets: integer rotations, so the projections tie often (also +0 against -0).
+    rot = torch.randint(-1, 2, (4, 3, 2, 5), generator=g).double()
+    assert torch.equal(_lsh_buckets(x, rot), lsh_buckets(x, rot))
     # Bit codes over 2 words (40 groups) and over 3 words (70 groups) against explicit loops.
     for groups in (40, 70):
         mq = torch.rand(4, 3, groups, 9, generator=g) < 0.05

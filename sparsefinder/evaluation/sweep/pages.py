@@ -109,7 +109,7 @@ def _page_counts(batch: _Batch, keep: torch.Tensor, pairs: torch.Tensor | None, 
 
 def _group_counts(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, z: torch.Tensor, qn: torch.Tensor,
                   kmax: torch.Tensor, d: int, eps: float, seed: tuple[torch.Tensor, torch.Tensor] | None) -> Counts:
-    """``(C, B, H)`` counts of ``preds`` (one page size and gain) over the padded batch; ``z`` = gain · q k^T.
+    r"""``(C, B, H)`` counts of ``preds`` (one page size and gain) over the padded batch; ``z`` = gain · q k^T.
 
     Both variants keep whole pages outside the seed sets, so each graph is a ``(C, B, H, N, P)``
     page mask (and, for the superset variant, the seed pairs that pass :math:`z > \tau_S - m`):
