@@ -82,8 +82,9 @@ def _balanced_members(x: torch.Tensor, centroids: torch.Tensor, lengths: torch.T
     kth = top.gather(-1, (size - 1).clamp(min=0)[:, None, None, None].expand(b, h, c, 1))
     above = sim > kth
     tied = sim == kth
-    need = size[:, None, None, None] - above.sum(dim=-1, keepdim=True)
-    member = above | (tied & (tied.cumsum(dim=-1) <= need))
+    # Bool sums and cumsums through uint8 views into int32: several times faster on CPU, exact.
+    need = size[:, None, None, None] - above.view(torch.uint8).sum(dim=-1, keepdim=True, dtype=torch.int32)
+    member = above | (tied & (tied.view(torch.uint8).cumsum(dim=-1, dtype=torch.int32) <= need))
     return member & real & (size > 0)[:, None, None, None]
 
 
