@@ -74,12 +74,17 @@ def _page_sums(x: torch.Tensor, size: int) -> torch.Tensor:
     return u.reshape(*x.shape[:-1], n_pages, size).sum(dim=-1, dtype=torch.int32)
 
 
-def _page_counts(batch: _Batch, keep: torch.Tensor, pairs: torch.Tensor | None, allowed: torch.Tensor,
-                 gold_pages: torch.Tensor, gold_at: torch.Tensor | None) -> Counts:
+_HALF = 16  # bits of the allowed-key count in a packed page weight (sentences are far shorter than 2^15)
+
+
+def _page_counts(batch: _Batch, keep: torch.Tensor, pairs: torch.Tensor | None, weights: torch.Tensor,
+                 gold_at: torch.Tensor | None) -> Counts:
     """Counts of ``C`` graphs that keep the allowed keys of page ``P`` of query ``i`` where ``keep`` ``(C, B, H, N, P)``
     (real queries only), plus the pairs ``pairs`` ``(B, H, N, N)`` (valid, none in a kept page) for every graph.
-    ``allowed`` ``(B, 1, N, P)`` int32 and ``gold_pages`` ``(B, H, N, P)`` int32 count the allowed and the gold
-    keys of each (query, page); ``gold_at`` the flat (sentence, head, query, page) index of each gold edge.
+    ``weights`` ``(B, H, N, P)`` int32 packs the allowed keys of each (query, page) in its low
+    :data:`_HALF` bits and its gold keys above them: one product and one sum give both row counts
+    (exact: a row's sums stay below 2^15 each). ``gold_at`` is the flat (sentence, head, query, page)
+    index of each gold edge.
 
     The edges are never built: edges, hits and covered queries are sums over pages (exact integers), and the
     mass sums each graph's gold probabilities at its gold edges in row-major order, as :func:`_dense_counts`.
@@ -87,8 +92,9 @@ def _page_counts(batch: _Batch, keep: torch.Tensor, pairs: torch.Tensor | None, 
     c = keep.shape[0]
     b, h, n = batch.shape
     k = keep.view(torch.uint8)
-    row_pred = (k * allowed).sum(dim=-1, dtype=torch.int32)  # (C, B, H, N)
-    row_hits = (k * gold_pages).sum(dim=-1, dtype=torch.int32)
+    packed = (k * weights).sum(dim=-1, dtype=torch.int32)  # (C, B, H, N)
+    row_pred = packed & ((1 << _HALF) - 1)
+    row_hits = packed >> _HALF
     if pairs is not None:
         row_pred = row_pred + _last_sum(pairs, 1)
         row_hits = row_hits + _last_sum(pairs & batch.gold, 1)
@@ -126,7 +132,9 @@ def _group_counts(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, z: t
     gold_at = None
     if batch.probs is not None:  # (sentence, head, query, page) of each gold edge
         gold_at = batch.gold_index // n * allowed.shape[-1] + page_of[batch.gold_index % n]
-    allowed32 = allowed.to(torch.int32)
+    if n >= 1 << (_HALF - 1):
+        raise ValueError(f"pages kernel: sentences of {n} tokens do not fit its packed counts")
+    weights = allowed.to(torch.int32) + (gold_pages << _HALF)  # (B, H, N, P), see _page_counts
     gain = g.gain
     upper = gain * g.box
     slacks = sorted({float(p.slack) for p in preds})
@@ -144,7 +152,7 @@ def _group_counts(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, z: t
              bounds: torch.Tensor) -> None:
         """Counts of ``rows``; cost = the predictor's pairs scored (``scored`` plus the kept pairs outside
         ``pairs``, the pairs it scored anyway) plus ``bounds`` (C, 1, 1) bound dot products per (query, page)."""
-        counts = _page_counts(batch, keep, pairs, allowed32, gold_pages, gold_at)
+        counts = _page_counts(batch, keep, pairs, weights, gold_at)
         outside = counts["pred_edges"] if pairs is None else counts["pred_edges"] - _last_sum(pairs, 2)
         cost = (scored + outside).double() + bounds * keys_with_page
         counts["cost"] = cost
