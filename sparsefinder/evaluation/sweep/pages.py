@@ -181,7 +181,7 @@ def _group_counts(batch: _Batch, preds: list[PagesPredictor], g: _PageSize, z: t
         pages = torch.arange(n_pages, device=dev)
         outside = (pages != page_of[:, None]) & (pages != best[..., None])  # (B, H, N, P)
         sl = [float(preds[i].slack) for i in superset]
-        keep = (torch.stack([estimate[s] for s in sl]) > thr) & outside  # (S, B, H, N, P)
+        keep = torch.stack([estimate[s] > thr for s in sl]) & outside  # (S, B, H, N, P)
         dots = torch.tensor([BOUND_DOTS + (s > 0) for s in sl], dtype=torch.float64, device=dev)
         # The predictor's cost: every seed pair scored, the kept pairs outside the seeds, the bounds.
         emit(superset, keep, seed_pairs, _last_sum(seeds, 2).long(), dots[:, None, None])
