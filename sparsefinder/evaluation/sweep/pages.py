@@ -216,17 +216,19 @@ def _seeds(batch: _Batch, g: _PageSize) -> tuple[torch.Tensor, torch.Tensor]:
     return seed & batch.valid, best
 
 
-def _seed_rows(z: torch.Tensor, best: torch.Tensor, size: int) -> torch.Tensor:
-    """``(B, H, N, 2 size)`` the seed scores of each query (``z``: -inf outside its seed set): its own
-    page's keys, then the best page's (-inf past the sentence, or when the best page is its own)."""
-    n = z.shape[-1]
+def _seed_rows(z: torch.Tensor, best: torch.Tensor, size: int, valid: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N, 2 size)`` the seed scores ``z`` of each query: its own page's keys, then the best
+    page's, -inf on invalid pairs (past the sentence, after the query when causal) and on the second
+    copy when the best page is its own: the entries of the seed set, each once."""
+    b, h, n = best.shape
     off = torch.arange(size, device=z.device)
     own_page = torch.arange(n, device=z.device) // size
     other = best[..., None] * size + off  # (B, H, N, size)
-    idx = torch.cat([(own_page[:, None] * size + off).expand_as(other), other], dim=-1)
-    keep = idx < n
-    keep[..., size:] &= (best != own_page)[..., None]
-    return z.gather(-1, idx.clamp(max=n - 1)).masked_fill(~keep, -math.inf)
+    own = (own_page[:, None] * size + off).expand_as(other)
+    idx = torch.cat([own, other], dim=-1).clamp(max=n - 1)
+    keep = torch.cat([own < n, (other < n) & (best != own_page)[..., None]], dim=-1)
+    keep &= valid.expand(b, h, n, n).gather(-1, idx)
+    return z.gather(-1, idx).masked_fill(~keep, -math.inf)
 
 
 def _seed_thresholds(batch: _Batch, sizes: dict[tuple[int, float, float], _PageSize],
@@ -246,7 +248,6 @@ def _seed_thresholds(batch: _Batch, sizes: dict[tuple[int, float, float], _PageS
     b, h, n = batch.shape
     dev = batch.lengths.device
     full: dict[int, list[tuple[int, float, float]]] = {}  # length -> page sizes scored on full rows
-    z = {key: scaled[sizes[key].gain].masked_fill(~seed, -math.inf) for key, (seed, _) in seeds.items()}
     for key, (_, best) in seeds.items():
         g = sizes[key]
         width = 2 * g.size
@@ -260,7 +261,7 @@ def _seed_thresholds(batch: _Batch, sizes: dict[tuple[int, float, float], _PageS
             rows_of = (batch.lengths > width)[:, None, None] & batch.real[:, None, :]  # (B, 1, N)
             rows_of = rows_of.expand(b, h, n)
             if bool(rows_of.any()):
-                rows = _seed_rows(z[key], best, g.size)[rows_of]  # (R, 2p)
+                rows = _seed_rows(scaled[g.gain], best, g.size, batch.valid)[rows_of]  # (R, 2p)
                 g.tau[rows_of] = _lower(entmax_threshold(rows, g.alpha), rows)
     same_length: dict[int, list[int]] = {}
     for i, m in sentences:
@@ -275,7 +276,9 @@ def _seed_thresholds(batch: _Batch, sizes: dict[tuple[int, float, float], _PageS
                 if key[1] == alpha:
                     same.setdefault((key[1], key[2]) if m <= key[0] else key, []).append(key)
             group = [members[0] for members in same.values()]
-            rows = torch.cat([z[key][ids, :, :m, :m].reshape(-1, m) for key in group])
+            rows = torch.cat([scaled[sizes[key].gain][ids, :, :m, :m].masked_fill(~seeds[key][0][ids, :, :m, :m],
+                                                                                  -math.inf).reshape(-1, m)
+                              for key in group])
             tau = _lower(entmax_threshold(rows, alpha), rows).reshape(len(group), len(ids), h, m)
             for j, members in enumerate(same.values()):
                 for key in members:
