@@ -219,6 +219,9 @@ def test_fast_group_helpers_match_the_predictors(seed):
     x = torch.randint(-1, 2, (4, 3, 9, 2), generator=g).float()
     centroids = torch.nn.functional.normalize(torch.randn(3, 5, 2, generator=g), dim=-1)
     assert torch.equal(_balanced_members(x, centroids, lengths), balanced_membership(x, centroids, lengths))
+    # One centroid: up to 9 tokens per cluster, the topk path (5 centroids: at most 2, peeled maxima).
+    one = centroids[:, :1]
+    assert torch.equal(_balanced_members(x, one, lengths), balanced_membership(x, one, lengths))
     # LSH buckets: integer rotations, so the projections tie often (also +0 against -0).
     rot = torch.randint(-1, 2, (4, 3, 2, 5), generator=g).double()
     assert torch.equal(_lsh_buckets(x, rot), lsh_buckets(x, rot))

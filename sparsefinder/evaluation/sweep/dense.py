@@ -59,6 +59,35 @@ def _codes_share(cq: torch.Tensor, ck: torch.Tensor) -> torch.Tensor:
     return core
 
 
+_PEEL_MAX = 4  # up to this many tokens per cluster, peeling maxima beats topk (one row-wide max per step)
+
+
+def _kth_largest(x: torch.Tensor, size: torch.Tensor, kmax: int) -> torch.Tensor:
+    """``(B, H, C, 1)``: the ``size[b]``-th largest entry of each row of ``x`` ``(B, H, C, N)``, duplicates
+    counted (what ``topk(...).values[size - 1]`` gives), for ``size <= kmax``.
+
+    Each step takes the row's maximum and removes all its copies; the value at which the count of
+    removed entries first reaches ``size`` is the answer. At most ``kmax`` steps of a fast max, where
+    ``topk`` walks each short row at a high per-row cost.
+    """
+    want = size[:, None, None, None]
+    kth = torch.full((*x.shape[:-1], 1), float("-inf"), dtype=x.dtype, device=x.device)
+    found = want <= 0  # empty sentences: any value (their memberships are dropped)
+    found = found.expand(kth.shape).clone()
+    taken = torch.zeros(kth.shape, dtype=torch.int32, device=x.device)
+    for _ in range(kmax):
+        top = x.amax(dim=-1, keepdim=True)
+        same = x == top
+        taken += same.view(torch.uint8).sum(dim=-1, keepdim=True, dtype=torch.int32)
+        hit = ~found & (taken >= want)
+        kth = torch.where(hit, top, kth)
+        found |= hit
+        if bool(found.all()):
+            break
+        x = x.masked_fill(same, float("-inf"))
+    return kth
+
+
 def _balanced_members(x: torch.Tensor, centroids: torch.Tensor, lengths: torch.Tensor,
                       unit: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`~sparsefinder.predictors.baselines.balanced_membership`, from a partial sort.
@@ -78,8 +107,11 @@ def _balanced_members(x: torch.Tensor, centroids: torch.Tensor, lengths: torch.T
     kmax = int(size.max()) if size.numel() else 0
     if kmax == 0:
         return torch.zeros(b, h, c, n, dtype=torch.bool, device=x.device)
-    top = sim.topk(kmax, dim=-1, sorted=True).values
-    kth = top.gather(-1, (size - 1).clamp(min=0)[:, None, None, None].expand(b, h, c, 1))
+    if kmax <= _PEEL_MAX:
+        kth = _kth_largest(sim, size, kmax)
+    else:
+        top = sim.topk(kmax, dim=-1, sorted=True).values
+        kth = top.gather(-1, (size - 1).clamp(min=0)[:, None, None, None].expand(b, h, c, 1))
     above = sim > kth
     tied = sim == kth
     # Bool sums and cumsums through uint8 views into int32: several times faster on CPU, exact.
