@@ -13,7 +13,10 @@ from sparsefinder.metrics import graph_metrics
 from sparsefinder.predictors import REGISTRY, get_predictor
 from sparsefinder.predictors.learned.budgets import _BudgetPredictor
 
-LEARNED = sorted(m for m, cls in REGISTRY.items() if cls.default_sweep and issubclass(cls, _BudgetPredictor))
+LEARNED = sorted(m for m, cls in REGISTRY.items() if issubclass(cls, _BudgetPredictor))
+# Small fits: few clusters for short sentences, a short MLP training.
+EXTRA = {"cascade": {"n_clusters": 3, "cluster_pool": 6, "max_cluster_keys": 3},
+         "stacked_mlp": {"hidden": 3, "steps": 5}}
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", ",", "."]
 
 
@@ -37,7 +40,7 @@ def test_learned_fast_path_matches_predict_and_graph_metrics(method, causal):
     h, r = 2, 3
     q, k, lengths, gold, _, tokens = _data(0, 12, h, 10, r, causal)
     cls = REGISTRY[method]
-    extra = {"n_clusters": 3, "cluster_pool": 6, "max_cluster_keys": 3} if method == "cascade" else {}
+    extra = EXTRA.get(method, {})
     template = get_predictor(method, **extra)
     template.fit(q, k, lengths, gold=AttentionGraph(gold, lengths, causal), tokens=tokens)
     state = template.state_dict()
