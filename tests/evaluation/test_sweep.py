@@ -27,11 +27,11 @@ from sparsefinder.evaluation.sweep import (
     run_sweep,
     save_sweep,
 )
-from sparsefinder.evaluation.sweep.dense import _balanced_members, _codes_share, _pack_ids, _pack_members
+from sparsefinder.evaluation.sweep.dense import _balanced_members, _codes_share, _lsh_buckets, _pack_ids, _pack_members
 from sparsefinder.metrics import COUNT_COLUMNS, RATIO_COLUMNS, aggregate, graph_metrics
 from sparsefinder.model.entmax_model import load_model
 from sparsefinder.predictors import REGISTRY, get_predictor
-from sparsefinder.predictors.baselines import balanced_membership
+from sparsefinder.predictors.baselines import balanced_membership, lsh_buckets
 from sparsefinder.predictors.clustering import sq_dists
 from sparsefinder.training.projections import Projections
 from tests.helpers import MASS_COLUMNS, MASS_TOLERANCE, assert_aggregates_match, grid_frame, stored_gold_probs
@@ -219,16 +219,23 @@ def test_fast_group_helpers_match_the_predictors(seed):
     x = torch.randint(-1, 2, (4, 3, 9, 2), generator=g).float()
     centroids = torch.nn.functional.normalize(torch.randn(3, 5, 2, generator=g), dim=-1)
     assert torch.equal(_balanced_members(x, centroids, lengths), balanced_membership(x, centroids, lengths))
+    # One centroid: up to 9 tokens per cluster, the topk path (5 centroids: at most 2, peeled maxima).
+    one = centroids[:, :1]
+    assert torch.equal(_balanced_members(x, one, lengths), balanced_membership(x, one, lengths))
+    # LSH buckets: integer rotations, so the projections tie often (also +0 against -0).
+    rot = torch.randint(-1, 2, (4, 3, 2, 5), generator=g).double()
+    assert torch.equal(_lsh_buckets(x, rot), lsh_buckets(x, rot))
     # Bit codes over 2 words (40 groups) and over 3 words (70 groups) against explicit loops.
     for groups in (40, 70):
         mq = torch.rand(4, 3, groups, 9, generator=g) < 0.05
         mk = torch.rand(4, 3, groups, 9, generator=g) < 0.05
         want = torch.einsum("bhgi,bhgj->bhij", mq.float(), mk.float()) > 0
         assert torch.equal(_codes_share(_pack_members(mq), _pack_members(mk)), want)
-    ids_q = torch.randint(-1, 7, (4, 3, 6, 9), generator=g)  # 6 partitions of 7 ids, -1 = none
-    ids_k = torch.randint(-1, 7, (4, 3, 6, 9), generator=g)
-    want = ((ids_q[:, :, :, :, None] == ids_k[:, :, :, None, :]) & (ids_q[:, :, :, :, None] >= 0)).any(dim=2)
-    assert torch.equal(_codes_share(_pack_ids(ids_q, 7), _pack_ids(ids_k, 7)), want)
+    for parts in (6, 4):  # 6 partitions of 7 ids: two words; 4: one word (28 bits); -1 = none
+        ids_q = torch.randint(-1, 7, (4, 3, parts, 9), generator=g)
+        ids_k = torch.randint(-1, 7, (4, 3, parts, 9), generator=g)
+        want = ((ids_q[:, :, :, :, None] == ids_k[:, :, :, None, :]) & (ids_q[:, :, :, :, None] >= 0)).any(dim=2)
+        assert torch.equal(_codes_share(_pack_ids(ids_q, 7), _pack_ids(ids_k, 7)), want)
 
 
 class Halve:
@@ -414,16 +421,19 @@ def test_best_recall_at_against_manual():
 def test_fast_paths_are_registered_by_class_and_planned():
     """Importing the sweep registers the nested and shared dense kernels; a method re-registered with
     another class under the same name would not inherit them (they are keyed by class)."""
-    from sparsefinder.evaluation.sweep.batch import NESTED, SHARED_DENSE
+    from sparsefinder.evaluation.sweep.batch import GROUPED, NESTED, SHARED_DENSE
     from sparsefinder.evaluation.sweep.configs import _Config
     from sparsefinder.evaluation.sweep.plan import _plan
 
     nested = {m for m, cls in REGISTRY.items() if cls in NESTED}
     shared = {m for m, cls in REGISTRY.items() if cls in SHARED_DENSE}
-    assert nested == {"distance", "window", "position", "longformer", "bigbird", "random", "blocks"}
-    assert shared == {"bucketing", "kmeans", "reformer", "routing"}
+    learned = {"distance_budget", "topk", "stacked", "priors", "cascade", "global_band", "stacked_mlp"}
+    assert nested == {"distance", "window", "position", "longformer", "bigbird", "random", "blocks"} | learned
+    assert shared == {"bucketing", "kmeans", "reformer", "routing", "strided"}
+    assert {m for m, cls in REGISTRY.items() if cls in GROUPED} == {"pages"}
     configs = [_Config(i, "window", {"window": w}, f"w{w}", get_predictor("window", window=w))
                for i, w in enumerate((1, 3, 5))]
     configs.append(_Config(3, "strided", {}, "s", get_predictor("strided")))
+    configs.append(_Config(4, "syntax", {}, "y", get_predictor("syntax")))
     units = _plan(configs)
-    assert [u.kind for u in units] == ["nested", "generic"] and len(units[0].configs) == 3
+    assert [u.kind for u in units] == ["nested", "shared", "generic"] and len(units[0].configs) == 3

@@ -45,9 +45,19 @@ metrics are batched tensor counts (``hits = (gold & pred).sum``):
   token's groups into integer bit codes, so "shares a group" is one broadcast
   AND per 31 groups instead of the predictors' matmul over the groups, and
   their grouped cost comes from group sizes;
+- the learned budget predictors (distance_budget, topk, stacked, priors,
+  cascade, global_band) score the pairs once per batch and layer for every
+  target sparsity (it only moves the per-head thresholds): per head the grid is
+  a nested family in decreasing threshold order, scored like the others
+  (:mod:`~sparsefinder.evaluation.sweep.learned`);
+- pages shares per page size the page statistics, bounds and seed-set
+  thresholds of every slack and sparsity, and counts from sums over
+  (query, page) pairs without building the graphs
+  (:mod:`~sparsefinder.evaluation.sweep.pages`);
 - random draws (BigBird, random) and fixed patterns do not depend on the
   layer: batches hold every layer, and these are computed once per batch;
-- everything else (strided, syntax, lexical, …) calls the predictor's own
+- strided scores its fixed pattern once for all heads;
+- everything else (syntax, lexical, …) calls the predictor's own
   batched :meth:`~sparsefinder.predictors.base.Predictor.predict_with_cost`
   over the whole padded batch.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,17 @@ from sparsefinder.predictors.base import (
     Predictor,
     shared_pattern,
 )
+
+
+def _last_sum(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """int32 count of True over the last ``dims`` dims of a bool tensor.
+
+    Through a uint8 view of rows of a 2-D reshape: on CPU several times faster than a bool sum,
+    and than the same sum over the dims of a 5-D tensor; exact (integers, far below 2³¹).
+    """
+    shape = x.shape[: x.dim() - dims]
+    return x.view(torch.uint8).reshape(-1, math.prod(x.shape[x.dim() - dims:])).sum(dim=-1, dtype=torch.int32
+                                                                                    ).reshape(shape)
 
 
 @dataclass
@@ -59,7 +71,7 @@ class _Batch:
         self.valid = self.shared[key]
         self.real = real_tokens(self.lengths, n)  # (B, N)
         # Sums of bool tensors are much faster through a uint8 view with an explicit accumulator type.
-        self.row_gold = self.gold.view(torch.uint8).sum(dim=-1, dtype=torch.int32)  # (B, H, N)
+        self.row_gold = _last_sum(self.gold, 1)  # (B, H, N)
         self.gold_edges = self.row_gold.sum(dim=-1).long()
         if self.probs is None:
             self.gold_mass = torch.full((b, h), float("nan"), dtype=torch.float64, device=self.lengths.device)
@@ -116,13 +128,13 @@ def _count(edges: torch.Tensor) -> torch.Tensor:
     Summed as uint8 into int32 (exact: a sentence has far fewer than 2³¹ pairs),
     several times faster than a bool sum into int64.
     """
-    return edges.view(torch.uint8).sum(dim=(-1, -2), dtype=torch.int32).long()
+    return _last_sum(edges, 2).long()
 
 
 def _dense_counts(edges: torch.Tensor, cost: torch.Tensor, batch: _Batch) -> Counts:
     """Counts of one predicted graph (``(B, H|1, N, N)`` bool, valid pairs only) against the gold graph."""
     b, h, _ = batch.shape
-    row_hits = (batch.gold & edges).view(torch.uint8).sum(dim=-1, dtype=torch.int32)  # (B, H, N)
+    row_hits = _last_sum(batch.gold & edges, 1)  # (B, H, N)
     hits = row_hits.sum(dim=-1).long()
     # A query is covered when it hits all its gold keys; padding rows (0 == 0) must not count.
     covered = ((row_hits == batch.row_gold) & batch.real[:, None, :]).sum(dim=-1)
@@ -178,11 +190,14 @@ def _never(mask: torch.Tensor, n_levels: int, dtype: torch.dtype) -> torch.Tenso
 class _Levels:
     """A nested family on one batch: ``core`` ``(B, H|1, N, N)`` levels (C = never, :func:`_level_dtype`)
     of the method's own edges, ``extra`` ``(B, 1, N, N)`` window/global edges present at every level, and
-    the core cost ``(B, H)`` when it is not the edge count (distance)."""
+    the core cost ``(B, H)`` when it is not the edge count (distance). ``position`` ``(H, C)``: when
+    the nesting order differs per head (per-head thresholds), the level at which head ``h`` has grid
+    point ``c``; ``None``: level ``c`` is grid point ``c`` in every head."""
 
     core: torch.Tensor
     extra: torch.Tensor | None = None
     core_cost: torch.Tensor | None = None
+    position: torch.Tensor | None = None
 
 
 def _nested_counts(lv: _Levels, n_levels: int, batch: _Batch) -> Counts:
@@ -223,8 +238,11 @@ def _nested_counts(lv: _Levels, n_levels: int, batch: _Batch) -> Counts:
             inside = _cumulative_hist(core_in.reshape(b * hc, n * n), c).reshape(b, hc, c)
             added = (_count(ev)[..., None] - inside).double().expand(b, h, c)
         cost = lv.core_cost.double()[..., None] + added
-    return {k: v.permute(2, 0, 1) for k, v in
-            {"pred_edges": pred, "hits": hits, "covered_queries": covered, "cost": cost, "mass_hits": mass}.items()}
+    out = {"pred_edges": pred, "hits": hits, "covered_queries": covered, "cost": cost, "mass_hits": mass}
+    if lv.position is not None:  # each head's levels back to grid order
+        index = lv.position.to(hits.device)[None].expand(b, h, c)
+        out = {k: v.gather(-1, index) for k, v in out.items()}
+    return {k: v.permute(2, 0, 1) for k, v in out.items()}
 
 
 def _generic_counts(batch: _Batch, pred: Predictor) -> Counts:
@@ -243,10 +261,15 @@ class _Nested:
     levels: Callable[[_Batch, Predictor, list[Any]], _Levels]
     descending: bool = False  # grid order in which the graphs grow
     usable: Callable[[_Batch], bool] = lambda batch: True
+    # What ``levels`` gets of each configuration (its layer's predictor); default: the value of ``param``.
+    value: Callable[[Predictor], Any] | None = None
 
 
 # Fast paths, keyed by the predictor *class*: a method re-registered under the same name with
 # another class runs the generic path, never a kernel written for the old one. Filled by
-# nested.py and dense.py, beside the kernels themselves.
+# nested.py, learned.py, dense.py and pages.py, beside the kernels themselves.
 NESTED: dict[type[Predictor], _Nested] = {}
 SHARED_DENSE: dict[type[Predictor], Callable[[_Batch, Predictor], Counts]] = {}
+# Kernels that score every configuration of a method together: they get each configuration's
+# predictor of the layer, in grid order, and return the counts in that order.
+GROUPED: dict[type[Predictor], Callable[[_Batch, list[Predictor]], Counts]] = {}

@@ -9,7 +9,15 @@ from typing import Any
 
 import torch
 
-from sparsefinder.evaluation.sweep.batch import NESTED, SHARED_DENSE, Counts, _Batch, _generic_counts, _nested_counts
+from sparsefinder.evaluation.sweep.batch import (
+    GROUPED,
+    NESTED,
+    SHARED_DENSE,
+    Counts,
+    _Batch,
+    _generic_counts,
+    _nested_counts,
+)
 from sparsefinder.evaluation.sweep.configs import (
     OPTIONAL_CONTEXT,
     SUPPLIED_CONTEXT,
@@ -25,7 +33,7 @@ class _Unit:
     """Configurations scored together on a batch: a nested group, or a single configuration."""
 
     configs: list[_Config]
-    kind: str  # "nested", "shared" or "generic"
+    kind: str  # "nested", "grouped", "shared" or "generic"
 
     def run(self, batch: _Batch) -> Counts:
         pred = self.configs[0].for_layer(batch.layer)
@@ -37,10 +45,13 @@ class _Unit:
         if self.kind == "nested":
             spec = NESTED[type(pred)]
             if spec.usable(batch):
-                values = [getattr(c.predictor, spec.param) for c in self.configs]
+                values = [getattr(c.predictor, spec.param) if spec.value is None else
+                          spec.value(c.for_layer(batch.layer)) for c in self.configs]
                 return _nested_counts(spec.levels(batch, pred, values), len(values), batch)
             parts = [_generic_counts(batch, c.for_layer(batch.layer)) for c in self.configs]
             return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        if self.kind == "grouped":
+            return GROUPED[type(pred)](batch, [c.for_layer(batch.layer) for c in self.configs])
         if self.kind == "shared":
             return SHARED_DENSE[type(pred)](batch, pred)
         return _generic_counts(batch, pred)
@@ -62,9 +73,12 @@ def _state_digest(configs: Sequence[_Config]) -> str:
 def _plan(configs: list[_Config]) -> list[_Unit]:
     units: list[_Unit] = []
     groups: dict[tuple[str, str, str], list[_Config]] = {}
+    grouped: dict[str, list[_Config]] = {}
     for c in configs:
         cls = REGISTRY[c.method]
-        if cls in NESTED:
+        if cls in GROUPED:
+            grouped.setdefault(c.method, []).append(c)  # each configuration brings its own predictor
+        elif cls in NESTED:
             spec = NESTED[cls]
             rest = {k: v for k, v in c.predictor.get_params().items() if k != spec.param}
             key = (c.method, canonical_params(rest), _state_digest([c]))
@@ -77,6 +91,7 @@ def _plan(configs: list[_Config]) -> list[_Unit]:
         spec = NESTED[REGISTRY[method]]
         members.sort(key=lambda c: getattr(c.predictor, spec.param), reverse=spec.descending)
         units.append(_Unit(members, "nested"))
+    units.extend(_Unit(members, "grouped") for members in grouped.values())
     units.sort(key=lambda u: min(c.index for c in u.configs))
     return units
 

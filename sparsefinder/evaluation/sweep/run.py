@@ -12,9 +12,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-# Imported for what they register: the nested and shared dense fast paths (batch.NESTED, batch.SHARED_DENSE).
+# Imported for what they register: the fast paths (batch.NESTED, batch.SHARED_DENSE, batch.GROUPED).
 import sparsefinder.evaluation.sweep.dense  # noqa: F401
+import sparsefinder.evaluation.sweep.learned  # noqa: F401
 import sparsefinder.evaluation.sweep.nested  # noqa: F401
+import sparsefinder.evaluation.sweep.pages  # noqa: F401
 from sparsefinder import __version__
 from sparsefinder.corpora.context import ContextProvider
 from sparsefinder.corpora.store import ExtractionStore, StoredBatch
