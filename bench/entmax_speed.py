@@ -15,7 +15,10 @@ rounds for n <= 512), and each figure is the best of its rounds: load from other
 only adds time, and hits all of them alike. Before each timed call the scores are written
 afresh into the input buffer (untimed), as the q·kᵀ product leaves them in attention: every
 function then starts from the same cache state, whichever function ran before it (``entmax15``'s
-sort evicts the 12 MB of scores at n = 512; without this, whatever runs after it reads them from memory).
+sort evicts the 12 MB of scores at n = 512; without this, whatever runs after it reads them from memory),
+and a block of the output's size has just been written and freed, so no function pays page faults for
+its output that another does not (``entmax15``'s large temporaries make the allocator hand the next
+function fresh pages from the OS).
 Also checks that ``fast`` agrees with ``entmax15`` (same supports, max abs difference), how far
 each is from the float64 solution, and counts the rows the kernel handed back to ``entmax15``
 (an entry too close to the threshold).
@@ -103,7 +106,7 @@ def main() -> None:
                     "attn": lambda q=q, k=k, v=v: torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v,
                 },
                 args.repeats * (3 if n <= 512 else 1),
-                prepare=lambda s=scores, f=fresh: s.copy_(f),
+                prepare=lambda s=scores, f=fresh: (torch.empty_like(s).fill_(0), s.copy_(f)),
             )
         supp = (ref > 0).sum(-1).float()
         redone = 0 if flagged is None else int(flagged.sum())

@@ -85,6 +85,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from entmax import entmax15
 from torch.autograd import Function
@@ -406,6 +407,66 @@ int64_t entmax15(const float *x, float *y, uint8_t *flag, int64_t rows, int64_t 
     return flagged > rows ? -1 : flagged;
 }
 #endif
+
+/* Flagged rows, redone with entmax15's own float32 arithmetic (entmax.activations: z = (x - max)/2,
+   a full descending sort, prefix means with float64 running sums rounded to float as torch's cumsum
+   does, ss, delta, clamp) up to the square root, which the caller takes with torch.sqrt (torch's
+   vectorised sqrt is not correctly rounded, so it cannot be reproduced here); fixup_finish then
+   does the rest. Only +, -, *, / and comparisons, each rounded to float as torch rounds it (built
+   with -ffp-contract=off): the same bits as entmax15. */
+static int desc(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x < y) - (x > y);
+}
+
+static float row_max_plain(const float *xr, int64_t n) {
+    float m = xr[0];
+    for (int64_t j = 1; j < n; ++j) m = xr[j] > m ? xr[j] : m;
+    return m;
+}
+
+void fixup_prepare(const float *x, const int64_t *idx, int64_t nf, int64_t n, float *zs, float *mean,
+                   float *delta) {
+    for (int64_t i = 0; i < nf; ++i) {
+        const float *xr = x + idx[i] * n;
+        float *zr = zs + i * n, *mr = mean + i * n, *dr = delta + i * n;
+        float m = row_max_plain(xr, n);
+        for (int64_t j = 0; j < n; ++j) zr[j] = (xr[j] - m) / 2.0f;
+        qsort(zr, (size_t)n, sizeof(float), desc);
+        double c1 = 0.0, c2 = 0.0;
+        for (int64_t j = 0; j < n; ++j) {
+            float rho = (float)(j + 1);
+            c1 += (double)zr[j];
+            c2 += (double)(zr[j] * zr[j]);
+            float mu = (float)c1 / rho, mu2 = (float)c2 / rho;
+            float ss = rho * (mu2 - mu * mu);
+            float d = (1.0f - ss) / rho;
+            mr[j] = mu;
+            dr[j] = (d != d) ? d : (d < 0.0f ? 0.0f : d); /* torch.clamp keeps NaN */
+        }
+    }
+}
+
+/* p of each flagged row from tau = mean - sqrt(delta); bad[i] = 1 where the support is empty
+   (a NaN row), left to entmax15 itself */
+void fixup_finish(const float *x, const int64_t *idx, int64_t nf, int64_t n, const float *zs,
+                  const float *mean, const float *root, float *y, uint8_t *bad) {
+    for (int64_t i = 0; i < nf; ++i) {
+        const float *xr = x + idx[i] * n, *zr = zs + i * n, *mr = mean + i * n, *rr = root + i * n;
+        float *yr = y + idx[i] * n;
+        int64_t support = 0;
+        for (int64_t j = 0; j < n; ++j) support += (mr[j] - rr[j]) <= zr[j];
+        bad[i] = support == 0;
+        if (!support) continue;
+        float tau = mr[support - 1] - rr[support - 1];
+        float m = row_max_plain(xr, n);
+        for (int64_t j = 0; j < n; ++j) {
+            float d = (xr[j] - m) / 2.0f - tau;
+            d = (d != d) ? d : (d < 0.0f ? 0.0f : d);
+            yr[j] = d * d;
+        }
+    }
+}
 """
 _CFLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]
 
@@ -427,8 +488,8 @@ def _kernel_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def _kernel(generic: bool = False, openmp: bool | None = None) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    """The compiled ``entmax15`` (built on first use, then cached on disk), or ``None``.
+def _kernel(generic: bool = False, openmp: bool | None = None) -> ctypes.CDLL | None:
+    """The compiled library (``entmax15``, ``fixup_*``; built on first use, then cached on disk), or ``None``.
 
     ``generic``: the plain-C build without AVX-512 (what CPUs without it run; for tests).
     ``openmp``: threads from torch's OpenMP pool (``None``: where :func:`_torch_gnu_openmp`,
@@ -451,7 +512,7 @@ def _kernel(generic: bool = False, openmp: bool | None = None) -> ctypes._CFuncP
     return None
 
 
-def _build(cc: str, flags: list[str]) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _build(cc: str, flags: list[str]) -> ctypes.CDLL | None:
     key = hashlib.sha256((_C_SOURCE + " ".join(flags) + cc).encode()).hexdigest()[:16]
     for folder in (_kernel_dir(), Path(tempfile.gettempdir()) / "sparsefinder-kernels"):
         lib = folder / f"entmax15-{key}.so"
@@ -463,12 +524,16 @@ def _build(cc: str, flags: list[str]) -> ctypes._CFuncPtr | None:  # type: ignor
                     c_file.write_text(_C_SOURCE)
                     subprocess.run([cc, *flags, "-o", str(so_file), str(c_file)], check=True, capture_output=True)
                     os.replace(so_file, lib)  # atomic: concurrent builders all end with a whole file
-            fn = ctypes.CDLL(str(lib)).entmax15
+            so = ctypes.CDLL(str(lib))
         except (OSError, subprocess.CalledProcessError):
             continue
-        fn.restype = ctypes.c_int64
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
-        return fn
+        so.entmax15.restype = ctypes.c_int64
+        so.entmax15.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+        so.fixup_prepare.restype = None
+        so.fixup_prepare.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3
+        so.fixup_finish.restype = None
+        so.fixup_finish.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 5
+        return so
     return None
 
 
@@ -480,15 +545,15 @@ def kernel_available() -> bool:
 def _kernel_forward(x: torch.Tensor, generic: bool = False,
                     openmp: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(p, flagged rows or None)`` from the compiled kernel; ``x`` float32, contiguous, CPU."""
-    fn = _kernel(generic, openmp)
-    assert fn is not None
+    lib = _kernel(generic, openmp)
+    assert lib is not None
     n = x.shape[-1]
     rows = x.numel() // n
     y = torch.empty_like(x)
     flag = torch.empty(rows, dtype=torch.uint8)
     workers = max(1, min(torch.get_num_threads(), rows, x.numel() // _MIN_PARALLEL))
     chunk = max(1, rows if workers == 1 else _CHUNK // n)
-    flagged = fn(x.data_ptr(), y.data_ptr(), flag.data_ptr(), rows, n, workers, chunk)
+    flagged = lib.entmax15(x.data_ptr(), y.data_ptr(), flag.data_ptr(), rows, n, workers, chunk)
     if flagged < 0:
         raise MemoryError("entmax15 kernel: out of memory")
     return y, (flag.view(x.shape[:-1]).bool() if flagged else None)
@@ -586,12 +651,38 @@ def _entmax15_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 def _forward(x: torch.Tensor, k: int, backend: str) -> torch.Tensor:
     """The forward pass over the last dim: the kernel or the top-k path, flagged rows by ``entmax15``."""
     if _use_kernel(x, backend):
-        y, flagged = _kernel_forward(x.contiguous())
-    else:
-        y, flagged = _torch_forward(x, k)
+        x = x.contiguous()
+        y, flagged = _kernel_forward(x)
+        if flagged is not None:
+            _redo_rows(x, y, flagged)
+        return y
+    y, flagged = _torch_forward(x, k)
     if flagged is not None:
         y[flagged] = entmax15(x[flagged], dim=-1)
     return y
+
+
+def _redo_rows(x: torch.Tensor, y: torch.Tensor, flagged: torch.Tensor, generic: bool = False) -> None:
+    """Rows ``flagged`` of ``y`` recomputed in place with the arithmetic of :func:`entmax.entmax15`.
+
+    Bit for bit what ``entmax15(x[flagged])`` gives (its float32 steps in C, its square root by
+    ``torch.sqrt`` itself), in three calls instead of its two dozen torch ops: with two threads each
+    of those forks torch's thread pool, which cost more than the kernel's own pass over the scores.
+    """
+    lib = _kernel(generic)
+    assert lib is not None
+    n = x.shape[-1]
+    idx = torch.from_numpy(np.flatnonzero(flagged.reshape(-1).numpy()).astype(np.int64))
+    nf = len(idx)
+    zs, mean, delta = (torch.empty(nf, n) for _ in range(3))
+    lib.fixup_prepare(x.data_ptr(), idx.data_ptr(), nf, n, zs.data_ptr(), mean.data_ptr(), delta.data_ptr())
+    root = torch.sqrt(delta)
+    bad = torch.zeros(nf, dtype=torch.uint8)
+    lib.fixup_finish(x.data_ptr(), idx.data_ptr(), nf, n, zs.data_ptr(), mean.data_ptr(), root.data_ptr(),
+                     y.data_ptr(), bad.data_ptr())
+    if bool(bad.any()):  # an empty support (NaN scores): whatever entmax15 itself does
+        rows = idx[bad.bool()]
+        y.view(-1, n)[rows] = entmax15(x.reshape(-1, n)[rows], dim=-1)
 
 
 class Entmax15FastFunction(Function):

@@ -192,6 +192,23 @@ def test_openmp_and_posix_thread_builds_agree(monkeypatch: pytest.MonkeyPatch, t
 
 
 @pytest.mark.skipif(not kernel_available(), reason="no C compiler")
+@pytest.mark.parametrize("scale", [1e-4, 0.1, 1.0, 5.0, 100.0])
+def test_redone_rows_are_entmax15_bit_for_bit(scale: float) -> None:
+    # the flagged rows' redo (entmax15's float32 steps in C, torch's own sqrt) must give entmax15's
+    # bits exactly, on ties, dtype-min masks and flat rows too: those rows are flagged because an
+    # entry sits at entmax15's threshold
+    g = torch.Generator().manual_seed(int(scale * 1e4) % 997)
+    for n in (1, 2, 7, 64, 333, 700):
+        x = torch.randn(48, n, generator=g) * scale
+        x[::3] = torch.round(x[::3] * 2) / 2
+        x[1::5, n // 2:] = torch.finfo(torch.float32).min
+        x[2::7] = 0.0
+        y = torch.full_like(x, -1.0)
+        ef._redo_rows(x, y, torch.ones(48, dtype=torch.bool))
+        assert torch.equal(y, entmax15(x, dim=-1))
+
+
+@pytest.mark.skipif(not kernel_available(), reason="no C compiler")
 def test_generic_kernel_matches() -> None:
     # the plain-C build (CPUs without AVX-512) on the same hard rows
     g = torch.Generator().manual_seed(7)
