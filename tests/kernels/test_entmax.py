@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsefinder.kernels import entmax15 as ef
+from sparsefinder.kernels import entmax15_c
 from sparsefinder.kernels.entmax15 import entmax15_fast, entmax15_threshold, kernel_available
 
 NEG = torch.finfo(torch.float32).min
@@ -254,18 +255,18 @@ def test_falls_back_without_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path) 
     x = torch.randn(5, 50, generator=torch.Generator().manual_seed(6)) * 2
     monkeypatch.setenv("SPARSEFINDER_CACHE", str(tmp_path))  # no kernel built there yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(ef.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    ef._kernel.cache_clear()
+    monkeypatch.setattr(entmax15_c.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    entmax15_c.load_kernel.cache_clear()
     try:
         assert not kernel_available()
         _check(x)  # the torch path
         with pytest.raises(RuntimeError, match="not available"):
             entmax15_fast(x, backend="kernel")
         monkeypatch.setenv("SPARSEFINDER_ENTMAX_KERNEL", "0")
-        ef._kernel.cache_clear()
+        entmax15_c.load_kernel.cache_clear()
         assert not kernel_available()
     finally:
-        ef._kernel.cache_clear()
+        entmax15_c.load_kernel.cache_clear()
 
 
 @pytest.mark.parametrize("k", [1, 3, 64])
