@@ -91,3 +91,14 @@ def test_block_figure_equals_the_full_matrix_figure(n, causal):
         if a.customdata is not None:
             np.testing.assert_array_equal(np.asarray(a.customdata), np.asarray(b.customdata))
     assert blocks.layout.title.text == full.layout.title.text
+
+
+def test_the_library_and_the_plots_cut_blocks_alike() -> None:
+    # model.blocks and evaluation.analysis keep their own copies of the plots' block rule (plots sit on
+    # the floor beside evaluation and import no torch code): the copies must not drift apart
+    from sparsefinder.evaluation.analysis import HEAD_MAX_SIDE
+    from sparsefinder.model.blocks import block_side
+
+    assert HEAD_MAX_SIDE == MAX_SIDE
+    for n in (1, 2, 95, 96, 97, 511, 512, 8192):
+        assert block_side(n, MAX_SIDE) == block_size(n)
