@@ -119,6 +119,7 @@ def test_explore_draws_a_long_text_in_blocks(served, browser, tiny_model_dir):
     np.testing.assert_array_equal(np.nan_to_num(_matrix(spec["data"][2]["z"])),
                                   np.where(view.edges > 0, view.top, 0).astype(float))
     assert page.get_by_text(f"{view.n} tokens are drawn as blocks of {view.size}").count() == 1
+    screenshot(page, "explore-long.png", height=2200, doc="dashboard-explore-long.png")
     page.context.close()
     log = LOG.read_text(encoding="utf-8", errors="replace")
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
